@@ -1,0 +1,100 @@
+"""Adapter folders: `adapter_model.safetensors` + `adapter_config.json`.
+
+An adapter folder is what training exports and what `audiocraft-lora generate/merge/export` read::
+
+    adapter/
+      adapter_model.safetensors   LoRA tensors under canonical names (see `audiocraft_lora.lora`), float32
+      adapter_config.json         {"format": "audiocraft-lora", "format_version": 1, "lora": {...LoRASettings},
+                                   "targets": [...used targets], "scaling": alpha/rank,
+                                   "base_model": "<id or path as given>", "base_fingerprint": "<sha256>",
+                                   "base_kind": "hub|audiocraft_dir|hf_dir|debug", ...extra}
+
+The json is written with sorted keys. Loading ignores unknown keys (forward compatible). Applying an adapter to a
+base whose fingerprint differs is refused with a message naming both bases.
+"""
+import json
+from pathlib import Path
+import typing as tp
+
+import torch
+
+from .checkpoint_io import atomic_write, atomic_write_text
+from .errors import BaseModelError, UserError
+from .lora import LoRASettings
+
+WEIGHTS_NAME = 'adapter_model.safetensors'
+CONFIG_NAME = 'adapter_config.json'
+FORMAT = 'audiocraft-lora'
+FORMAT_VERSION = 1
+
+
+class Adapter(tp.NamedTuple):
+    state: tp.Dict[str, torch.Tensor]
+    settings: LoRASettings
+    config: tp.Dict[str, tp.Any]
+
+    @property
+    def base_fingerprint(self) -> tp.Optional[str]:
+        return self.config.get('base_fingerprint')
+
+    @property
+    def scaling(self) -> float:
+        return float(self.config.get('scaling', self.settings.scaling))
+
+
+def save_adapter(folder: tp.Union[str, Path], state: tp.Dict[str, torch.Tensor], settings: LoRASettings,
+                 targets: tp.Sequence[str], base_model: str, base_fingerprint: str, base_kind: str = '',
+                 extra: tp.Optional[dict] = None) -> Path:
+    """Write an adapter folder (each file atomically)."""
+    from safetensors.torch import save as safetensors_save
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in state.items()}
+    config = {
+        'format': FORMAT, 'format_version': FORMAT_VERSION,
+        'lora': settings.to_dict(), 'targets': list(targets), 'scaling': settings.scaling,
+        'base_model': str(base_model), 'base_fingerprint': base_fingerprint, 'base_kind': base_kind,
+        **(extra or {}),
+    }
+    with atomic_write(folder / WEIGHTS_NAME) as f:
+        f.write(safetensors_save(tensors, metadata={'format': 'pt'}))
+    atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + '\n', folder / CONFIG_NAME)
+    return folder
+
+
+def load_adapter(folder: tp.Union[str, Path]) -> Adapter:
+    """Read an adapter folder written by `save_adapter`.
+
+    Raises:
+        UserError: if the folder or one of its files is missing or isn't an audiocraft-lora adapter.
+    """
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"Adapter folder {folder} does not exist. Point to the `adapter` folder of a trained XP "
+                        "(outputs/xps/<sig>/adapter) or to a folder written by `audiocraft-lora export`.")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise UserError(f"{path} is missing: {folder} is not an audiocraft-lora adapter folder.")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc}).") from exc
+    if config.get('format') != FORMAT:
+        hint = (" It looks like a Hugging Face PEFT adapter: use it with transformers + peft."
+                if 'peft_type' in config else '')
+        raise UserError(f"{config_path} is not an audiocraft-lora adapter config (format={config.get('format')!r}).{hint}")
+    settings = LoRASettings.from_config(config.get('lora', {}))
+    state = load_file(str(weights_path))
+    return Adapter(state=state, settings=settings, config=config)
+
+
+def check_base_matches(adapter: Adapter, base_name: str, base_fingerprint: str) -> None:
+    """Refuse to apply an adapter to a base it wasn't trained on."""
+    expected = adapter.base_fingerprint
+    if expected and expected != base_fingerprint:
+        raise BaseModelError(
+            f"This adapter was trained on base {adapter.config.get('base_model')!r} (fingerprint {expected[:12]}), "
+            f"but the base given is {base_name!r} (fingerprint {base_fingerprint[:12]}). Use the base the adapter "
+            "was trained on, or pass --force-base-mismatch if you really mean it.")

@@ -1,0 +1,122 @@
+"""Entry point for dora: `dora run solver=musicgen/lora_small dset=audio/<name>`.
+
+Reads our own Hydra tree (`config/` at the root of the checkout; AudioCraft's is not pip-installed), sets the
+environment AudioCraft expects (USER, its team config), and runs `LoRAMusicGenSolver`. XPs live under
+`./outputs` of the checkout, or in `$AUDIOCRAFT_LORA_DORA_DIR`.
+"""
+import getpass
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+import sys
+import typing as tp
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / 'config'
+
+
+def setup_environment() -> None:
+    """Environment defaults AudioCraft reads at import/run time."""
+    if not os.environ.get('USER'):
+        try:
+            os.environ['USER'] = getpass.getuser()
+        except Exception:  # no passwd entry (containers)
+            os.environ['USER'] = 'audiocraft'
+    os.environ.setdefault('AUDIOCRAFT_CONFIG', str(CONFIG_DIR / 'teams' / 'default.yaml'))
+    os.environ.setdefault('AUDIOCRAFT_TEAM', 'default')
+
+
+def dora_dir() -> Path:
+    return Path(os.environ.get('AUDIOCRAFT_LORA_DORA_DIR') or (ROOT / 'outputs'))
+
+
+setup_environment()
+
+from dora import git_save, hydra_main  # noqa: E402
+import flashy  # noqa: E402
+import omegaconf  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = {
+    'musicgen_lora': 'audiocraft_lora.solver:LoRAMusicGenSolver',
+}
+
+
+def get_solver_class(name: str):
+    if name not in SOLVERS:
+        raise KeyError(f"Unknown solver {name!r}; available: {sorted(SOLVERS)}")
+    module_name, cls_name = SOLVERS[name].split(':')
+    import importlib
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def resolve_datasource_paths(cfg: omegaconf.DictConfig) -> None:
+    """Manifest folders are given relative to the checkout: make them absolute (as AudioCraft does)."""
+    for key, value in cfg.datasource.items():
+        if isinstance(value, str):
+            cfg.datasource[key] = git_save.to_absolute_path(value)
+
+
+def get_solver(cfg: omegaconf.DictConfig):
+    """Build the solver; the global batch size is split across ranks (as AudioCraft does)."""
+    world = flashy.distrib.world_size()
+    if cfg.dataset.batch_size % world != 0:
+        raise ValueError(f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} GPUs.")
+    cfg.dataset.batch_size //= world
+    for split in ['train', 'valid', 'evaluate', 'generate']:
+        if split in cfg.dataset and cfg.dataset[split].get('batch_size'):
+            cfg.dataset[split].batch_size //= world
+    resolve_datasource_paths(cfg)
+    return get_solver_class(cfg.solver)(cfg)
+
+
+def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
+    import random
+    import numpy as np
+    import torch
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    multiprocessing.set_start_method(cfg.mp_start_method, force=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.num_threads)
+    os.environ['MKL_NUM_THREADS'] = str(cfg.num_threads)
+    os.environ['OMP_NUM_THREADS'] = str(cfg.num_threads)
+    set_efficient_attention_backend(cfg.efficient_attention_backend)
+
+
+@hydra_main(config_path='../config', config_name='config', version_base='1.1')
+def main(cfg: omegaconf.DictConfig) -> tp.Any:
+    from .errors import UserError
+    init_seed_and_system(cfg)
+    log_name = '%s.log.{rank}' % cfg.execute_only if cfg.execute_only else 'solver.log.{rank}'
+    flashy.setup_logging(level=str(cfg.logging.level).upper(), log_name=log_name)
+    flashy.distrib.init()
+    try:
+        solver = get_solver(cfg)
+        if cfg.show:
+            solver.show()
+            return
+        if cfg.execute_only:
+            assert cfg.execute_inplace or cfg.continue_from is not None, \
+                "Set continue_from=<sig_or_path> or execute_inplace=true with execute_only."
+            solver.restore(replay_metrics=False)
+            if cfg.execute_only == 'export':
+                print(f"Adapter exported to {solver.export_adapter()}")
+                return
+            solver.run_one_stage(cfg.execute_only)
+            return
+        return solver.run()
+    except UserError as exc:
+        logger.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+main.dora.dir = dora_dir()
+main.dora.grid_package = 'grids'
+
+if __name__ == '__main__':
+    main()
