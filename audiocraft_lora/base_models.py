@@ -91,10 +91,10 @@ def _load_package(base: BaseModel, filename: str) -> dict:
         if filename == 'state_dict.bin':
             return loaders.load_lm_model_ckpt(base.path)
         return loaders.load_compression_model_ckpt(base.path)
-    except FileNotFoundError as exc:
-        raise BaseModelError(f"Base {base.describe()}: {filename} not found ({exc}).") from exc
     except Exception as exc:  # hub/cache errors come in many types
         if base.kind != 'hub':
+            if isinstance(exc, FileNotFoundError):
+                raise BaseModelError(f"Base {base.describe()}: {filename} not found ({exc}).") from exc
             raise BaseModelError(f"Base {base.describe()}: can't read {filename}: {exc}") from exc
         offline = os.environ.get('HF_HUB_OFFLINE', '') not in ('', '0')
         raise BaseModelError(

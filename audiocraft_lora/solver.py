@@ -56,6 +56,51 @@ class _BaseFingerprint:
                 f"{self.fingerprint[:12]}). Use the same base_model, or start a new XP.")
 
 
+class _RandomState:
+    """State source for every RNG that training consumes, so that a resumed XP continues exactly.
+
+    Covers torch (CPU and CUDA: LoRA dropout, sampler order), Python's `random` (text merge/drop in MusicDataset,
+    T5 word dropout), numpy, and the private generators of AudioCraft's CFG and attribute dropout modules.
+    Stored as tensors/lists only, so the checkpoint stays loadable with `weights_only=True`.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.generators = {name: getattr(model, name).rng for name in ('cfg_dropout', 'att_dropout')
+                           if hasattr(getattr(model, name, None), 'rng')}
+
+    def state_dict(self) -> dict:
+        import random
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            'torch': torch.get_rng_state(),
+            'python': random.getstate(),
+            'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype('int64')), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+            'generators': {name: gen.get_state() for name, gen in self.generators.items()},
+        }
+        if torch.cuda.is_available():
+            state['cuda'] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+        import numpy as np
+        if not state:
+            return
+        torch.set_rng_state(state['torch'])
+        version, internal, gauss = state['python']
+        random.setstate((version, tuple(internal), gauss))
+        npst = state['numpy']
+        np.random.set_state((npst['kind'], npst['keys'].numpy().astype('uint32'), npst['pos'], npst['has_gauss'],
+                             npst['cached_gaussian']))
+        for name, gen_state in state.get('generators', {}).items():
+            if name in self.generators:
+                self.generators[name].set_state(gen_state)
+        if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state['cuda'])
+
+
 class LoRAMusicGenSolver(MusicGenSolver):
     """MusicGen solver that trains a LoRA adapter; see the module docstring."""
 
@@ -103,10 +148,12 @@ class LoRAMusicGenSolver(MusicGenSolver):
         except ImportError:  # pragma: no cover - data package not installed
             logger.warning("Dataset validation is not available in this version; skipping it.")
             return
+        from dora import git_save
         splits = {k: v for k, v in cfg.datasource.items() if isinstance(v, str)}
         report = validate_datasource(
             splits, sample_rate=cfg.sample_rate, channels=cfg.channels,
-            segment_duration=cfg.dataset.segment_duration, min_segment_ratio=cfg.dataset.min_segment_ratio)
+            segment_duration=cfg.dataset.segment_duration, min_segment_ratio=cfg.dataset.min_segment_ratio,
+            base_dir=git_save.to_absolute_path('.'))  # relative manifest paths: where `dora run` was launched
         logger.info("Dataset check:\n%s", report.summary_table())
         report.raise_if_errors()
 
@@ -134,6 +181,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
         self.register_stateful('optimizer', 'lr_scheduler')
         self.stateful.register('base', _BaseFingerprint(self.base.name, self.base_fingerprint))
+        self.stateful.register('rng', _RandomState(self.model))
         self.best_state.dtype = None  # keep the best adapter in float32, it's small
         self.register_best_state('model')
         self.autocast_dtype = {'float16': torch.float16, 'bfloat16': torch.bfloat16}[self.cfg.autocast_dtype]
@@ -171,6 +219,11 @@ class LoRAMusicGenSolver(MusicGenSolver):
             base_fingerprint=self.base_fingerprint, base_kind=self.base.kind,
             extra={'xp_sig': self.xp.sig, 'epoch': self.epoch - 1, 'sample_rate': int(self.cfg.sample_rate)})
         return folder
+
+    def should_stop_training(self) -> bool:
+        """AudioCraft's rule, plus `stop_at_epoch` (not part of the XP signature) to stop early and resume later."""
+        stop_at = self.cfg.get('stop_at_epoch')
+        return super().should_stop_training() or (stop_at is not None and self.epoch > stop_at)
 
     def run(self):
         super().run()

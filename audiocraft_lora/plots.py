@@ -1,0 +1,206 @@
+"""PNG figures for the comparison report: loudness curves, spectrograms, per-codebook bars, loss curves.
+
+Figures are drawn with matplotlib's object-oriented API on an Agg canvas (`matplotlib.figure.Figure`), never
+through `pyplot`: no global backend switch, no figure left open, safe in a training process or a headless box.
+Each function writes its PNG atomically (temporary file in the same folder, fsync, replace) and returns the path.
+"""
+import io
+import math
+import os
+import tempfile
+import typing as tp
+from pathlib import Path
+
+import librosa
+import librosa.display
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .diagnostics import DB_FLOOR, AnyWav, as_channels_first
+from .errors import UserError
+
+DPI = 100
+# Fixed colour range of spectrograms (dB re full scale) so that base and adapter figures are comparable:
+# a quieter model looks darker instead of being re-normalised to its own maximum.
+SPECTROGRAM_DB_RANGE = (-100.0, 0.0)
+SPECTROGRAM_N_MELS = 128
+SPECTROGRAM_N_FFT = 2048
+SPECTROGRAM_HOP = 512
+
+PathLike = tp.Union[str, os.PathLike]
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, then replace. Creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def _new_figure(width: float = 8.0, height: float = 3.5) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: PathLike) -> Path:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format='png', dpi=DPI)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def plot_loudness_curves(curves: tp.Mapping[str, tp.Tuple[tp.Sequence[float], tp.Sequence[float]]], title: str,
+                         path: PathLike, ylabel: str = 'short-term loudness (LUFS)',
+                         threshold: tp.Optional[float] = None) -> Path:
+    """Loudness over time of several models for one prompt (e.g. base vs adapters).
+
+    Args:
+        curves (dict): label -> (times [W] seconds, values [W] dB), e.g. from `AudioDiagnostics.window_times_s`
+            and `.loudness_curve`.
+        title (str): figure title.
+        path (str or Path): PNG to write.
+        ylabel (str): y axis label (say LUFS or dBFS, see `AudioDiagnostics.loudness_unit`).
+        threshold (float, optional): a dashed horizontal line, e.g. the silence threshold.
+    """
+    if not curves:
+        raise UserError(f'plot_loudness_curves({str(path)!r}): no curves given.')
+    figure = _new_figure()
+    axes = figure.subplots()
+    lowest = 0.0
+    for label, (times, values) in curves.items():
+        if len(times) != len(values):
+            raise UserError(f'loudness curve {label!r}: {len(times)} times but {len(values)} values.')
+        axes.plot(times, values, marker='.', label=label)
+        if len(values):
+            lowest = min(lowest, float(np.min(values)))
+    if threshold is not None:
+        axes.axhline(threshold, color='grey', linestyle='--', linewidth=1, label=f'{threshold:g} threshold')
+    axes.set_ylim(max(lowest, DB_FLOOR) - 3, 3)
+    axes.set_xlabel('time (s)')
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc='lower left', fontsize='small')
+    return _save(figure, path)
+
+
+def plot_spectrogram(wav: AnyWav, sample_rate: int, path: PathLike, title: str) -> Path:
+    """Log-mel spectrogram (librosa) of one waveform, channels averaged, on a fixed dB scale.
+
+    Args:
+        wav (np.ndarray or torch.Tensor): [T] or [C, T], float, full scale 1.0.
+        sample_rate (int): Hz.
+        path (str or Path): PNG to write.
+        title (str): figure title.
+    """
+    mono = as_channels_first(wav).mean(axis=0)
+    n_fft = min(SPECTROGRAM_N_FFT, 2 ** int(math.floor(math.log2(mono.shape[0]))))
+    hop = min(SPECTROGRAM_HOP, n_fft // 4)
+    mel_power = librosa.feature.melspectrogram(y=mono, sr=sample_rate, n_fft=n_fft, hop_length=hop,
+                                               n_mels=SPECTROGRAM_N_MELS, norm=None)
+    # A full-scale sine peaks at |STFT| = n_fft / 4 (Hann); with unnormalised mel filters it then reads ~0 dB.
+    mel_db = librosa.power_to_db(mel_power / (n_fft / 4) ** 2, ref=1.0, amin=10 ** (SPECTROGRAM_DB_RANGE[0] / 10),
+                                 top_db=None)
+    figure = _new_figure()
+    axes = figure.subplots()
+    image = librosa.display.specshow(mel_db, sr=sample_rate, hop_length=hop, x_axis='time', y_axis='mel', ax=axes,
+                                     vmin=SPECTROGRAM_DB_RANGE[0], vmax=SPECTROGRAM_DB_RANGE[1], cmap='magma')
+    figure.colorbar(image, ax=axes, format='%+.0f dB')
+    axes.set_title(title)
+    return _save(figure, path)
+
+
+def plot_bars(values: tp.Mapping[str, tp.Union[float, tp.Sequence[float]]], title: str, ylabel: str,
+              path: PathLike, group_label: str = 'codebook') -> Path:
+    """Grouped bars, e.g. cross-entropy per codebook for each model.
+
+    Args:
+        values (dict): label -> one float, or a list [K] of floats (one bar per group, e.g. per codebook).
+            Every list must have the same length.
+        title (str): figure title.
+        ylabel (str): y axis label.
+        path (str or Path): PNG to write.
+        group_label (str): name of the x groups ('codebook').
+    """
+    if not values:
+        raise UserError(f'plot_bars({str(path)!r}): no values given.')
+    rows = {label: np.atleast_1d(np.asarray(v, dtype=np.float64)) for label, v in values.items()}
+    lengths = {label: row.shape[0] for label, row in rows.items()}
+    if len(set(lengths.values())) != 1 or any(row.ndim != 1 for row in rows.values()):
+        raise UserError(f'plot_bars({str(path)!r}): every label needs the same number of values, got {lengths}.')
+    groups = next(iter(lengths.values()))
+    figure = _new_figure(max(6.0, 1.2 * groups + 3), 3.5)
+    axes = figure.subplots()
+    width = 0.8 / len(rows)
+    positions = np.arange(groups)
+    for index, (label, row) in enumerate(rows.items()):
+        bars = axes.bar(positions + (index - (len(rows) - 1) / 2) * width, row, width, label=label)
+        axes.bar_label(bars, fmt='%.2f', fontsize='x-small')
+    axes.set_xticks(positions)
+    axes.set_xticklabels([str(i) for i in range(groups)] if groups > 1 else [''])
+    if groups > 1:
+        axes.set_xlabel(group_label)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize='small')
+    axes.grid(axis='y', alpha=0.3)
+    return _save(figure, path)
+
+
+def loss_series(history: tp.Sequence[tp.Mapping[str, tp.Any]], stage: str,
+                metric: str) -> tp.Tuple[tp.List[int], tp.List[float]]:
+    """(epochs, values) of `history[i][stage][metric]`; epochs are 1-based, epochs lacking the stage are skipped."""
+    epochs, values = [], []
+    for index, entry in enumerate(history):
+        stage_metrics = entry.get(stage) if isinstance(entry, tp.Mapping) else None
+        if isinstance(stage_metrics, tp.Mapping) and metric in stage_metrics:
+            epochs.append(index + 1)
+            values.append(float(stage_metrics[metric]))
+    return epochs, values
+
+
+def plot_loss_curves(history: tp.Sequence[tp.Mapping[str, tp.Any]], path: PathLike, metric: str = 'ce',
+                     stages: tp.Sequence[str] = ('train', 'valid'), title: tp.Optional[str] = None) -> Path:
+    """Train / valid curves per epoch from a flashy / dora history.
+
+    Args:
+        history (list of dict): one dict per epoch, e.g. `{'train': {'ce': 3.1}, 'valid': {'ce': 3.3}}`
+            (dora's `history.json` / `solver.history`). Epochs where a stage didn't run are skipped.
+        path (str or Path): PNG to write.
+        metric (str): metric key inside each stage.
+        stages (list of str): stages to draw.
+        title (str, optional): defaults to f'{metric} per epoch'.
+    Raises:
+        UserError: no stage of the history holds `metric` (names the keys that exist).
+    """
+    series = {stage: loss_series(history, stage, metric) for stage in stages}
+    if not any(epochs for epochs, _ in series.values()):
+        available = sorted({f'{stage}.{key}' for entry in history if isinstance(entry, tp.Mapping)
+                            for stage, sub in entry.items() if isinstance(sub, tp.Mapping) for key in sub})
+        raise UserError(f'history has no {metric!r} in stages {list(stages)} ({len(history)} epochs); '
+                        f'available: {available[:20]}.')
+    figure = _new_figure(7.0, 3.5)
+    axes = figure.subplots()
+    for stage, (epochs, values) in series.items():
+        if epochs:
+            axes.plot(epochs, values, marker='o', label=stage)
+    axes.set_xlabel('epoch')
+    axes.set_ylabel(metric)
+    axes.set_title(title or f'{metric} per epoch')
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize='small')
+    return _save(figure, path)

@@ -1,0 +1,464 @@
+"""Comparison report: `report.json` (every number) and `report.html` (players, figures, tables) in one folder.
+
+`write_report(out_dir, report)` takes the dict below, computes flags, per-model aggregates and differences to the
+base model, draws the figures under `out_dir/figures/`, and writes both files atomically. All links in the HTML are
+relative (keep the wavs under `out_dir` and the folder can be moved or zipped as is); `referenced_files` lists them.
+
+Input schema (`report`; unknown top-level keys raise, to catch typos):
+    models (list of str): required; column order, e.g. ['base', 'adapter:trap_r32']. Unique.
+    base_model (str): optional, the reference model; defaults to models[0].
+    settings (dict): required, json-serialisable; the sampling settings used for every model, e.g.
+        {'duration_s': 15.0, 'cfg_coef': 3.0, 'top_k': 250, 'top_p': 0.0, 'temperature': 1.0,
+         'seeds': [0, 1], 'sample_rate': 32000}.
+    samples (list of dict): required, non-empty; one per (prompt, seed, model), each
+        {'prompt': str, 'seed': int, 'model': str (one of models),
+         'wav': str or Path (relative to out_dir, or absolute; must exist),
+         'diagnostics': AudioDiagnostics or its to_dict()}.
+    title (str): optional.
+    cross_entropy (dict): optional, model -> {'per_codebook': [K] floats (mean CE in nats per codebook),
+        'split': 'valid' (optional), 'num_tokens': int (optional)}.
+    history (dict): optional, model -> flashy/dora history (list of per-epoch dicts, see `plots.plot_loss_curves`).
+    skipped (list): optional, metrics not computed; each {'name': 'CLAP', 'reason': 'no local model given'} or a
+        string 'CLAP: no local model given'.
+    extra (dict): optional, free-form json-serialisable, copied to report.json.
+
+Output `report.json` (schema_version 1): the input with paths made relative to out_dir, plus
+    thresholds: flag thresholds, plus silence_threshold_dbfs / clip_threshold / window_s (shared by all samples,
+        else UserError) and db_floor;
+    samples[i].flags: list of flag names; samples[i].spectrogram: relative PNG path or null;
+    groups: [{'prompt', 'seed', 'loudness_figure'}] in display order;
+    aggregates: model -> `diagnostics.aggregate`; comparisons: model -> `diagnostics.compare_to_base` (non-base);
+    cross_entropy[model] gains 'mean', 'perplexity_per_codebook', 'perplexity', 'diff_to_base_per_codebook';
+    figures: {'cross_entropy': path or null, 'history': {model: path}}.
+Non-finite floats are written as null (strict JSON).
+"""
+import dataclasses
+import html
+import html.parser
+import json
+import math
+import os
+import typing as tp
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from . import diagnostics as diag_lib
+from . import plots
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = ('models', 'settings', 'samples')
+OPTIONAL_KEYS = ('base_model', 'title', 'cross_entropy', 'history', 'skipped', 'extra')
+FIGURES_DIR = 'figures'
+
+# metric -> (column header, format); the flag that highlights it.
+METRIC_DISPLAY = {
+    'integrated_lufs': ('integrated LUFS', '{:.1f}'),
+    'fade_ratio_db': ('fade (dB, last - first third)', '{:+.1f}'),
+    'silence_fraction': ('silent windows', '{:.0%}'),
+    'spectral_flatness': ('spectral flatness', '{:.3f}'),
+    'clipping_fraction': ('clipped samples', '{:.2%}'),
+    'tail_silence_s': ('tail silence (s)', '{:.2f}'),
+    'peak_dbfs': ('peak dBFS', '{:.1f}'),
+    'duration_s': ('duration (s)', '{:.2f}'),
+}
+FLAG_OF_METRIC = {'fade_ratio_db': 'fades', 'silence_fraction': 'mostly_silent', 'spectral_flatness': 'noise_like',
+                  'clipping_fraction': 'clipping'}
+
+CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1600px}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}th{background:#f3f3f3}
+td.text,th.text{text-align:left}.flag{background:#f8d0d0;font-weight:bold}.badge{background:#c0392b;color:#fff;
+border-radius:3px;padding:1px 5px;margin-right:3px;font-size:90%}.ok{color:#2e7d32}img{max-width:100%}
+.cell{min-width:380px}.prompt{font-family:monospace;background:#f6f6f6;padding:2px 4px}"""
+
+
+class ReportFiles(tp.NamedTuple):
+    json_path: Path
+    html_path: Path
+
+
+@dataclasses.dataclass
+class _Sample:
+    prompt: str
+    seed: int
+    model: str
+    wav: Path  # absolute
+    diagnostics: tp.Dict[str, tp.Any]
+    flags: tp.List[str]
+    spectrogram: tp.Optional[str] = None  # relative to out_dir
+
+
+def write_report(out_dir: tp.Union[str, os.PathLike], report: tp.Mapping[str, tp.Any],
+                 thresholds: tp.Optional[diag_lib.FlagThresholds] = None, spectrograms: bool = True) -> ReportFiles:
+    """Write `report.json`, `report.html` and their figures into `out_dir` (schema in the module docstring).
+
+    Args:
+        out_dir (str or Path): output folder (created); wav paths may be relative to it.
+        report (dict): see the module docstring.
+        thresholds (FlagThresholds, optional): flag thresholds, defaults to the diagnostics module constants.
+        spectrograms (bool): read every wav and draw its spectrogram (the slow part).
+    Returns:
+        ReportFiles: paths of report.json and report.html.
+    Raises:
+        UserError: invalid schema, unknown model, duplicate sample, missing or unreadable wav.
+    """
+    out_dir = Path(out_dir).resolve()
+    thresholds = thresholds or diag_lib.FlagThresholds()
+    models, base_model = _validate_models(report)
+    samples = _validate_samples(report, out_dir, models, thresholds)
+    skipped = _validate_skipped(report.get('skipped', []))
+    groups = _group_keys(samples)
+
+    aggregates = {}
+    for model in models:
+        rows = [s.diagnostics for s in samples if s.model == model]
+        if not rows:
+            raise UserError(f'report: model {model!r} has no samples; every model in "models" needs samples.')
+        aggregates[model] = diag_lib.aggregate(rows, thresholds)
+    comparisons = {model: diag_lib.compare_to_base(aggregates[base_model], aggregates[model])
+                   for model in models if model != base_model}
+
+    figures_dir = out_dir / FIGURES_DIR
+    by_key = {(s.prompt, s.seed, s.model): s for s in samples}
+    group_rows = []
+    for index, (prompt, seed) in enumerate(groups):
+        present = [by_key[(prompt, seed, m)] for m in models if (prompt, seed, m) in by_key]
+        units = {s.diagnostics['loudness_unit'] for s in present}
+        curves = {s.model: (s.diagnostics['window_times_s'], s.diagnostics['loudness_curve']) for s in present}
+        loudness_png = plots.plot_loudness_curves(
+            curves, f'prompt {index + 1}, seed {seed}', figures_dir / f'p{index:03d}_seed{seed}_loudness.png',
+            ylabel=f'loudness ({units.pop() if len(units) == 1 else "dB"})')
+        group_rows.append({'prompt': prompt, 'seed': seed, 'loudness_figure': _rel(loudness_png, out_dir)})
+        if spectrograms:
+            for sample in present:
+                wav, sample_rate = _read_wav(sample.wav)
+                png = plots.plot_spectrogram(wav, sample_rate, figures_dir / (
+                    f'p{index:03d}_seed{seed}_m{models.index(sample.model)}_spectrogram.png'), sample.model)
+                sample.spectrogram = _rel(png, out_dir)
+
+    cross_entropy, ce_figure = _cross_entropy_section(report.get('cross_entropy'), models, base_model, figures_dir,
+                                                      out_dir)
+    history_figures = {}
+    for model, history in (report.get('history') or {}).items():
+        if model not in models:
+            raise UserError(f'report["history"] names model {model!r}, which is not in models {models}.')
+        png = plots.plot_loss_curves(history, figures_dir / f'history_m{models.index(model)}.png',
+                                     title=f'{model}: cross-entropy per epoch')
+        history_figures[model] = _rel(png, out_dir)
+
+    document = {
+        'schema_version': SCHEMA_VERSION,
+        'title': str(report.get('title') or 'MusicGen base vs adapter comparison'),
+        'models': models, 'base_model': base_model, 'settings': report['settings'],
+        'thresholds': dataclasses.asdict(thresholds) | _measurement_settings(samples),
+        'samples': [{'prompt': s.prompt, 'seed': s.seed, 'model': s.model, 'wav': _rel(s.wav, out_dir),
+                     'flags': s.flags, 'spectrogram': s.spectrogram, 'diagnostics': s.diagnostics}
+                    for s in samples],
+        'groups': group_rows, 'aggregates': aggregates, 'comparisons': comparisons,
+        'cross_entropy': cross_entropy, 'history': report.get('history') or {},
+        'figures': {'cross_entropy': ce_figure, 'history': history_figures},
+        'skipped': skipped, 'extra': report.get('extra') or {},
+    }
+    document = _jsonable(document, 'report')
+    json_path = plots.write_bytes_atomic(
+        out_dir / 'report.json', (json.dumps(document, indent=2, allow_nan=False) + '\n').encode('utf-8'))
+    html_path = plots.write_bytes_atomic(out_dir / 'report.html', render_html(document).encode('utf-8'))
+    return ReportFiles(json_path, html_path)
+
+
+def _validate_models(report: tp.Mapping[str, tp.Any]) -> tp.Tuple[tp.List[str], str]:
+    if not isinstance(report, tp.Mapping):
+        raise UserError(f'report must be a dict, got {type(report).__name__}.')
+    unknown = sorted(set(report) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    missing = [key for key in REQUIRED_KEYS if key not in report]
+    if unknown or missing:
+        raise UserError(f'report: unknown keys {unknown}, missing keys {missing}; allowed: '
+                        f'{list(REQUIRED_KEYS + OPTIONAL_KEYS)} (see audiocraft_lora/report.py).')
+    models = report['models']
+    if (not isinstance(models, (list, tuple)) or not models or not all(isinstance(m, str) and m for m in models)
+            or len(set(models)) != len(models)):
+        raise UserError(f'report["models"] must be a non-empty list of unique names, got {models!r}.')
+    if not isinstance(report['settings'], tp.Mapping):
+        raise UserError('report["settings"] must be a dict of the sampling settings used.')
+    base_model = report.get('base_model') or models[0]
+    if base_model not in models:
+        raise UserError(f'report["base_model"] {base_model!r} is not in models {list(models)}.')
+    return list(models), base_model
+
+
+def _validate_samples(report: tp.Mapping[str, tp.Any], out_dir: Path, models: tp.List[str],
+                      thresholds: diag_lib.FlagThresholds) -> tp.List[_Sample]:
+    raw = report['samples']
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise UserError('report["samples"] must be a non-empty list of {prompt, seed, model, wav, diagnostics}.')
+    samples, seen = [], set()
+    for index, item in enumerate(raw):
+        where = f'report["samples"][{index}]'
+        missing = [key for key in ('prompt', 'seed', 'model', 'wav', 'diagnostics') if key not in item]
+        if missing:
+            raise UserError(f'{where} lacks {missing}.')
+        if item['model'] not in models:
+            raise UserError(f'{where}: model {item["model"]!r} is not in models {models}.')
+        if isinstance(item['seed'], bool) or not isinstance(item['seed'], (int, np.integer)):
+            raise UserError(f'{where}: seed must be an integer, got {item["seed"]!r}.')
+        key = (str(item['prompt']), int(item['seed']), item['model'])
+        if key in seen:
+            raise UserError(f'{where}: duplicate sample for prompt {key[0]!r}, seed {key[1]}, model {key[2]!r}.')
+        seen.add(key)
+        wav = Path(item['wav'])
+        wav = wav if wav.is_absolute() else out_dir / wav
+        if not wav.is_file():
+            raise UserError(f'{where}: wav file {str(wav)!r} does not exist.')
+        diagnostics = item['diagnostics']
+        diagnostics = diagnostics.to_dict() if isinstance(diagnostics, diag_lib.AudioDiagnostics) else dict(diagnostics)
+        lacking = [f.name for f in dataclasses.fields(diag_lib.AudioDiagnostics) if f.name not in diagnostics]
+        if lacking:
+            raise UserError(f'{where}: diagnostics lack {lacking}; pass audio_diagnostics(...) or its to_dict().')
+        samples.append(_Sample(*key, wav=wav.resolve(), diagnostics=diagnostics,
+                               flags=diag_lib.flags(diagnostics, thresholds)))
+    return samples
+
+
+def _measurement_settings(samples: tp.Sequence[_Sample]) -> tp.Dict[str, float]:
+    """Silence / clip thresholds and window of the diagnostics; every sample must share them to be comparable."""
+    keys = ('silence_threshold_dbfs', 'clip_threshold', 'window_s')
+    settings = {tuple(s.diagnostics[k] for k in keys) for s in samples}
+    if len(settings) != 1:
+        raise UserError(f'report: samples were measured with different diagnostics settings {keys}: '
+                        f'{sorted(settings)}; measure every sample with the same audio_diagnostics arguments.')
+    return dict(zip(keys, settings.pop())) | {'db_floor': diag_lib.DB_FLOOR}
+
+
+def _validate_skipped(skipped: tp.Sequence[tp.Any]) -> tp.List[tp.Dict[str, str]]:
+    entries = []
+    for item in skipped:
+        if isinstance(item, str):
+            name, _, reason = item.partition(':')
+            entries.append({'name': name.strip(), 'reason': reason.strip()})
+        elif isinstance(item, tp.Mapping) and 'name' in item:
+            entries.append({'name': str(item['name']), 'reason': str(item.get('reason', ''))})
+        else:
+            raise UserError(f'report["skipped"] entries are "NAME: reason" or {{"name", "reason"}}, got {item!r}.')
+    return entries
+
+
+def _group_keys(samples: tp.Sequence[_Sample]) -> tp.List[tp.Tuple[str, int]]:
+    """(prompt, seed) pairs in first-seen prompt order, seeds ascending."""
+    prompts = list(dict.fromkeys(s.prompt for s in samples))
+    return [(p, seed) for p in prompts for seed in sorted({s.seed for s in samples if s.prompt == p})]
+
+
+def _cross_entropy_section(raw: tp.Optional[tp.Mapping[str, tp.Any]], models: tp.List[str], base_model: str,
+                           figures_dir: Path, out_dir: Path) -> tp.Tuple[tp.Dict[str, tp.Any], tp.Optional[str]]:
+    if not raw:
+        return {}, None
+    section = {}
+    for model, entry in raw.items():
+        if model not in models:
+            raise UserError(f'report["cross_entropy"] names model {model!r}, which is not in models {models}.')
+        per_codebook = [float(v) for v in entry.get('per_codebook', [])]
+        if not per_codebook:
+            raise UserError(f'report["cross_entropy"][{model!r}] needs a non-empty "per_codebook" list.')
+        section[model] = dict(entry) | {
+            'per_codebook': per_codebook, 'mean': float(np.mean(per_codebook)),
+            'perplexity_per_codebook': [math.exp(v) for v in per_codebook],
+            'perplexity': math.exp(float(np.mean(per_codebook)))}
+    if base_model in section:
+        base = section[base_model]['per_codebook']
+        for model, entry in section.items():
+            if len(entry['per_codebook']) == len(base):
+                entry['diff_to_base_per_codebook'] = [v - b for v, b in zip(entry['per_codebook'], base)]
+    ordered = {m: section[m]['per_codebook'] for m in models if m in section}
+    split = next(iter(section.values())).get('split', 'valid')
+    png = plots.plot_bars(ordered, f'{split} cross-entropy per codebook', 'CE (nats)',
+                          figures_dir / 'cross_entropy.png')
+    return {m: section[m] for m in models if m in section}, _rel(png, out_dir)
+
+
+def _read_wav(path: Path) -> tp.Tuple[np.ndarray, int]:
+    try:
+        data, sample_rate = soundfile.read(str(path), dtype='float32', always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as exc:
+        raise UserError(f'cannot read audio file {str(path)!r}: {exc}') from exc
+    return data.T, int(sample_rate)
+
+
+def _rel(path: tp.Union[str, Path], out_dir: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), out_dir)).as_posix()
+
+
+def _jsonable(value: tp.Any, where: str) -> tp.Any:
+    """Plain json types; numpy scalars/arrays converted, non-finite floats -> None, Paths -> str."""
+    if isinstance(value, diag_lib.AudioDiagnostics):
+        value = value.to_dict()
+    if isinstance(value, tp.Mapping):
+        return {str(k): _jsonable(v, f'{where}[{k!r}]') for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v, f'{where}[{i}]') for i, v in enumerate(list(value))]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise UserError(f'{where} holds a {type(value).__name__}, which is not json-serialisable; pass numbers, '
+                    'strings, lists or dicts.')
+
+
+# ----------------------------------------------------------------------------------------------------------- HTML
+
+
+def _e(text: tp.Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _url(relative: str) -> str:
+    return _e(urllib.parse.quote(relative))
+
+
+def _fmt(metric: str, value: tp.Optional[float]) -> str:
+    return '&mdash;' if value is None else _e(METRIC_DISPLAY[metric][1].format(value))
+
+
+def _fmt_diff(metric: str, value: tp.Optional[float]) -> str:
+    text = _fmt(metric, value)
+    return '+' + text if value is not None and value >= 0 and not text.startswith('+') else text
+
+
+def _table(header: tp.Sequence[str], rows: tp.Sequence[tp.Sequence[str]]) -> str:
+    """Cells are HTML already escaped by the caller; a cell starting with '<td' is used as is."""
+    head = ''.join(f'<th>{h}</th>' for h in header)
+    body = ''.join('<tr>' + ''.join(c if c.startswith('<td') else f'<td>{c}</td>' for c in row) + '</tr>'
+                   for row in rows)
+    return f'<table><tr>{head}</tr>{body}</table>'
+
+
+def _badges(names: tp.Sequence[str]) -> str:
+    return ''.join(f'<span class="badge">{_e(n)}</span>' for n in names) or '<span class="ok">no flags</span>'
+
+
+def render_html(document: tp.Mapping[str, tp.Any]) -> str:
+    """The report page for a `report.json` document (all user text escaped, all links relative)."""
+    models, base = document['models'], document['base_model']
+    parts = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_e(document["title"])}</title>'
+             f'<style>{CSS}</style></head><body><h1>{_e(document["title"])}</h1>']
+    parts.append('<h2>Settings</h2>' + _table(['setting', 'value'], [
+        [f'<td class="text">{_e(k)}</td>', f'<td class="text">{_e(json.dumps(v))}</td>']
+        for k, v in document['settings'].items()]))
+    limits = document['thresholds']
+    parts.append(f'<p>Flags: <b>fades</b> fade &lt; {limits["fade_db"]:g} dB; <b>mostly_silent</b> more than '
+                 f'{limits["mostly_silent_fraction"]:.0%} of windows below {limits["silence_threshold_dbfs"]:g} dBFS; '
+                 f'<b>noise_like</b> spectral flatness &gt; {limits["noise_flatness"]:g}; <b>clipping</b> more than '
+                 f'{limits["clipping_fraction"]:.0%} of samples at |x| &ge; {limits["clip_threshold"]:g}.</p>')
+    parts.append(_summary_html(document, models, base))
+    parts.append(_cross_entropy_html(document, models, base))
+    if document['figures']['history']:
+        parts.append('<h2>Training curves</h2>' + ''.join(
+            f'<h3>{_e(m)}</h3><img src="{_url(p)}" alt="training curve">'
+            for m, p in document['figures']['history'].items()))
+    parts.append('<h2>Samples</h2>')
+    by_key = {(s['prompt'], s['seed'], s['model']): s for s in document['samples']}
+    for index, group in enumerate(document['groups']):
+        parts.append(f'<h3>Prompt {index + 1}, seed {group["seed"]}: <span class="prompt">{_e(group["prompt"])}'
+                     f'</span></h3><img src="{_url(group["loudness_figure"])}" alt="loudness curves">')
+        cells = [_sample_cell(by_key.get((group['prompt'], group['seed'], m))) for m in models]
+        parts.append(_table([_e(m) for m in models], [cells]))
+    parts.append('<h2>Skipped</h2>' + ('<ul>' + ''.join(
+        f'<li>{_e(s["name"])}: skipped, {_e(s["reason"])}</li>' for s in document['skipped']) + '</ul>'
+        if document['skipped'] else '<p>Nothing was skipped.</p>'))
+    parts.append('</body></html>\n')
+    return '\n'.join(parts)
+
+
+def _summary_html(document: tp.Mapping[str, tp.Any], models: tp.Sequence[str], base: str) -> str:
+    header = ['model', 'samples'] + [_e(METRIC_DISPLAY[m][0]) for m in diag_lib.SCALAR_METRICS] + [
+        f'flag rate: {_e(f)}' for f in diag_lib.FLAG_NAMES]
+    rows = []
+    for model in models:
+        agg, comparison = document['aggregates'][model], document['comparisons'].get(model)
+        row = [f'<td class="text">{_e(model)}{" (reference)" if model == base else ""}</td>', str(agg['count'])]
+        for metric in diag_lib.SCALAR_METRICS:
+            text = _fmt(metric, agg['metrics'][metric]['mean'])
+            if comparison is not None:
+                text += f' <small>({_fmt_diff(metric, comparison["metrics"][metric]["diff"])})</small>'
+            rows_flagged = agg['flag_rates'].get(FLAG_OF_METRIC.get(metric, ''), 0) or 0
+            row.append(f'<td class="flag">{text}</td>' if rows_flagged > 0 else text)
+        for flag in diag_lib.FLAG_NAMES:
+            rate = agg['flag_rates'][flag] or 0
+            row.append(f'<td class="flag">{rate:.0%}</td>' if rate > 0 else f'{rate:.0%}')
+        rows.append(row)
+    return ('<h2>Summary per model</h2><p>Means over samples; in brackets the difference to the base model '
+            f'({_e(base)}). Highlighted: at least one sample raises the flag.</p>' + _table(header, rows))
+
+
+def _cross_entropy_html(document: tp.Mapping[str, tp.Any], models: tp.Sequence[str], base: str) -> str:
+    section = document['cross_entropy']
+    if not section:
+        return ''
+    num_codebooks = max(len(e['per_codebook']) for e in section.values())
+    header = ['model', 'mean CE', 'perplexity'] + [f'CE cb{k}' for k in range(num_codebooks)] + [
+        f'ppl cb{k}' for k in range(num_codebooks)]
+    rows = []
+    for model in (m for m in models if m in section):
+        entry = section[model]
+        diffs = entry.get('diff_to_base_per_codebook') if model != base else None
+        ce_cells = [f'{v:.3f}' + (f' <small>({d:+.3f})</small>' if diffs else '')
+                    for v, d in zip(entry['per_codebook'], diffs or entry['per_codebook'])]
+        rows.append([f'<td class="text">{_e(model)}</td>', f'{entry["mean"]:.3f}', f'{entry["perplexity"]:.1f}']
+                    + ce_cells + [f'{v:.1f}' for v in entry['perplexity_per_codebook']])
+    figure = document['figures']['cross_entropy']
+    image = f'<img src="{_url(figure)}" alt="cross-entropy per codebook">' if figure else ''
+    return ('<h2>Cross-entropy per codebook</h2><p>Teacher-forced CE (nats) on held-out data; in brackets the '
+            f'difference to {_e(base)}. Perplexity = exp(CE).</p>{image}' + _table(header, rows))
+
+
+def _sample_cell(sample: tp.Optional[tp.Mapping[str, tp.Any]]) -> str:
+    if sample is None:
+        return '<td class="text">no sample</td>'
+    values = sample['diagnostics']
+    rows = []
+    for metric in diag_lib.SCALAR_METRICS:
+        flagged = FLAG_OF_METRIC.get(metric) in sample['flags']
+        value = _fmt(metric, values[metric])
+        rows.append([f'<td class="text">{_e(METRIC_DISPLAY[metric][0])}</td>',
+                     f'<td class="flag">{value}</td>' if flagged else value])
+    spectrogram = (f'<img src="{_url(sample["spectrogram"])}" alt="spectrogram">' if sample['spectrogram'] else '')
+    return (f'<td class="text cell"><audio controls preload="none" src="{_url(sample["wav"])}"></audio><br>'
+            f'{_badges(sample["flags"])}<br>{spectrogram}{_table(["metric", "value"], rows)}</td>')
+
+
+class _LinkCollector(html.parser.HTMLParser):
+    LINK_ATTRIBUTES = {'src', 'href'}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: tp.List[str] = []
+
+    def handle_starttag(self, tag: str, attrs: tp.List[tp.Tuple[str, tp.Optional[str]]]) -> None:
+        for name, value in attrs:
+            if name in self.LINK_ATTRIBUTES and value:
+                self.links.append(value)
+
+
+def referenced_files(html_path: tp.Union[str, os.PathLike]) -> tp.List[Path]:
+    """Local files an HTML page links to (src / href), resolved against its folder, in order, without duplicates.
+
+    External links (with a scheme such as http: or data:) and in-page anchors are left out.
+    """
+    html_path = Path(html_path)
+    collector = _LinkCollector()
+    collector.feed(html_path.read_text(encoding='utf-8'))
+    files: tp.List[Path] = []
+    for link in collector.links:
+        parsed = urllib.parse.urlsplit(link)
+        if parsed.scheme or parsed.netloc or not parsed.path:
+            continue
+        path = html_path.parent / urllib.parse.unquote(parsed.path)
+        if path not in files:
+            files.append(path)
+    return files

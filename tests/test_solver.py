@@ -1,0 +1,107 @@
+"""The LoRA solver built through dora, as `dora run solver=musicgen/lora_debug` builds it."""
+import copy
+import io
+
+import pytest
+import torch
+
+from audiocraft_lora.errors import BaseModelError, LoRAConfigError
+from helpers import DEBUG_ARGS, build_solver
+
+
+def _train_steps(solver, n: int) -> None:
+    solver.model.cfg_dropout.p = 0.0  # CFG dropout may drop every condition of a tiny batch: keep all here
+    loader = iter(solver.dataloaders['train'])
+    solver.model.train()
+    with solver.run_stage_context('train') if hasattr(solver, 'run_stage_context') else _Stage(solver, 'train'):
+        for idx in range(n):
+            metrics = solver.run_step(idx, next(loader), {})
+            assert torch.isfinite(metrics['ce'])
+
+
+class _Stage:
+    """Enter a flashy stage so `solver.is_training` is true, as `run_stage('train', ...)` does."""
+    def __init__(self, solver, name):
+        self.solver, self.name = solver, name
+
+    def __enter__(self):
+        self.solver._current_stage = self.name
+
+    def __exit__(self, *exc):
+        self.solver._current_stage = None
+
+
+def test_three_steps_change_only_the_adapter(dora_dir):
+    solver, _ = build_solver(DEBUG_ARGS)
+    before = copy.deepcopy(solver.model.state_dict())
+    _train_steps(solver, 3)
+    after = solver.model.state_dict()
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    adapter_keys = {k for k in before if '.lora_A.' in k or '.lora_B.' in k}
+    assert changed, "nothing was trained"
+    assert changed <= adapter_keys, f"frozen weights changed: {sorted(changed - adapter_keys)[:5]}"
+    # every LoRA B (zero at init) got gradient and moved, in both self- and cross-attention
+    moved_b = {k for k in changed if '.lora_B.' in k}
+    assert any('self_attn.lora_B' in k for k in moved_b) and any('cross_attention.lora_B' in k for k in moved_b)
+    # the optimizer only knows the adapter
+    optimized = {id(p) for group in solver.optimizer.param_groups for p in group['params']}
+    assert optimized == {id(p) for p in solver.adapter.parameters()}
+
+
+def test_checkpoint_holds_no_base_weight_and_loads_weights_only(dora_dir):
+    solver, _ = build_solver(DEBUG_ARGS + ['lora.rank=2', 'lora.alpha=4'])
+    _train_steps(solver, 1)
+    state = solver.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # torch >= 2.6 default: no pickled OmegaConf objects
+
+    base_tensors = {k: v for k, v in solver.model.state_dict().items() if '.lora_' not in k}
+    base_bytes = sum(v.numel() * v.element_size() for v in base_tensors.values())
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    base_shapes = {tuple(v.shape) for v in base_tensors.values() if v.numel() > 64}
+    adapter_keys = set(solver.adapter.state_dict())
+    assert set(loaded['model']) == adapter_keys
+    assert not any(k for k in loaded['model'] if '.lora_' not in k)
+    big = [t for t in tensors(loaded) if t.numel() > 64]
+    assert not any(tuple(t.shape) in base_shapes and t.numel() > 4096 for t in big), "a base weight leaked"
+    assert size < 0.35 * base_bytes, (size, base_bytes)
+    assert loaded['base']['fingerprint'] == solver.base_fingerprint
+
+
+def test_checkpoint_of_another_base_is_refused(dora_dir):
+    solver, _ = build_solver(DEBUG_ARGS)
+    state = solver.state_dict()
+    state['base']['fingerprint'] = 'f' * 64
+    with pytest.raises(BaseModelError, match='was trained on base'):
+        solver.load_state_dict(state)
+
+
+def test_padding_is_masked_by_default(dora_dir):
+    solver, _ = build_solver(DEBUG_ARGS)
+    assert solver.cfg.tokens.padding_with_special_token is True
+
+
+@pytest.mark.parametrize('args, error, match', [
+    (['lora.rank=0'], LoRAConfigError, 'lora.rank must be a positive integer'),
+    (['lora.targets=[self_attn.in_proj,attention.q]'], LoRAConfigError, 'Unknown LoRA target'),
+    (['base_model=/nonexistent/musicgen-small'], BaseModelError, "can't be found"),
+    (['base_model=facebook/musicgen-nonexistent-xyz'], BaseModelError, 'not in the local Hugging Face cache'),
+])
+def test_bad_configuration_fails_before_training(dora_dir, args, error, match, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(error, match=match):
+        build_solver(DEBUG_ARGS + args)
