@@ -1,0 +1,25 @@
+"""The `audiocraft-lora` console script."""
+import subprocess
+import sys
+from pathlib import Path
+
+from audiocraft_lora import cli
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    for name in ('prepare', 'validate', 'import-hf', 'export', 'merge', 'generate', 'compare'):
+        assert name in out
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / 'audiocraft-lora'
+    proc = subprocess.run([str(script), '--version'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and 'audiocraft-lora' in proc.stdout
+
+
+def test_unavailable_subcommand_says_so(capsys, monkeypatch):
+    monkeypatch.setitem(cli.SUBCOMMANDS, 'compare', ('audiocraft_lora.not_a_module_xyz', 'x'))
+    assert cli.main(['compare']) == 2
+    assert 'not available' in capsys.readouterr().err
