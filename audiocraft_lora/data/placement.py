@@ -1,0 +1,126 @@
+"""Where each prepared clip's audio and sidecar live, so that `Path(path).with_suffix('.json')` finds the sidecar.
+
+Four placements, chosen per clip by `prepare`:
+    in place   the source file is referenced as is, its sidecar written next to it;
+    mirrored   a symlink to the source (a copy where links are unsupported) inside a mirror folder, sidecar next to
+               the link: used with --sidecar-dir, when the source folder is not writable, or when two sources would
+               share a sidecar (`a.wav` and `a.mp3` both map to `a.json`);
+    converted  decoded, resampled/down-mixed to the target format and written as 16-bit FLAC;
+    cut        like converted, in chunks of --segment-seconds.
+"""
+from dataclasses import dataclass
+import errno
+import os
+from pathlib import Path
+import shutil
+import typing as tp
+
+import torch
+
+from .audio_files import AudioHeader, convert_to_target, read_audio, write_audio
+from .sidecars import sidecar_path_for, write_sidecar
+from .sources import SourceClip
+
+MIN_TAIL_RATIO = 0.5  # a last chunk shorter than this fraction of the segment is dropped rather than padded
+
+
+@dataclass
+class PlacedAudio:
+    """One manifest entry produced from a source clip."""
+    path: Path
+    duration: float
+    sample_rate: int
+    placement: str  # 'in_place' | 'mirrored' | 'converted' | 'cut'
+
+
+class ClipPlacer:
+    """Materializes source clips as manifest entries with a sidecar each.
+
+    Args:
+        audio_dir (Path): Folder for converted/cut audio, and the mirror used when in-place sidecars can't be written.
+        sidecar_dir (Path, optional): Mirror every clip there instead of writing next to the sources.
+        sample_rate (int): Target sample rate of converted/cut audio.
+        channels (int): Target channels of converted/cut audio.
+    """
+
+    def __init__(self, audio_dir: Path, sidecar_dir: tp.Optional[Path], sample_rate: int, channels: int):
+        self.audio_dir = Path(os.path.abspath(audio_dir))
+        self.sidecar_dir = Path(os.path.abspath(sidecar_dir)) if sidecar_dir is not None else None
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self._taken_sidecars: tp.Set[str] = set()
+        self.not_writable: tp.List[Path] = []  # sources whose folder refused the sidecar
+        self.dropped_tail_seconds = 0.0
+
+    def matches_target(self, header: AudioHeader) -> bool:
+        return header.sample_rate == self.sample_rate and header.channels == self.channels
+
+    def place(self, clip: SourceClip, header: AudioHeader, convert: bool,
+              segment_seconds: tp.Optional[float]) -> tp.List[PlacedAudio]:
+        """Place one clip; returns its manifest entries (several when cut)."""
+        if segment_seconds is not None and header.duration > segment_seconds * (1 + MIN_TAIL_RATIO / 10):
+            return self._cut(clip, segment_seconds)
+        if convert and not self.matches_target(header):
+            return [self._convert(clip)]
+        if self.sidecar_dir is not None:
+            return [self._mirror(clip, header, self.sidecar_dir)]
+        sidecar = sidecar_path_for(clip.audio_path)
+        if str(sidecar) in self._taken_sidecars:
+            return [self._mirror(clip, header, self.audio_dir)]
+        try:
+            write_sidecar(sidecar, clip.info)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            self.not_writable.append(clip.audio_path)
+            return [self._mirror(clip, header, self.audio_dir)]
+        self._taken_sidecars.add(str(sidecar))
+        return [PlacedAudio(clip.audio_path, header.duration, header.sample_rate, 'in_place')]
+
+    def _mirror(self, clip: SourceClip, header: AudioHeader, mirror_root: Path) -> PlacedAudio:
+        link = self._claim(mirror_root / clip.relative_name)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            os.symlink(os.path.abspath(clip.audio_path), link)
+        except OSError:
+            shutil.copy2(clip.audio_path, link)
+        write_sidecar(sidecar_path_for(link), clip.info)
+        return PlacedAudio(link, header.duration, header.sample_rate, 'mirrored')
+
+    def _convert(self, clip: SourceClip) -> PlacedAudio:
+        wav = self._decode_to_target(clip)
+        path = self._claim(self.audio_dir / clip.relative_name.with_suffix('.flac'))
+        write_audio(path, wav, self.sample_rate)
+        write_sidecar(sidecar_path_for(path), clip.info)
+        return PlacedAudio(path, wav.shape[-1] / self.sample_rate, self.sample_rate, 'converted')
+
+    def _cut(self, clip: SourceClip, segment_seconds: float) -> tp.List[PlacedAudio]:
+        wav = self._decode_to_target(clip)
+        chunk = int(round(segment_seconds * self.sample_rate))
+        placed = []
+        for index, start in enumerate(range(0, wav.shape[-1], chunk)):
+            piece = wav[:, start:start + chunk]
+            if piece.shape[-1] < chunk * MIN_TAIL_RATIO:
+                self.dropped_tail_seconds += piece.shape[-1] / self.sample_rate
+                break
+            stem = clip.relative_name.with_suffix('')
+            path = self._claim(self.audio_dir / stem.parent / f"{stem.name}_{index:03d}.flac")
+            write_audio(path, piece, self.sample_rate)
+            write_sidecar(sidecar_path_for(path), clip.info)
+            placed.append(PlacedAudio(path, piece.shape[-1] / self.sample_rate, self.sample_rate, 'cut'))
+        return placed
+
+    def _decode_to_target(self, clip: SourceClip) -> torch.Tensor:
+        wav, sample_rate = read_audio(clip.audio_path)
+        return convert_to_target(wav, sample_rate, self.sample_rate, self.channels)
+
+    def _claim(self, path: Path) -> Path:
+        """`path`, renamed `<stem>-<n><suffix>` if its sidecar is already used by another clip of this run."""
+        candidate, number = path, 1
+        while str(sidecar_path_for(candidate)) in self._taken_sidecars:
+            candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+            number += 1
+        self._taken_sidecars.add(str(sidecar_path_for(candidate)))
+        return candidate
