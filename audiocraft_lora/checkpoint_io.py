@@ -22,6 +22,7 @@ def atomic_write(path: tp.Union[str, Path], mode: str = 'wb') -> tp.Iterator[tp.
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -48,3 +49,27 @@ def atomic_torch_save(obj: tp.Any, path: tp.Union[str, Path]) -> None:
 def atomic_write_text(text: str, path: tp.Union[str, Path]) -> None:
     with atomic_write(path, 'w') as f:
         f.write(text)
+
+
+def write_bytes_atomic(path: tp.Union[str, Path], data: bytes) -> Path:
+    """Write `data` to `path` atomically; readers see the old file or the complete new one. Returns `path`."""
+    with atomic_write(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: tp.Union[str, Path], text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically."""
+    return write_bytes_atomic(path, text.encode('utf-8'))
+
+
+def temporary_sibling(path: tp.Union[str, Path]) -> Path:
+    """A fresh temporary path next to `path`, with the same suffix (audio writers pick the format from it).
+
+    The caller writes it and then `os.replace`s it onto `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=f'.tmp{path.suffix}', dir=str(path.parent))
+    os.close(fd)
+    return Path(tmp_name)

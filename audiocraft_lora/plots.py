@@ -7,7 +7,6 @@ Each function writes its PNG atomically (temporary file in the same folder, fsyn
 import io
 import math
 import os
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .checkpoint_io import write_bytes_atomic  # noqa: F401 (also used by report.py)
 from .diagnostics import DB_FLOOR, AnyWav, as_channels_first
 from .errors import UserError
 
@@ -29,24 +29,6 @@ SPECTROGRAM_N_FFT = 2048
 SPECTROGRAM_HOP = 512
 
 PathLike = tp.Union[str, os.PathLike]
-
-
-def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
-    """Write `data` to `path` via a temporary file in the same folder, fsync, then replace. Creates the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
 
 
 def _new_figure(width: float = 8.0, height: float = 3.5) -> Figure:

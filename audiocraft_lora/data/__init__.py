@@ -13,7 +13,6 @@ Modules, one job each:
     validate.py      check every manifest entry before training; `validate_cli.py` is its command line
     summary.py       clip-length statistics and the suggested `dataset.segment_duration`
     example.py       a tiny deterministic demo dataset (synthesized beats)
-    atomic_io.py     atomic file writes
 
 Importing this package is cheap; AudioCraft (slow to import) is only loaded by the modules that need it.
 """

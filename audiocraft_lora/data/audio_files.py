@@ -18,7 +18,7 @@ import torch
 from audiocraft.data.audio import audio_read
 from audiocraft.data.audio_utils import convert_audio
 
-from .atomic_io import temporary_sibling
+from ..checkpoint_io import temporary_sibling
 
 AUDIO_EXTENSIONS = ('.wav', '.mp3', '.flac', '.ogg', '.m4a')
 SILENCE_DB = -60.0  # a 100 ms window quieter than this (RMS, dBFS) counts as silence

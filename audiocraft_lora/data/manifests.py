@@ -15,7 +15,7 @@ import typing as tp
 from audiocraft.data.audio_dataset import AudioMeta
 
 from ..errors import DataError
-from .atomic_io import write_text_atomic
+from ..checkpoint_io import write_text_atomic
 
 SPLITS = ('train', 'valid', 'evaluate', 'generate')
 MANIFEST_NAMES = ('data.jsonl', 'data.jsonl.gz')

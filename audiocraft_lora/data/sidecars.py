@@ -15,7 +15,7 @@ from audiocraft.data.audio_dataset import AudioMeta
 from audiocraft.data.info_audio_dataset import AudioInfo
 from audiocraft.data.music_dataset import MusicInfo
 
-from .atomic_io import write_text_atomic
+from ..checkpoint_io import write_text_atomic
 
 TEXT_FIELD_ALIASES = ('description', 'caption', 'prompt', 'text')
 LIST_FIELDS = ('moods', 'keywords')

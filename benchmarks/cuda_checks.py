@@ -1,0 +1,47 @@
+"""CUDA checks run by hand on a GPU machine (the test suite is CPU-only): exactness and adapter-only updates."""
+import copy
+
+import torch
+
+from audiocraft.modules.conditioners import ConditioningAttributes
+from audiocraft.modules.transformer import set_efficient_attention_backend
+from audiocraft.solvers.musicgen import MusicGenSolver
+
+from audiocraft_lora import base_models
+from audiocraft_lora.lora import LoRASettings, inject_lora
+
+
+def logits(lm, codes, autocast):
+    attrs = [ConditioningAttributes(text={'description': 'trap beat'}) for _ in range(codes.shape[0])]
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+        out = lm.compute_predictions(codes, [], lm.condition_provider(lm.condition_provider.tokenize(attrs)))
+    return out
+
+
+def main():
+    set_efficient_attention_backend('torch')
+    pkg = base_models.load_lm_package(base_models.resolve_base('debug'))
+    lm = base_models.build_lm(pkg).cuda().eval()
+    codes = torch.randint(0, 256, (2, 4, 40), device='cuda')
+    with torch.no_grad():
+        base = torch.nan_to_num(logits(lm, codes, False).logits)
+    inject_lora(lm, LoRASettings(rank=8, alpha=16))
+    with torch.no_grad():
+        after = torch.nan_to_num(logits(lm, codes, False).logits)
+    print('zero-init LoRA equals base on CUDA (fp32):', torch.equal(base, after))
+    before = copy.deepcopy(lm.state_dict())
+    lm.train()
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    for _ in range(3):
+        out = logits(lm, codes, True)
+        ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+        ce.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {k for k, v in lm.state_dict().items() if not torch.equal(v, before[k])}
+    print('bf16 autocast steps: changed tensors', len(changed), 'all LoRA:', all('.lora_' in k for k in changed),
+          'loss finite:', bool(torch.isfinite(ce)))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One prepared device run (CUDA checks + GPU benchmark), for a session lent a GPU machine.
+# Needs the project's pure-python deps as wheels in .whl/ (see benchmarks/README.md). Results land in $OUT.
+set -uo pipefail
+OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AUDIOCRAFT_LORA_CACHE=/tmp/alcache AUDIOCRAFT_LORA_DORA_DIR=/tmp/alxps
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PWD" || exit 1
+fi
+export PYTHONPATH="${PYTHONPATH:-}:$PWD"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, audiocraft, peft; print('torch', torch.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
+
+echo "== CUDA check: dora run lora_debug on cuda with bf16 autocast"
+GEN=""; command -v ffmpeg >/dev/null || GEN="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
+timeout 240 python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
+  autocast_dtype=bfloat16 dataset.num_workers=0 $GEN > "$OUT/cuda_dora.log" 2>&1
+echo "dora rc=$?"; grep -E "Summary|exported|Error|error" "$OUT/cuda_dora.log" | tail -12
+
+echo "== CUDA check: zero-init LoRA == base logits, adapter-only bf16 steps"
+timeout 120 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -8
+
+echo "== GPU benchmark"
+for args in "--scale small --batch 16 --frames 1500" "--scale small --batch 4 --frames 1500" \
+            "--scale medium --batch 8 --frames 1500"; do
+  name=$(echo $args | tr -d ' -')
+  timeout 200 python3 benchmarks/step_time.py $args --device cuda --dtype bfloat16 --warmup 2 --iters 5 \
+    --json "$OUT/bench_$name.json" 2>&1 | grep -v -i xformers | tail -5
+done
