@@ -1,0 +1,21 @@
+"""`audiocraft-lora merge --adapter A [--base B] --out DIR`: an AudioCraft folder with the adapter merged in.
+
+The folder loads with stock `audiocraft.models.MusicGen.get_pretrained(DIR)`; no audiocraft_lora import needed.
+"""
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--adapter', required=True, help='Adapter folder (adapter_config.json + safetensors).')
+    parser.add_argument('--base', default=None,
+                        help="Base model (hub id, AudioCraft folder or HF folder); default: the adapter's own base.")
+    parser.add_argument('--out', required=True, help='New folder to write.')
+    parser.add_argument('--force-base-mismatch', action='store_true',
+                        help='Merge even if the base is not the one the adapter was trained on.')
+
+
+def run(args: argparse.Namespace) -> int:
+    from .hf.export import merge_to_audiocraft
+    out = merge_to_audiocraft(args.adapter, args.out, base=args.base, force=args.force_base_mismatch)
+    print(f"Wrote {out}: load it with audiocraft.models.MusicGen.get_pretrained('{out}').")
+    return 0
