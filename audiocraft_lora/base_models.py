@@ -119,11 +119,17 @@ def lm_config(lm_pkg: dict) -> DictConfig:
     return cfg
 
 
-def build_lm(lm_pkg: dict, device: str = 'cpu'):
-    """Build the LM from the package's own config, in float32, and load its weights (strict)."""
+def build_lm(lm_pkg: dict, device: str = 'cpu', overrides: tp.Optional[tp.Mapping] = None):
+    """Build the LM from the package's own config, in float32, and load its weights (strict).
+
+    `overrides` (the solver's `base_overrides`, e.g. `{'classifier_free_guidance': {'training_dropout': 0.2}}`) are
+    merged into that config first, so the model the solver trains sees them too.
+    """
     from audiocraft.models import builders
     cfg = lm_config(lm_pkg)
     OmegaConf.set_struct(cfg, False)
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(cfg, key, value, merge=True)
     cfg.device = str(device)
     cfg.dtype = 'float32'  # master weights; autocast handles mixed precision
     # keys that older/newer AudioCraft checkpoints carry and the builders don't accept (as AudioCraft's loader does)
@@ -135,10 +141,40 @@ def build_lm(lm_pkg: dict, device: str = 'cpu'):
             node = node.get(part) if isinstance(node, DictConfig) else None
         if isinstance(node, DictConfig) and leaf in node:
             del node[leaf]
-    lm = builders.get_lm_model(cfg)
+    check_melody_requirements(cfg)
+    try:
+        lm = builders.get_lm_model(cfg)
+    except Exception as exc:
+        if _uses_chroma_stem(cfg):
+            raise BaseModelError(
+                f"Building this melody base's chroma conditioner failed ({type(exc).__name__}: {exc}). It loads "
+                f"demucs' htdemucs weights ({HTDEMUCS_WEIGHTS}) from the torch hub cache ($TORCH_HOME/hub/"
+                "checkpoints, default ~/.cache/torch/hub/checkpoints): download them once where the internet is "
+                "reachable (python -c \"from demucs.pretrained import get_model; get_model('htdemucs')\") and copy "
+                "that file to this machine's cache.") from exc
+        raise
     lm.load_state_dict(lm_pkg['best_state'])
     lm.cfg = cfg
     return lm
+
+
+HTDEMUCS_WEIGHTS = '955717e8-8726e21a.th'
+
+
+def _uses_chroma_stem(cfg: DictConfig) -> bool:
+    conditioners = cfg.get('conditioners') or {}
+    return any(isinstance(c, DictConfig) and c.get('model') == 'chroma_stem' for c in conditioners.values())
+
+
+def check_melody_requirements(cfg: DictConfig) -> None:
+    """Melody bases (chroma_stem conditioner) need the `demucs` package: say so before anything is built."""
+    import importlib.util
+    if _uses_chroma_stem(cfg) and importlib.util.find_spec('demucs') is None:
+        raise BaseModelError(
+            "This is a melody base: AudioCraft's chroma conditioner separates stems with demucs, which is not "
+            "installed. Install it (pip install demucs==4.0.1 --no-deps, plus its dependencies dora-search, einops, "
+            f"julius, lameenc, openunmix) and put the htdemucs weights ({HTDEMUCS_WEIGHTS}) in the torch hub cache "
+            "($TORCH_HOME/hub/checkpoints) if this machine is offline. Text-only bases don't need it.")
 
 
 def load_compression_model(base: BaseModel, device: str = 'cpu'):

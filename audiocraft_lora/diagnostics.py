@@ -224,6 +224,24 @@ def audio_diagnostics(wav: AnyWav, sample_rate: int, window_s: float = 0.5,
         silence_threshold_dbfs=float(silence_threshold_dbfs), clip_threshold=float(clip_threshold))
 
 
+def sample_diagnostics(wavs: AnyWav, sample_rate: int, window_s: float = 0.5) -> tp.List[AudioDiagnostics]:
+    """Diagnostics of each item of a batch [B, C, T] (as generated during training).
+
+    Items too short for the loudness window, or holding NaN/inf, are left out (with a log line), so that the
+    measurement never stops a training run.
+    """
+    import logging
+    results = []
+    for index, wav in enumerate(wavs):
+        if hasattr(wav, 'detach'):
+            wav = wav.detach().float().cpu().numpy()
+        try:
+            results.append(audio_diagnostics(wav, sample_rate, window_s=window_s))
+        except UserError as exc:
+            logging.getLogger(__name__).warning("Sample %d not measured: %s", index, exc)
+    return results
+
+
 def _windowed_lufs(samples_last: np.ndarray, sample_rate: int, window_s: float, num_windows: int) -> np.ndarray:
     """Ungated K-weighted loudness of consecutive windows, LUFS.
 

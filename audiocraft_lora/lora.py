@@ -3,6 +3,9 @@
 Targets use short, architecture-level names (see `TARGETS`). The fused q/k/v projection of AudioCraft's attention
 is a raw `in_proj_weight` Parameter that `nn.Linear`-based LoRA can't reach; peft's `target_parameters` wraps it
 (`ParamWrapper`, no dropout there). Every other target is an `nn.Linear` wrapped by peft's `lora.Linear`.
+With `fast_path` (the default) the fused q/k/v gets `fast_lora.FusedInProjLoRA` instead of peft's parametrization and
+every LoRA projection runs `fast_lora.LowRankLinear` (no `W + B @ A` built, no frozen-weight gradient): same names,
+same results.
 
 Adapter tensors are exchanged under *canonical* names that don't depend on peft's wrapping order::
 
@@ -130,9 +133,13 @@ def resolve_targets(model: nn.Module, settings: LoRASettings) -> tp.List[str]:
     return resolved
 
 
-def inject_lora(model: nn.Module, settings: LoRASettings) -> tp.List[str]:
+def inject_lora(model: nn.Module, settings: LoRASettings, fast_path: bool = True) -> tp.List[str]:
     """Inject LoRA into `model` in place (base weights must already be loaded), freeze everything else.
 
+    Args:
+        fast_path: use `fast_lora` (low-rank products in one autograd node, no frozen-weight gradient, fused q/k/v
+            LoRA without a parametrization). False: peft's own forward, and peft's `target_parameters` for the
+            fused q/k/v. Same canonical adapter names and same results either way.
     Returns:
         list of str: the targets actually used.
     """
@@ -143,24 +150,35 @@ def inject_lora(model: nn.Module, settings: LoRASettings) -> tp.List[str]:
     targets = resolve_targets(model, settings)
     module_suffixes = [TARGETS[t][1] for t in targets if TARGETS[t][0] == 'module']
     param_suffixes = [TARGETS[t][1] for t in targets if TARGETS[t][0] == 'param']
-    config = LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, use_rslora=settings.use_rslora,
-        target_modules=(r'^transformer\.layers\.\d+\.(' + '|'.join(re.escape(s) for s in module_suffixes) + r')$'
-                        if module_suffixes else []),
-        target_parameters=param_suffixes or None,
-        init_lora_weights=True, bias='none')
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    fused_suffixes: tp.List[str] = []
+    if fast_path:
+        fused_suffixes, param_suffixes = param_suffixes, []
+    if module_suffixes or param_suffixes:
+        config = LoraConfig(
+            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, use_rslora=settings.use_rslora,
+            target_modules=(r'^transformer\.layers\.\d+\.(' + '|'.join(re.escape(s) for s in module_suffixes)
+                            + r')$' if module_suffixes else []),
+            target_parameters=param_suffixes or None,
+            init_lora_weights=True, bias='none')
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     # peft refuses dropout as soon as target_parameters is used: give it to the nn.Linear targets only.
     if settings.dropout > 0:
         for module in model.modules():
             if isinstance(module, LoraLinear) and ADAPTER_NAME in module.lora_dropout:
                 module.lora_dropout[ADAPTER_NAME] = nn.Dropout(p=settings.dropout)
+    if fast_path:
+        from . import fast_lora
+        fast_lora.enable_fast_linear(model)
+        for name, module in list(model.named_modules()):
+            if name.startswith('transformer.layers.') and any(
+                    (name + '.in_proj_weight').endswith('.' + s) for s in fused_suffixes):
+                fast_lora.inject_fused_in_proj(module, settings.rank, settings.scaling)
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_parameter(name))
     if settings.init == 'random':
         generator = torch.Generator().manual_seed(1234)
         with torch.no_grad():
-            for name, param in lora_parameters(model).items():
+            for name, param in sorted(lora_parameters(model).items()):  # same values with or without fast_path
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     return targets
 

@@ -18,6 +18,8 @@ Input schema (`report`; unknown top-level keys raise, to catch typos):
     cross_entropy (dict): optional, model -> {'per_codebook': [K] floats (mean CE in nats per codebook),
         'split': 'valid' (optional), 'num_tokens': int (optional)}.
     history (dict): optional, model -> flashy/dora history (list of per-epoch dicts, see `plots.plot_loss_curves`).
+    reference_metrics (dict): optional, metrics from reference models (CLAP, FAD), name ->
+        {'description': str, 'higher_is_better': bool, 'values': {model: float or None}}.
     skipped (list): optional, metrics not computed; each {'name': 'CLAP', 'reason': 'no local model given'} or a
         string 'CLAP: no local model given'.
     extra (dict): optional, free-form json-serialisable, copied to report.json.
@@ -49,7 +51,7 @@ from .report_html import referenced_files, render_html  # noqa: F401 (public API
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ('models', 'settings', 'samples')
-OPTIONAL_KEYS = ('base_model', 'title', 'cross_entropy', 'history', 'skipped', 'extra')
+OPTIONAL_KEYS = ('base_model', 'title', 'cross_entropy', 'history', 'reference_metrics', 'skipped', 'extra')
 FIGURES_DIR = 'figures'
 
 
@@ -139,6 +141,7 @@ def write_report(out_dir: tp.Union[str, os.PathLike], report: tp.Mapping[str, tp
         'groups': group_rows, 'aggregates': aggregates, 'comparisons': comparisons,
         'cross_entropy': cross_entropy, 'history': report.get('history') or {},
         'figures': {'cross_entropy': ce_figure, 'history': history_figures},
+        'reference_metrics': _validate_reference_metrics(report.get('reference_metrics') or {}, models),
         'skipped': skipped, 'extra': report.get('extra') or {},
     }
     document = _jsonable(document, 'report')
@@ -209,6 +212,22 @@ def _measurement_settings(samples: tp.Sequence[_Sample]) -> tp.Dict[str, float]:
         raise UserError(f'report: samples were measured with different diagnostics settings {keys}: '
                         f'{sorted(settings)}; measure every sample with the same audio_diagnostics arguments.')
     return dict(zip(keys, settings.pop())) | {'db_floor': diag_lib.DB_FLOOR}
+
+
+def _validate_reference_metrics(raw: tp.Mapping[str, tp.Any], models: tp.List[str]) -> tp.Dict[str, tp.Any]:
+    section = {}
+    for name, entry in raw.items():
+        values = entry.get('values') if isinstance(entry, tp.Mapping) else None
+        if not isinstance(values, tp.Mapping):
+            raise UserError(f'report["reference_metrics"][{name!r}] needs a "values" dict model -> number.')
+        unknown = [m for m in values if m not in models]
+        if unknown:
+            raise UserError(f'report["reference_metrics"][{name!r}] names models {unknown} not in {models}.')
+        section[str(name)] = {'description': str(entry.get('description', '')),
+                              'higher_is_better': bool(entry.get('higher_is_better', True)),
+                              'values': {m: (None if values.get(m) is None else float(values[m]))
+                                         for m in models if m in values}}
+    return section
 
 
 def _validate_skipped(skipped: tp.Sequence[tp.Any]) -> tp.List[tp.Dict[str, str]]:

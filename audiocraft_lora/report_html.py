@@ -78,6 +78,7 @@ def render_html(document: tp.Mapping[str, tp.Any]) -> str:
                  f'{limits["clipping_fraction"]:.0%} of samples at |x| &ge; {limits["clip_threshold"]:g}.</p>')
     parts.append(_summary_html(document, models, base))
     parts.append(_cross_entropy_html(document, models, base))
+    parts.append(_reference_metrics_html(document, models))
     if document['figures']['history']:
         parts.append('<h2>Training curves</h2>' + ''.join(
             f'<h3>{_e(m)}</h3><img src="{_url(p)}" alt="training curve">'
@@ -136,6 +137,19 @@ def _cross_entropy_html(document: tp.Mapping[str, tp.Any], models: tp.Sequence[s
     image = f'<img src="{_url(figure)}" alt="cross-entropy per codebook">' if figure else ''
     return ('<h2>Cross-entropy per codebook</h2><p>Teacher-forced CE (nats) on held-out data; in brackets the '
             f'difference to {_e(base)}. Perplexity = exp(CE).</p>{image}' + _table(header, rows))
+
+
+def _reference_metrics_html(document: tp.Mapping[str, tp.Any], models: tp.Sequence[str]) -> str:
+    section = document.get('reference_metrics') or {}
+    if not section:
+        return ''
+    rows = []
+    for name, entry in section.items():
+        cells = [f'{v:.4f}' if v is not None else '-' for v in (entry['values'].get(m) for m in models)]
+        better = 'higher is better' if entry['higher_is_better'] else 'lower is better'
+        rows.append([f'<td class="text">{_e(name)} <small>({better})</small></td>'] + cells +
+                    [f'<td class="text">{_e(entry["description"])}</td>'])
+    return '<h2>Reference-model metrics</h2>' + _table(['metric'] + [_e(m) for m in models] + ['how'], rows)
 
 
 def _sample_cell(sample: tp.Optional[tp.Mapping[str, tp.Any]]) -> str:

@@ -11,6 +11,10 @@ Only the hooks that must change are overridden:
 - `state_dict` / `load_state_dict`: checkpoints are plain containers (load with `torch.load(weights_only=True)`),
   hold the adapter and training state plus the base fingerprint, and never a base weight.
 - `run`: AudioCraft's loop, then the best adapter is exported to `<xp folder>/adapter`.
+- `save_checkpoints` / `load_checkpoints`: atomic writes on rank 0 after a barrier, `checkpoint.keep_last` honoured,
+  an unreadable checkpoint never loaded (`checkpointing`).
+- `run_step` / `_compute_cross_entropy` / `train`: a non-finite loss or grad norm skips the step before
+  `optimizer.step()`, counted; `nonfinite.max_consecutive` in a row raise `TrainingDivergedError` (`guards`).
 
 Everything else is AudioCraft's: EnCodec tokenization, delay-pattern masks, CFG and attribute dropout, padding
 handled with the special token and masked from the loss (`tokens.padding_with_special_token`, on by default
@@ -18,6 +22,8 @@ here), autocast, flashy's distributed helpers, logging and progress.
 
 Raises (before any training step): `LoRAConfigError` (rank <= 0, unknown target, target matching nothing),
 `BaseModelError` (base not found / not in the HF cache, checkpoint of another base), `DataError` (dataset issues).
+During training: `TrainingDivergedError` (too many non-finite steps in a row), `CheckpointError` (unreadable
+`checkpoint.th` with no complete epoch checkpoint to fall back on).
 """
 import logging
 from pathlib import Path
@@ -32,8 +38,12 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from .errors import BaseModelError
+from . import checkpointing, faults
+from .guards import NonFiniteGuard
+from .diagnostics import FADE_FLAG_DB, fade_warning, sample_diagnostics, summarize_for_logging
+from .errors import BaseModelError, LoRAConfigError
 from .lora import AdapterParameters, LoRASettings, inject_lora
+from .speed import DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, optimizer_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +120,14 @@ class LoRAMusicGenSolver(MusicGenSolver):
         logger.info("Base model: %s", self.base.describe())
         self._lm_pkg = base_models.load_lm_package(self.base)
         self.base_fingerprint = base_models.fingerprint_state(self._lm_pkg['best_state'])
+        base_models.check_melody_requirements(base_models.lm_config(self._lm_pkg))  # demucs, before any data work
         self._base_compression_model = base_models.load_compression_model(self.base, device=cfg.device)
         self._adopt_base_config(cfg)
         if cfg.get('validate_data', True) and cfg.get('execute_only') is None:
             self._validate_data(cfg)
         super().__init__(cfg)
+        self.nonfinite_guard = NonFiniteGuard.from_config(cfg.get('nonfinite'))
+        self.stateful.register('nonfinite', self.nonfinite_guard)  # running count of skipped steps
 
     # ---------------------------------------------------------------- configuration from the base checkpoint
     def _adopt_base_config(self, cfg: omegaconf.DictConfig) -> None:
@@ -161,9 +174,13 @@ class LoRAMusicGenSolver(MusicGenSolver):
     def build_model(self) -> None:
         """Base compression model + LM from the base checkpoint, LoRA injected, adapter-only optimization."""
         self.compression_model = get_wrapped_compression_model(self._base_compression_model, self.cfg)
-        lm = base_models.build_lm(self._lm_pkg, device='cpu')
+        lm = base_models.build_lm(self._lm_pkg, device='cpu', overrides=self.cfg.get('base_overrides'))
         self._lm_pkg = {}  # base weights live in the model now; keep no second copy
-        self.lora_targets = inject_lora(lm, self.lora_settings)
+        self.speed_settings = SpeedSettings.from_config(self.cfg.get('lora'))
+        self.lora_targets = inject_lora(lm, self.lora_settings, fast_path=self.speed_settings.fast_path)
+        speed_info = apply_speed_settings(lm, self.speed_settings, autocast=bool(self.cfg.autocast),
+                                          autocast_dtype=DTYPES[self.cfg.autocast_dtype])
+        logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
         self.model = lm.to(self.device)
         assert self.cfg.transformer_lm.card == self.compression_model.cardinality
         assert self.cfg.transformer_lm.n_q == self.compression_model.num_codebooks
@@ -178,6 +195,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self._ema_sources['model'] = self.adapter
         self.optimizer = self._build_optimizer()
         from audiocraft.solvers import builders
+        self._check_schedule()
         self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
         self.register_stateful('optimizer', 'lr_scheduler')
         self.stateful.register('base', _BaseFingerprint(self.base.name, self.base_fingerprint))
@@ -190,10 +208,26 @@ class LoRAMusicGenSolver(MusicGenSolver):
             self.scaler = torch.amp.GradScaler('cuda')
             self.register_stateful('scaler')
 
+    def _check_schedule(self) -> None:
+        """Warmup must end before training does (AudioCraft's cosine/polynomial schedules divide by the rest)."""
+        name = self.cfg.schedule.get('lr_scheduler')
+        warmup = (self.cfg.schedule.get(name) or {}).get('warmup') if name else None
+        if name in ('cosine', 'polynomial_decay') and warmup is not None and warmup >= self.total_updates:
+            raise LoRAConfigError(
+                f"schedule.{name}.warmup={warmup} but training has only {self.total_updates} updates "
+                f"(optim.epochs={self.cfg.optim.epochs} x {self.total_updates // max(1, self.cfg.optim.epochs)} per "
+                f"epoch): lower the warmup (e.g. schedule.{name}.warmup={max(1, self.total_updates // 10)}) or train "
+                "longer.")
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         from audiocraft.solvers import builders
         params = list(self.adapter.parameters())
-        return builders.get_optimizer(params, self.cfg.optim)
+        optim_cfg = self.cfg.optim
+        extra = optimizer_kwargs(getattr(self, 'speed_settings', SpeedSettings()), params, optim_cfg.optimizer)
+        if extra:  # fused/foreach Adam(W) kernels: AudioCraft passes `optim.adam` through to torch
+            optim_cfg = OmegaConf.create(OmegaConf.to_container(optim_cfg, resolve=True))
+            optim_cfg.adam.update(extra)
+        return builders.get_optimizer(params, optim_cfg)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -205,6 +239,41 @@ class LoRAMusicGenSolver(MusicGenSolver):
             ema = state['ema']
             state['ema'] = {'state': {k: dict(v) for k, v in ema['state'].items()}, 'count': ema['count']}
         return state
+
+    def save_checkpoints(self) -> None:
+        """Atomic writes on rank 0 after a barrier, `checkpoint.keep_last` honoured (`checkpointing`)."""
+        checkpointing.save_checkpoints(self)
+
+    def load_checkpoints(self, load_best: bool = False, ignore_state_keys: tp.List[str] = []) -> tp.Optional[dict]:
+        """AudioCraft's, but an unreadable `checkpoint.th` is never loaded (`checkpointing.prepare_latest`)."""
+        checkpointing.prepare_latest(self)
+        state = super().load_checkpoints(load_best, ignore_state_keys)
+        checkpointing.after_load(self, state)
+        return state
+
+    # ---------------------------------------------------------------- non-finite guard
+    def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
+        """AudioCraft's step; in training, a non-finite loss or grad norm skips the step before optimizer.step()."""
+        if not self.is_training:
+            return super().run_step(idx, batch, metrics)
+        faults.kill_point('train_step', epoch=self.epoch, step=idx, rank=flashy.distrib.rank())
+        return self.nonfinite_guard.run_step(
+            self, lambda: super(LoRAMusicGenSolver, self).run_step(idx, batch, metrics), metrics, self.epoch, idx)
+
+    def _compute_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
+                               mask: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[torch.Tensor]]:
+        """AudioCraft's masked cross-entropy; in training the loss is also handed to the non-finite guard."""
+        ce, ce_per_codebook = super()._compute_cross_entropy(logits, targets, mask)
+        if self.is_training:
+            ce = faults.maybe_poison_loss(ce, epoch=self.epoch, step=self.nonfinite_guard.step_idx,
+                                          rank=flashy.distrib.rank())
+            self.nonfinite_guard.observe_loss(ce)
+        return ce, ce_per_codebook
+
+    def train(self) -> dict:
+        """AudioCraft's train stage, plus `skipped_steps` (this epoch) and `skipped_steps_total`."""
+        self.nonfinite_guard.start_epoch()
+        return self.nonfinite_guard.epoch_metrics(super().train())
 
     # ---------------------------------------------------------------- export
     def export_adapter(self, folder: tp.Optional[tp.Union[str, Path]] = None, use_best: bool = True) -> Path:
@@ -219,6 +288,40 @@ class LoRAMusicGenSolver(MusicGenSolver):
             base_fingerprint=self.base_fingerprint, base_kind=self.base.kind,
             extra={'xp_sig': self.xp.sig, 'epoch': self.epoch - 1, 'sample_rate': int(self.cfg.sample_rate)})
         return folder
+
+    # ---------------------------------------------------------------- diagnostics of generated samples
+    def run_generate_step(self, batch, gen_duration: float, prompt_duration: tp.Optional[float] = None,
+                          remove_prompt: bool = False, **generation_params) -> dict:
+        """AudioCraft's generate step; its audio is also measured (fade, silence, noise-likeness, clipping)."""
+        outputs = super().run_generate_step(batch, gen_duration, prompt_duration, remove_prompt, **generation_params)
+        kind = 'unprompted' if outputs['prompt_audio'] is None else 'continuation'
+        diags = sample_diagnostics(outputs['gen_audio'], int(self.cfg.sample_rate),
+                                   window_s=self._diagnostics_cfg('window_s'))
+        self._generated_diagnostics.setdefault(kind, []).extend(diags)
+        return outputs
+
+    def generate_audio(self) -> dict:
+        """AudioCraft's generate stage, plus the diagnostics of its samples as metrics (history, tensorboard,
+        wandb): `gen_*` for unprompted samples, `gen_cont_*` for continuations; a warning names the epoch when
+        the samples fade (see `diagnostics.fade_warning`)."""
+        self._generated_diagnostics: tp.Dict[str, list] = {}
+        metrics = super().generate_audio()
+        for kind, prefix in (('unprompted', 'gen_'), ('continuation', 'gen_cont_')):
+            diags = self._generated_diagnostics.get(kind)
+            if diags:
+                local = summarize_for_logging(diags, prefix=prefix)
+                count = local.pop(f'{prefix}count')
+                metrics.update(flashy.distrib.average_metrics(local, count))
+                metrics[f'{prefix}count'] = count * flashy.distrib.world_size()
+                warning = fade_warning(metrics, self.epoch, self._diagnostics_cfg('fade_warning_db'), prefix=prefix)
+                if warning is not None:
+                    self.logger.warning("%s samples: %s", kind, warning)
+        return metrics
+
+    def _diagnostics_cfg(self, key: str) -> float:
+        defaults = {'window_s': 0.5, 'fade_warning_db': FADE_FLAG_DB}
+        section = self.cfg.get('diagnostics') or {}
+        return float(section.get(key, defaults[key]))
 
     def should_stop_training(self) -> bool:
         """AudioCraft's rule, plus `stop_at_epoch` (not part of the XP signature) to stop early and resume later."""

@@ -69,7 +69,12 @@ def get_solver(cfg: omegaconf.DictConfig):
         if split in cfg.dataset and cfg.dataset[split].get('batch_size'):
             cfg.dataset[split].batch_size //= world
     resolve_datasource_paths(cfg)
-    return get_solver_class(cfg.solver)(cfg)
+    from . import subset, token_cache
+    subset.apply_train_subset(cfg)  # train_subset.*: the dataset-size axis of grids/lora_sweep.py
+    token_cache.prepare(cfg)  # cache.*: checks, and lets torch.load read AudioCraft's cached batches
+    solver = get_solver_class(cfg.solver)(cfg)
+    token_cache.attach(solver)  # a cached-batch loader that works (AudioCraft 1.3.0's can't read MusicInfo)
+    return solver
 
 
 def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
@@ -87,13 +92,19 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
     set_efficient_attention_backend(cfg.efficient_attention_backend)
 
 
+def distrib_backend(cfg: omegaconf.DictConfig) -> str:
+    """nccl for CUDA training; gloo on CPU (dora's default, nccl, can't run there: `dora run -d --ddp_workers 2`)."""
+    import torch
+    return 'nccl' if str(cfg.device).startswith('cuda') and torch.cuda.is_available() else 'gloo'
+
+
 @hydra_main(config_path='../config', config_name='config', version_base='1.1')
 def main(cfg: omegaconf.DictConfig) -> tp.Any:
     from .errors import UserError
     init_seed_and_system(cfg)
     log_name = '%s.log.{rank}' % cfg.execute_only if cfg.execute_only else 'solver.log.{rank}'
     flashy.setup_logging(level=str(cfg.logging.level).upper(), log_name=log_name)
-    flashy.distrib.init()
+    flashy.distrib.init(backend=distrib_backend(cfg))
     try:
         solver = get_solver(cfg)
         if cfg.show:
@@ -117,6 +128,10 @@ def main(cfg: omegaconf.DictConfig) -> tp.Any:
 
 main.dora.dir = dora_dir()
 main.dora.grid_package = 'grids'
+# AudioCraft resolves `continue_from=<path>` and `//sig/<sig>` through `audiocraft.train.main.dora.dir`, a module that
+# can't be imported here (its config/ is not pip-installed; importing it inside a run re-initialises Hydra): alias it
+# to this entry point, so that continue_from (grids/lora_eval.py, execute_only) finds our XPs.
+sys.modules.setdefault('audiocraft.train', sys.modules[__name__])
 
 if __name__ == '__main__':
     main()

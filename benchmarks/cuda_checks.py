@@ -41,6 +41,30 @@ def main():
     changed = {k for k, v in lm.state_dict().items() if not torch.equal(v, before[k])}
     print('bf16 autocast steps: changed tensors', len(changed), 'all LoRA:', all('.lora_' in k for k in changed),
           'loss finite:', bool(torch.isfinite(ce)))
+    fast_vs_plain(pkg, codes)
+
+
+def fast_vs_plain(pkg, codes):
+    """Fast path (bf16 frozen base) vs peft's plain path, same random adapter, CUDA: fp32 and bf16 autocast."""
+    from audiocraft_lora.lora import lora_parameters
+    from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    settings = LoRASettings(rank=8, alpha=16, init='random', dropout=0.0)
+    for autocast in (False, True):
+        losses, grads = [], []
+        for fast in (False, True):
+            lm = base_models.build_lm(pkg)
+            inject_lora(lm, settings, fast_path=fast)
+            if fast and autocast:
+                apply_to_model(lm, SpeedSettings(base_dtype='bfloat16'), True, torch.bfloat16)
+            lm = lm.cuda().train()
+            out = logits(lm, codes, autocast)
+            ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+            ce.backward()
+            losses.append(float(ce.detach()))
+            grads.append({k: p.grad.float() for k, p in lora_parameters(lm).items()})
+        worst = max(float((grads[1][k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads[0].items())
+        print(f"fast vs plain ({'bf16 autocast' if autocast else 'fp32'}): loss {losses[1]:.6f} vs {losses[0]:.6f}, "
+              f"worst relative grad difference {worst:.2e}")
 
 
 if __name__ == '__main__':

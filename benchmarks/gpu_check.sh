@@ -12,19 +12,21 @@ export PYTHONPATH="${PYTHONPATH:-}:$PWD"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, audiocraft, peft; print('torch', torch.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
 
+echo "== CUDA check: zero-init LoRA == base logits, fast path == plain path, adapter-only bf16 steps"
+timeout 90 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -8
+
+echo "== GPU benchmark (full fine-tune, LoRA plain/fast/checkpointed, HF + peft), one process per shape"
+# about 1-2 min per line on an H100/H200; medium batch 16 is the "fits in 40 GB with checkpointing" check
+for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_ckpt,lora_ckpt_half,hf_lora,hf_full" "--scale small --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
+            "--scale medium --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
+            "--scale medium --batch 16 --cases lora_ckpt,lora_ckpt_half,lora_fast"; do
+  name=$(echo $args | tr -d ' -' | tr ',' '_')
+  timeout 110 python3 benchmarks/step_time.py $args --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
+    --iters 5 --json "$OUT/bench_$name.json" 2>&1 | grep -v -i "xformers\|warn\|^ \|transformers\]" | tail -40
+done
+
 echo "== CUDA check: dora run lora_debug on cuda with bf16 autocast"
 GEN=""; command -v ffmpeg >/dev/null || GEN="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
-timeout 240 python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
+timeout 60 python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
   autocast_dtype=bfloat16 dataset.num_workers=0 $GEN > "$OUT/cuda_dora.log" 2>&1
-echo "dora rc=$?"; grep -E "Summary|exported|Error|error" "$OUT/cuda_dora.log" | tail -12
-
-echo "== CUDA check: zero-init LoRA == base logits, adapter-only bf16 steps"
-timeout 120 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -8
-
-echo "== GPU benchmark"
-for args in "--scale small --batch 16 --frames 1500" "--scale small --batch 4 --frames 1500" \
-            "--scale medium --batch 8 --frames 1500"; do
-  name=$(echo $args | tr -d ' -')
-  timeout 200 python3 benchmarks/step_time.py $args --device cuda --dtype bfloat16 --warmup 2 --iters 5 \
-    --json "$OUT/bench_$name.json" 2>&1 | grep -v -i xformers | tail -5
-done
+echo "dora rc=$?"; grep -E "Summary|exported|speed settings|Error|error" "$OUT/cuda_dora.log" | tail -12

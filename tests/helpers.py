@@ -43,3 +43,29 @@ def run_dora(args: tp.List[str], dora_dir: Path, timeout: float = 600) -> 'subpr
     dora = Path(sys.executable).parent / 'dora'
     cmd = [str(dora) if dora.exists() else 'dora', 'run'] + args
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_tiny_clap(folder: Path) -> Path:
+    """A random, tiny transformers CLAP (model + processor with a small byte-level BPE tokenizer) saved to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizerFast
+    torch.manual_seed(0)
+    bpe = Tokenizer(models.BPE(unk_token='<unk>'))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(['trap beat 808 drums', 'lofi hip hop piano'], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=['<s>', '<pad>', '</s>', '<unk>', '<mask>'],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.RobertaProcessing(('</s>', 2), ('<s>', 0))
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe, bos_token='<s>', eos_token='</s>', unk_token='<unk>',
+                                     pad_token='<pad>', mask_token='<mask>')
+    config = ClapConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=64, pad_token_id=1),
+        audio_config=dict(depths=[1, 1], num_attention_heads=[2, 2], patch_embeds_hidden_size=16, hidden_size=32,
+                          num_mel_bins=64, spec_size=256, window_size=4, patch_stride=(4, 4), patch_size=4,
+                          projection_hidden_size=32),
+        projection_dim=16)
+    ClapModel(config).eval().save_pretrained(folder)
+    extractor = ClapFeatureExtractor(feature_size=64, truncation='rand_trunc')
+    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    return Path(folder)

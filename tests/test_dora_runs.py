@@ -87,3 +87,19 @@ def test_bad_config_exits_with_a_clear_message(tmp_path):
     assert proc.returncode == 2
     assert 'lora.rank must be a positive integer' in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_execute_only_export_rewrites_the_adapter_of_the_same_finished_xp(tmp_path):
+    import shutil
+    args = ['solver=musicgen/lora_debug'] + FAST
+    dora_dir = tmp_path / 'outputs'
+    proc = run_dora(args, dora_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = _xp_folder(dora_dir)
+    original = (folder / 'adapter' / 'adapter_model.safetensors').read_bytes()
+    shutil.rmtree(folder / 'adapter')
+    proc = run_dora(args + ['execute_only=export', 'execute_inplace=true'], dora_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _xp_folder(dora_dir) == folder  # execute_* are not in the signature: the same XP, not a new one
+    assert (folder / 'adapter' / 'adapter_model.safetensors').read_bytes() == original
+    assert len(_history(folder)) == 2  # nothing retrained

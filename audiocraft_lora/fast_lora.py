@@ -1,0 +1,264 @@
+"""Fast LoRA path: low-rank products that never build `W + s * B @ A` and never compute a frozen weight's gradient.
+
+Every adapted projection computes, in one autograd node (`LowRankLinear`)::
+
+    y = x @ W^T (+ bias) + s * (dropout(x) @ A^T) @ B^T          x [N, in], W [out, in], A [r, in], B [out, r]
+
+Backward gives `dx = g @ W + s * ((g @ B) @ A) * mask`, `dA = s * (g @ B)^T @ dropout(x)`, `dB = s * g^T @ (x A^T)`:
+the `[out, in]` weight-gradient GEMM of the frozen base, a third of a full fine-tune's matmul FLOPs, is skipped, and
+saved activations are the (cast) input, the `[N, r]` product and the dropout mask, nothing `[out, in]`-sized. Under
+autocast everything is cast to the autocast dtype exactly as `F.linear` would cast it (so frozen base weights may
+be stored in that dtype: `cast_frozen_base`).
+
+Where it is used:
+
+- peft's `lora.Linear` (out_proj, linear1, linear2): injection stays peft's, names and merge/unmerge too; the
+  instance's class becomes `FastLoraLinear`, whose `forward` takes this path for the plain single-adapter case and
+  falls back to peft's own forward otherwise (merged, disabled, several adapters, variants).
+- AudioCraft's fused q/k/v `in_proj_weight` (self- and cross-attention): the attention module gets a child
+  `in_proj` (`FusedInProjLoRA`, holding `lora_A` [r, dim] and `lora_B` [3 * dim, r]: canonical names
+  `...self_attn.in_proj.lora_A.weight` as-is) and its class becomes `LoRAStreamingMultiheadAttention`, whose
+  `in_proj_weight` property returns a `LowRankWeight`: a tensor-like object (it defines `__torch_function__`) that
+  AudioCraft's unchanged attention code slices by rows (`w[:dim]` slices W and B, A is shared) and hands to
+  `F.linear`, which lands in `LowRankLinear`. Any other use materialises `W + s * B @ A` (correct, just not fast).
+  The base parameter itself stays registered as `in_proj_weight`, so state-dict names don't change.
+"""
+import math
+import typing as tp
+
+from audiocraft.modules.transformer import StreamingMultiheadAttention
+from peft.tuners.lora import Linear as LoraLinear
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ['LowRankLinear', 'LowRankWeight', 'FusedInProjLoRA', 'FastLoraLinear', 'LoRAStreamingMultiheadAttention',
+           'inject_fused_in_proj', 'enable_fast_linear', 'cast_frozen_base']
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class LowRankLinear(torch.autograd.Function):
+    """`x @ W^T + bias + s * (dropout(x) @ A^T) @ B^T` with the frozen W's gradient skipped (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],  # type: ignore
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xc = x.to(dtype)
+            w = weight.to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            y = F.linear(xc, w, None if bias is None else bias.to(dtype))
+            mask = None
+            xd = xc
+            if dropout > 0:
+                xd, mask = torch.native_dropout(xc, dropout, True)
+            u = F.linear(xd, a)
+            y2 = y.view(-1, y.shape[-1])
+            y2.addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling)
+        ctx.scaling, ctx.dropout, ctx.dtype, ctx.has_bias = scaling, dropout, dtype, bias is not None
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.save_for_backward(xd, u, weight, lora_a, lora_b, mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore
+        xd, u, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scaling
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        out_features = grad.shape[-1]
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            g = grad.to(dtype).reshape(-1, out_features)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            gb = torch.mm(g, b).mul_(s)  # [N, r]: s * g @ B
+            grad_x = grad_w = grad_bias = grad_a = grad_b = None
+            if need_x:
+                w = weight.to(dtype)
+                if mask is None:
+                    grad_x = torch.addmm(torch.mm(g, w), gb, a)
+                else:
+                    lora_x = torch.mm(gb, a).mul_(mask.reshape(-1, mask.shape[-1])).mul_(1.0 / (1.0 - ctx.dropout))
+                    grad_x = torch.mm(g, w).add_(lora_x)
+                grad_x = grad_x.view(*grad.shape[:-1], -1).to(ctx.x_dtype)
+            if need_w:  # only when the base weight itself is trainable: never in LoRA training
+                grad_w = torch.mm(g.t(), _recompute_input(xd, mask, ctx.dropout)).to(ctx.w_dtype)
+            if need_bias and ctx.has_bias:
+                grad_bias = g.sum(0)
+            if need_a:
+                grad_a = torch.mm(gb.t(), xd.reshape(-1, xd.shape[-1])).to(lora_a.dtype)
+            if need_b:
+                grad_b = torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s).to(lora_b.dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+def _recompute_input(xd: torch.Tensor, mask: tp.Optional[torch.Tensor], dropout: float) -> torch.Tensor:
+    if mask is not None:
+        raise RuntimeError("A trainable base weight with LoRA dropout is not supported by the fast LoRA path: "
+                           "freeze the base (as inject_lora does) or set lora.fast_path=false.")
+    return xd.reshape(-1, xd.shape[-1])
+
+
+def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """Functional entry point of `LowRankLinear`; `dropout` is the probability applied in this call."""
+    return LowRankLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout))
+
+
+class LowRankWeight:
+    """Stands for `W + s * B @ A` ([out, in]) without building it: `F.linear` on it goes through `LowRankLinear`.
+
+    Row slices (what AudioCraft's cross-attention does to split q/k/v) slice W and B and keep A. Any other torch
+    function receives the materialised weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                 dropout: float = 0.0):
+        self.weight, self.lora_a, self.lora_b, self.scaling, self.dropout = weight, lora_a, lora_b, scaling, dropout
+
+    shape = property(lambda self: self.weight.shape)
+    dtype = property(lambda self: self.weight.dtype)
+    device = property(lambda self: self.weight.device)
+    ndim = property(lambda self: self.weight.ndim)
+
+    def size(self, dim: tp.Optional[int] = None):
+        return self.weight.size() if dim is None else self.weight.size(dim)
+
+    def __getitem__(self, index):
+        rows = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        if not isinstance(rows, slice):
+            return self.materialize()[index]
+        return LowRankWeight(self.weight[rows], self.lora_a, self.lora_b[rows], self.scaling, self.dropout)
+
+    def materialize(self) -> torch.Tensor:
+        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+        return self.weight + delta.to(self.weight.dtype)
+
+    def __repr__(self) -> str:
+        return (f"LowRankWeight(shape={tuple(self.shape)}, rank={self.lora_a.shape[0]}, scaling={self.scaling}, "
+                f"dtype={self.dtype})")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs['weight']
+            bias = args[2] if len(args) > 2 else kwargs.get('bias')
+            if isinstance(weight, LowRankWeight) and not isinstance(x, LowRankWeight):
+                return low_rank_linear(x, weight.weight, bias, weight.lora_a, weight.lora_b, weight.scaling,
+                                       weight.dropout)
+
+        def unwrap(value):
+            if isinstance(value, LowRankWeight):
+                return value.materialize()
+            if isinstance(value, (list, tuple)):
+                return type(value)(unwrap(v) for v in value)
+            return value
+        return func(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
+
+
+class FusedInProjLoRA(nn.Module):
+    """The LoRA pair of a fused q/k/v `in_proj_weight` [3 * dim, dim]: `lora_A` [r, dim], `lora_B` [3 * dim, r].
+
+    Initialised like peft (A: Kaiming-uniform as nn.Linear, B: zeros), so the adapter starts as the identity.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, device=None, dtype=None):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        self.scaling = scaling
+        self.active = True
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def extra_repr(self) -> str:
+        return f'scaling={self.scaling}, active={self.active}'
+
+
+def _lora_in_proj_weight(self):
+    weight = self._parameters['in_proj_weight']
+    lora = self._modules.get('in_proj')
+    if lora is None or not lora.active:
+        return weight
+    return LowRankWeight(weight, lora.lora_A.weight, lora.lora_B.weight, lora.scaling)
+
+
+class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
+    """AudioCraft's attention, unchanged, whose `in_proj_weight` reads as `W + s * B @ A` (a `LowRankWeight`)."""
+    in_proj_weight = property(_lora_in_proj_weight)  # type: ignore[assignment]
+
+
+def inject_fused_in_proj(attention: nn.Module, rank: int, scaling: float) -> FusedInProjLoRA:
+    """Give an AudioCraft attention module a `FusedInProjLoRA` on its `in_proj_weight` (in place)."""
+    if type(attention) not in (StreamingMultiheadAttention, LoRAStreamingMultiheadAttention):
+        raise TypeError(f"Fast fused in_proj LoRA supports AudioCraft's StreamingMultiheadAttention, "
+                        f"not {type(attention).__name__}: set lora.fast_path=false.")
+    weight = attention._parameters['in_proj_weight']
+    out_features, in_features = weight.shape
+    lora = FusedInProjLoRA(in_features, out_features, rank, scaling, device=weight.device, dtype=torch.float32)
+    attention.add_module('in_proj', lora)
+    attention.__class__ = LoRAStreamingMultiheadAttention
+    return lora
+
+
+class FastLoraLinear(LoraLinear):
+    """peft's `lora.Linear`, whose forward takes `LowRankLinear` in the plain single-adapter case."""
+
+    def _fast_adapter(self, kwargs) -> tp.Optional[str]:
+        if kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if (name not in self.lora_A or name in getattr(self, 'lora_variant', {})
+                or getattr(self, 'lora_bias', {}).get(name, False)):
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args: tp.Any, **kwargs: tp.Any) -> torch.Tensor:
+        name = self._fast_adapter(kwargs) if not args else None
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        dropout = self.lora_dropout[name]
+        p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        base = self.base_layer
+        return low_rank_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                               self.scaling[name], p)
+
+
+def enable_fast_linear(model: nn.Module) -> int:
+    """Switch every peft `lora.Linear` of `model` to `FastLoraLinear` (in place); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.__class__ = FastLoraLinear
+            count += 1
+    return count
+
+
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen base weights that only the fast LoRA path reads in `dtype` (bf16/fp16 under autocast).
+
+    These are the base weights (and biases) of `FastLoraLinear` modules and the `in_proj_weight`/`in_proj_bias` of
+    attention with a fused LoRA: `LowRankLinear` casts them to the autocast dtype anyway, so storing them in that
+    dtype changes no result and saves the float32 copy and the per-step cast. Adapter parameters stay as they are.
+    Returns the number of tensors cast.
+    """
+    count = 0
+    for module in model.modules():
+        tensors: tp.List[tp.Tuple[nn.Module, str]] = []
+        if isinstance(module, FastLoraLinear):
+            tensors = [(module.base_layer, 'weight'), (module.base_layer, 'bias')]
+        elif isinstance(module, LoRAStreamingMultiheadAttention) and 'in_proj' in module._modules:
+            tensors = [(module, 'in_proj_weight'), (module, 'in_proj_bias')]
+        for owner, name in tensors:
+            param = owner._parameters.get(name)
+            if param is None or param.requires_grad or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            count += 1
+    return count

@@ -1,0 +1,243 @@
+"""Fast LoRA path (`fast_lora`, `speed`): same logits, loss and gradients as peft's plain path, adapter-only grads,
+canonical names, merge, activation checkpointing, low-precision frozen base. CPU, float32 unless stated."""
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from audiocraft_lora import base_models
+from audiocraft_lora.errors import LoRAConfigError
+from audiocraft_lora.fast_lora import (
+    FastLoraLinear, LoRAStreamingMultiheadAttention, LowRankWeight, low_rank_linear)
+from audiocraft_lora.lora import (
+    AdapterParameters, LoRASettings, delta_weights, inject_lora, lora_parameters, merge_into_state_dict)
+from audiocraft_lora.speed import SpeedSettings, apply_to_model, optimizer_kwargs
+from helpers import conditioned_logits
+
+PROMPTS = ['trap beat with 808 bass', 'ambient pad']
+
+
+@pytest.fixture
+def codes():
+    return torch.randint(0, 256, (2, 4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _lm(pkg, fast_path: bool, settings: LoRASettings):
+    lm = base_models.build_lm(pkg)
+    inject_lora(lm, settings, fast_path=fast_path)
+    return lm
+
+
+def _loss(lm, codes, autocast_dtype=None):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+    from audiocraft.solvers.musicgen import MusicGenSolver
+    attributes = [ConditioningAttributes(text={'description': d}) for d in PROMPTS]
+    with torch.autocast('cpu', dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        condition_tensors = lm.condition_provider(lm.condition_provider.tokenize(attributes))
+        out = lm.compute_predictions(codes, [], condition_tensors)
+        ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
+    return ce
+
+
+def _grads(lm):
+    return {k: p.grad.clone() for k, p in lora_parameters(lm).items()}
+
+
+def test_low_rank_linear_matches_the_merged_weight_in_double():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w, bias = torch.randn(12, 8, dtype=torch.float64, generator=gen), torch.randn(12, dtype=torch.float64)
+    a = torch.randn(2, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(12, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, a, b: low_rank_linear(x, w, bias, a, b, 0.7), (x, a, b))
+    torch.testing.assert_close(low_rank_linear(x, w, bias, a, b, 0.7), F.linear(x, w + 0.7 * b @ a, bias))
+
+
+def test_low_rank_weight_slices_rows_like_the_merged_weight():
+    gen = torch.Generator().manual_seed(1)
+    w, a, b = torch.randn(12, 4, generator=gen), torch.randn(2, 4, generator=gen), torch.randn(12, 2, generator=gen)
+    view, merged = LowRankWeight(w, a, b, 0.5), w + 0.5 * b @ a
+    x = torch.randn(3, 4, generator=gen)
+    assert view.shape == (12, 4) and view.shape[0] // 3 == 4
+    for rows in (slice(None, 4), slice(4, 8), slice(8, None)):
+        part = view[rows]
+        assert isinstance(part, LowRankWeight)
+        torch.testing.assert_close(F.linear(x, part), F.linear(x, merged[rows]))
+    torch.testing.assert_close(torch.matmul(x, view.materialize().t()), x @ merged.t())  # other ops: materialised
+    torch.testing.assert_close(view[1], merged[1])
+
+
+def test_zero_init_fast_path_gives_the_base_logits_exactly(debug_lm_pkg, codes):
+    expected = conditioned_logits(base_models.build_lm(debug_lm_pkg), codes, PROMPTS)
+    lm = _lm(debug_lm_pkg, True, LoRASettings(rank=4, alpha=8))
+    assert isinstance(lm.transformer.layers[0].self_attn, LoRAStreamingMultiheadAttention)
+    assert isinstance(lm.transformer.layers[0].cross_attention, LoRAStreamingMultiheadAttention)
+    assert isinstance(lm.transformer.layers[0].linear1, FastLoraLinear)
+    assert torch.equal(conditioned_logits(lm, codes, PROMPTS), expected)
+
+
+def test_fast_path_names_and_order_are_those_of_the_plain_path(debug_lm_pkg):
+    settings = LoRASettings(rank=4, alpha=8, init='random')
+    plain, fast = _lm(debug_lm_pkg, False, settings), _lm(debug_lm_pkg, True, settings)
+    plain_params, fast_params = lora_parameters(plain), lora_parameters(fast)
+    assert list(plain_params) == list(fast_params)  # same canonical names, same order (optimizer state indices)
+    for key, value in plain_params.items():
+        assert torch.equal(value, fast_params[key]) and value.dtype == torch.float32
+    assert 'transformer.layers.0.self_attn.in_proj.lora_B.weight' in fast_params
+    # the base keeps its un-injected name for the fused weight
+    assert 'transformer.layers.0.self_attn.in_proj_weight' in fast.state_dict()
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_fast_path_logits_loss_and_grads_equal_the_plain_path(debug_lm_pkg, codes, dropout):
+    settings = LoRASettings(rank=4, alpha=8, init='random', dropout=dropout)
+    plain, fast = _lm(debug_lm_pkg, False, settings), _lm(debug_lm_pkg, True, settings)
+    torch.testing.assert_close(conditioned_logits(fast, codes, PROMPTS), conditioned_logits(plain, codes, PROMPTS),
+                               atol=1e-5, rtol=1e-5)
+    losses, grads = [], []
+    for lm in (plain, fast):
+        lm.train()
+        torch.manual_seed(7)  # same dropout masks
+        loss = _loss(lm, codes)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(lm))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_only_adapter_parameters_get_gradients(debug_lm_pkg, codes):
+    lm = _lm(debug_lm_pkg, True, LoRASettings(rank=4, alpha=8))
+    lm.train()
+    _loss(lm, codes).backward()
+    adapter = set(lora_parameters(lm).values())
+    for name, param in lm.named_parameters():
+        if any(param is p for p in adapter):
+            assert param.grad is not None, name
+        else:
+            assert param.grad is None and not param.requires_grad, name
+    # zero-init B: A gets no signal yet, B does (in every adapted projection, self- and cross-attention included)
+    for key, param in lora_parameters(lm).items():
+        if '.lora_B.' in key:
+            assert param.grad.abs().sum() > 0, key
+
+
+def test_merge_and_delta_of_a_fast_path_adapter_equal_its_forward(debug_lm_pkg, codes):
+    settings = LoRASettings(rank=4, alpha=8, init='random')
+    lm = _lm(debug_lm_pkg, True, settings)
+    adapted = conditioned_logits(lm, codes, PROMPTS)
+    adapter = {k: v.detach().clone() for k, v in AdapterParameters(lm).state_dict().items()}
+    base_state = debug_lm_pkg['best_state']
+    deltas = delta_weights(adapter, settings.scaling)
+    assert 'transformer.layers.0.self_attn.in_proj_weight' in deltas
+    merged = base_models.build_lm(debug_lm_pkg)
+    merged.load_state_dict(merge_into_state_dict(base_state, adapter, settings.scaling))
+    torch.testing.assert_close(conditioned_logits(merged, codes, PROMPTS), adapted, atol=1e-5, rtol=0)
+    # an adapter moves between the paths through canonical names
+    plain = _lm(debug_lm_pkg, False, LoRASettings(rank=4, alpha=8))
+    AdapterParameters(plain).load_state_dict(adapter)
+    torch.testing.assert_close(conditioned_logits(plain, codes, PROMPTS), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('fast_path, fraction', [(True, 1.0), (False, 1.0), (True, 0.5)])
+def test_activation_checkpointing_gives_the_same_gradients(debug_lm_pkg, codes, fast_path, fraction):
+    settings = LoRASettings(rank=4, alpha=8, init='random', dropout=0.1)
+    results = []
+    for checkpointing in ('none', 'torch'):
+        lm = _lm(debug_lm_pkg, fast_path, settings)
+        info = apply_to_model(lm, SpeedSettings(fast_path=fast_path, activation_checkpointing=checkpointing,
+                                                checkpoint_fraction=fraction), False, torch.bfloat16)
+        assert lm.transformer.checkpointing == checkpointing
+        if checkpointing == 'torch' and fraction < 1:
+            assert info['checkpointed_layers'] == [0]  # 1 of the 2 layers of the debug base
+        lm.train()
+        torch.manual_seed(3)
+        loss = _loss(lm, codes)
+        loss.backward()
+        results.append((loss.detach(), _grads(lm)))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
+    for key in grads0:
+        assert grads1[key].abs().sum() > 0 or grads0[key].abs().sum() == 0, key
+        torch.testing.assert_close(grads1[key], grads0[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_bf16_base_keeps_adapter_fp32_and_changes_no_autocast_result(debug_lm_pkg, codes):
+    settings = LoRASettings(rank=4, alpha=8, init='random')
+    ref, low = _lm(debug_lm_pkg, True, settings), _lm(debug_lm_pkg, True, settings)
+    info = apply_to_model(low, SpeedSettings(base_dtype='bfloat16'), True, torch.bfloat16)
+    assert info['base_dtype'] == 'bfloat16' and info['base_tensors_cast'] > 0
+    assert low.transformer.layers[0].self_attn._parameters['in_proj_weight'].dtype == torch.bfloat16
+    assert low.transformer.layers[0].linear1.base_layer.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in lora_parameters(low).values())
+    assert low.emb[0].weight.dtype == torch.float32  # embeddings, norms, heads: untouched
+    losses = []
+    for lm in (ref, low):
+        lm.train()
+        torch.manual_seed(5)  # same LoRA dropout masks
+        losses.append(_loss(lm, codes, torch.bfloat16))
+    loss_ref, loss_low = losses
+    torch.testing.assert_close(loss_low, loss_ref, atol=0, rtol=0)  # autocast casts to bf16 anyway: same bits
+    loss_ref.backward()
+    loss_low.backward()
+    for key, grad in _grads(ref).items():
+        assert lora_parameters(low)[key].grad.dtype == torch.float32
+        torch.testing.assert_close(lora_parameters(low)[key].grad, grad, atol=0, rtol=0, msg=key)
+
+
+def test_fast_path_under_autocast_is_close_to_the_plain_path(debug_lm_pkg, codes):
+    settings = LoRASettings(rank=4, alpha=8, init='random', dropout=0.0)
+    plain, fast = _lm(debug_lm_pkg, False, settings), _lm(debug_lm_pkg, True, settings)
+    losses = [_loss(lm.train(), codes, torch.bfloat16) for lm in (plain, fast)]
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize('kwargs, autocast, match', [
+    ({'base_dtype': 'bfloat16'}, False, 'needs autocast=true'),
+    ({'base_dtype': 'float16'}, True, 'autocast_dtype=float16'),
+    ({'base_dtype': 'bfloat16', 'fast_path': False}, True, 'needs lora.fast_path=true'),
+    ({'base_dtype': 'int8'}, True, 'lora.base_dtype must be'),
+    ({'activation_checkpointing': 'xformers_default'}, True, 'lora.activation_checkpointing must be'),
+    ({'checkpoint_fraction': 0}, True, 'lora.checkpoint_fraction must be'),
+])
+def test_bad_speed_settings_are_refused(kwargs, autocast, match):
+    with pytest.raises(LoRAConfigError, match=match):
+        settings = SpeedSettings.from_config(kwargs)
+        settings.resolve_base_dtype(autocast, torch.bfloat16)
+
+
+def test_auto_settings_and_optimizer_kwargs():
+    auto = SpeedSettings()
+    assert auto.resolve_base_dtype(True, torch.bfloat16) is torch.bfloat16
+    assert auto.resolve_base_dtype(False, torch.bfloat16) is torch.float32
+    assert SpeedSettings(fast_path=False).resolve_base_dtype(True, torch.bfloat16) is torch.float32
+    cpu_params = [torch.zeros(2, requires_grad=True)]
+    assert optimizer_kwargs(auto, cpu_params, 'adamw') == {'foreach': True}
+    assert optimizer_kwargs(SpeedSettings(fused_optimizer=True), cpu_params, 'adamw') == {'fused': True}
+    assert optimizer_kwargs(SpeedSettings(fused_optimizer=False), cpu_params, 'adamw') == {}
+    assert optimizer_kwargs(auto, cpu_params, 'dadam') == {}
+
+
+def test_solver_wires_the_speed_settings(dora_dir):
+    from helpers import DEBUG_ARGS, build_solver
+    solver, _ = build_solver(DEBUG_ARGS + ['lora.activation_checkpointing=torch', 'lora.fused_optimizer=true'])
+    assert solver.model.transformer.checkpointing == 'torch'
+    assert isinstance(solver.model.transformer.layers[0].self_attn, LoRAStreamingMultiheadAttention)
+    assert solver.optimizer.defaults.get('fused') is True
+    assert list(AdapterParameters(solver.model).state_dict()) == list(solver.adapter.state_dict())
+    with pytest.raises(LoRAConfigError, match='needs autocast=true'):
+        build_solver(DEBUG_ARGS + ['lora.base_dtype=bfloat16'])
+
+
+def test_deepcopy_of_a_fast_path_model_is_independent(debug_lm_pkg, codes):
+    lm = _lm(debug_lm_pkg, True, LoRASettings(rank=4, alpha=8, init='random'))
+    clone = copy.deepcopy(lm)
+    with torch.no_grad():
+        for param in lora_parameters(clone).values():
+            param.zero_()
+    base = conditioned_logits(base_models.build_lm(debug_lm_pkg), codes, PROMPTS)
+    assert torch.equal(conditioned_logits(clone, codes, PROMPTS), base)
+    assert not torch.equal(conditioned_logits(lm, codes, PROMPTS), base)
