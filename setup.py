@@ -39,6 +39,7 @@ AUDIOCRAFT_RUNTIME = [
     'torchmetrics',
     'protobuf',
     'treetable',
+    'demucs==4.0.1',  # melody bases: the chroma conditioner separates stems with htdemucs
 ]
 
 OURS = [
@@ -46,6 +47,7 @@ OURS = [
     'safetensors',
     'matplotlib',
     'pyloudnorm',
+    'scipy',  # Fréchet distance (compare --clap-model)
 ]
 
 setup(

@@ -41,7 +41,7 @@ from .hf.export import export_peft, merge_to_audiocraft, merge_to_hf  # noqa: F4
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: melody folders carry the chroma extractor's window buffer
 MANIFEST_NAME = 'hf_import.json'
 _WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.json', '.model')
 
@@ -126,6 +126,12 @@ def convert(hf_dir: tp.Union[str, Path]) -> tp.Tuple[dict, dict, HFMusicGen, str
     if hf.melody:
         weight, bias = lm_map.projection(state, 'audio_enc_to_dec_proj', config.num_chroma, dec.hidden_size)
         lm_state[prefix + 'self_wav.output_proj.weight'], lm_state[prefix + 'self_wav.output_proj.bias'] = weight, bias
+        # the chroma extractor's STFT window is a buffer of AudioCraft's checkpoints (HF computes it on the fly)
+        from audiocraft.modules.chroma import ChromaExtractor
+        extractor = ChromaExtractor(sample_rate=melody['sample_rate'], n_chroma=melody['n_chroma'],
+                                    radix2_exp=melody['radix2_exp'], argmax=melody['argmax'])
+        for key, value in extractor.state_dict().items():
+            lm_state[prefix + 'self_wav.chroma.' + key] = value
 
     n_q = encodec_map.num_quantizers_for_lm(dec.num_codebooks, dec.audio_channels)
     comp_cfg = encodec_map.compression_config(enc, n_q)

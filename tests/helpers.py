@@ -69,3 +69,24 @@ def write_tiny_clap(folder: Path) -> Path:
     extractor = ClapFeatureExtractor(feature_size=64, truncation='rand_trunc')
     ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
     return Path(folder)
+
+
+HTDEMUCS_SIGNATURE = '955717e8-8726e21a.th'  # the file demucs' get_model('htdemucs') loads from the torch hub cache
+
+
+def write_tiny_htdemucs(torch_home: Path) -> Path:
+    """A random, tiny demucs HTDemucs package where `demucs.pretrained.get_model('htdemucs')` finds it offline.
+
+    Same format as the released file ({'klass', 'args', 'kwargs', 'state'}), so AudioCraft's melody conditioner
+    runs demucs' real separation code, just with small random weights.
+    """
+    from demucs.htdemucs import HTDemucs
+    torch.manual_seed(0)
+    kwargs = dict(channels=8, dconv_comp=2, norm_starts=99, depth=2, t_layers=1, t_heads=1, t_hidden_scale=1.0,
+                  nfft=512, segment=4, samplerate=44100, bottom_channels=0, t_dropout=0.0)
+    sources = ['drums', 'bass', 'other', 'vocals']
+    model = HTDemucs(sources, **kwargs)
+    path = Path(torch_home) / 'hub' / 'checkpoints' / HTDEMUCS_SIGNATURE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'klass': HTDemucs, 'args': [sources], 'kwargs': kwargs, 'state': model.state_dict()}, path)
+    return path

@@ -124,10 +124,9 @@ def test_encodec_codes_identical(hf_text_dir, tmp_path):
 def test_melody_lm_matches(hf_melody_dir, tmp_path):
     """Melody: prepend conditioning [chroma, text, codes], no cross-attention.
 
-    Stock AudioCraft builds the melody's ChromaStemConditioner with demucs (htdemucs, hub), unavailable offline:
-    the LM is built here with only the text conditioner and the chroma condition tensor is projected with the
-    converted `self_wav.output_proj` weights. Chroma *extraction* (HF feature extractor vs AudioCraft's demucs +
-    ChromaExtractor) is not compared.
+    The LM is built here with only the text conditioner (the full build with demucs is in test_melody_base.py) and
+    the chroma condition tensor is projected with the converted `self_wav.output_proj` weights. Chroma
+    *extraction* (HF feature extractor vs AudioCraft's demucs + ChromaExtractor) is not compared.
     """
     from audiocraft.models import builders, loaders
     from audiocraft.modules.conditioners import ConditioningAttributes
@@ -144,6 +143,8 @@ def test_melody_lm_matches(hf_melody_dir, tmp_path):
     state = dict(pkg['best_state'])
     chroma_w = state.pop('condition_provider.conditioners.self_wav.output_proj.weight')
     chroma_b = state.pop('condition_provider.conditioners.self_wav.output_proj.bias')
+    window = state.pop('condition_provider.conditioners.self_wav.chroma.spec.window')
+    assert torch.equal(window, torch.hann_window(window.numel()))  # the extractor's STFT window buffer
     lm.load_state_dict(state)  # strict: every other weight has its place
 
     B, K, T = 2, lm.num_codebooks, 10
