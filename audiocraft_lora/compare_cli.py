@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='Adapter folder; repeat to compare several. NAME labels it in the report.')
     parser.add_argument('--out', required=True, help='Report folder (report.html, report.json, audio/, figures/).')
     parser.add_argument('--valid', nargs='+', default=None, metavar='OVERRIDE',
-                        help='Data for the cross-entropy: Hydra overrides as for dora run (dset=audio/trap '
-                             'dataset.batch_size=4), or a manifest folder (egs/trap/valid).')
+                        help='Data for the cross-entropy: `auto` (the first adapter\'s training XP: same recipe, '
+                             'data and valid segments), Hydra overrides as for dora run (solver=musicgen/lora_small '
+                             'dset=audio/trap dataset.batch_size=4), or a manifest folder (egs/trap/valid).')
     parser.add_argument('--clap-model', default=None,
                         help='Local HF CLAP folder (e.g. a saved laion/larger_clap_music) for text-audio similarity '
                              'and FAD on CLAP embeddings. Never downloaded; without it both are skipped.')
@@ -58,7 +59,23 @@ def parse_adapters(values: tp.Sequence[str]) -> tp.Dict[str, Path]:
     return labelled
 
 
-def valid_overrides(values: tp.Sequence[str]) -> tp.List[str]:
+# keys of a training XP's argv that say how/where it ran, or that each adapter's own config gives (base, LoRA
+# shape): not what data and segments it validated on
+_NOT_DATA_KEYS = ('device', 'autocast', 'autocast_dtype', 'dataset.num_workers', 'stop_at_epoch', 'continue_from',
+                  'execute_only', 'execute_inplace', 'label', 'base_model', 'lora.', 'logging.', 'wandb.',
+                  'tensorboard.')
+
+
+def valid_overrides(values: tp.Sequence[str], adapter_dir: tp.Optional[Path] = None) -> tp.List[str]:
+    """Hydra overrides for `valid_ce`: as given, a manifest folder, or `auto` (the adapter's training XP argv)."""
+    if list(values) == ['auto']:
+        argv_file = adapter_dir.parent / '.argv.json' if adapter_dir is not None else None
+        if argv_file is None or not argv_file.exists():
+            raise UserError(f"--valid auto: {adapter_dir} is not the adapter folder of a training XP (no "
+                            f"{argv_file}); give the training overrides, e.g. --valid solver=musicgen/lora_small "
+                            "dset=audio/trap.")
+        argv = json.loads(argv_file.read_text())
+        return [a for a in argv if not a.lstrip('+~').split('=')[0].startswith(_NOT_DATA_KEYS)]
     if len(values) == 1 and '=' not in values[0]:
         folder = Path(values[0]).expanduser()
         if not folder.exists():
@@ -98,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = seeds_from_args(args)
     labelled = parse_adapters(args.adapter)
     loaded = {label: adapter_io.load_adapter(folder) for label, folder in labelled.items()}
-    dataset = valid_overrides(args.valid) if args.valid else None
+    dataset = valid_overrides(args.valid, next(iter(labelled.values()))) if args.valid else None
     if args.clap_model is not None and not Path(args.clap_model).is_dir():
         raise UserError(f"--clap-model {args.clap_model} is not a folder.")
     if args.fad_reference is not None and args.clap_model is None:

@@ -122,7 +122,7 @@ def test_compare_report_numbers_files_and_valid_ce_from_training_code(trained_xp
     out = tmp_path / 'compare'
     clap = write_tiny_clap(tmp_path / 'clap')
     argv = ['compare', '--adapter', f'trap={folder / "adapter"}', '--prompts', 'trap beat', '--duration', '1',
-            '--seed', '0', '1', '--valid', 'solver=musicgen/lora_debug', '--device', 'cpu', '--out', str(out),
+            '--seed', '0', '1', '--valid', 'auto', '--device', 'cpu', '--out', str(out),
             '--clap-model', str(clap), '--fad-reference', 'egs/example/valid']
     assert _main(argv, monkeypatch) == 0
     report = json.loads((out / 'report.json').read_text())
