@@ -209,15 +209,19 @@ class LoRAMusicGenSolver(MusicGenSolver):
             self.register_stateful('scaler')
 
     def _check_schedule(self) -> None:
-        """Warmup must end before training does (AudioCraft's cosine/polynomial schedules divide by the rest)."""
+        """A warmup as long as training divides by zero at the last step of AudioCraft's cosine/polynomial
+        schedules: refused. A longer warmup never reaches `optim.lr`: warned."""
         name = self.cfg.schedule.get('lr_scheduler')
         warmup = (self.cfg.schedule.get(name) or {}).get('warmup') if name else None
-        if name in ('cosine', 'polynomial_decay') and warmup is not None and warmup >= self.total_updates:
-            raise LoRAConfigError(
-                f"schedule.{name}.warmup={warmup} but training has only {self.total_updates} updates "
-                f"(optim.epochs={self.cfg.optim.epochs} x {self.total_updates // max(1, self.cfg.optim.epochs)} per "
-                f"epoch): lower the warmup (e.g. schedule.{name}.warmup={max(1, self.total_updates // 10)}) or train "
-                "longer.")
+        if name not in ('cosine', 'polynomial_decay') or warmup is None or warmup < self.total_updates:
+            return
+        message = (f"schedule.{name}.warmup={warmup} but training has {self.total_updates} updates "
+                   f"(optim.epochs={self.cfg.optim.epochs} x {self.total_updates // max(1, self.cfg.optim.epochs)} "
+                   f"per epoch)")
+        fix = f"lower the warmup (e.g. schedule.{name}.warmup={max(1, self.total_updates // 10)}) or train longer"
+        if warmup == self.total_updates:
+            raise LoRAConfigError(f"{message}: AudioCraft's schedule would divide by zero at the last step; {fix}.")
+        logger.warning("%s: the learning rate never reaches optim.lr=%s; %s.", message, self.cfg.optim.lr, fix)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         from audiocraft.solvers import builders

@@ -16,7 +16,8 @@ import torch
 from helpers import run_dora
 
 FAULT = 'AUDIOCRAFT_LORA_FAULT'
-ARGS = ['solver=musicgen/lora_debug', 'optim.epochs=1', 'optim.updates_per_epoch=4', 'lora.dropout=0',
+ARGS = ['solver=musicgen/lora_debug', 'optim.epochs=1', 'optim.updates_per_epoch=4', 'schedule.cosine.warmup=2',
+        'lora.dropout=0',
         '+base_overrides.classifier_free_guidance.training_dropout=0', 'dataset.train.shuffle=false',
         'dataset.train.merge_text_p=0', 'dataset.train.drop_desc_p=0', 'dataset.train.drop_other_p=0',
         'dataset.segment_duration=3', 'dataset.min_segment_ratio=1.0', 'dataset.valid.num_samples=4',
