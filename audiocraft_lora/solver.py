@@ -43,7 +43,7 @@ from .guards import NonFiniteGuard
 from .diagnostics import FADE_FLAG_DB, fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError
 from .lora import AdapterParameters, LoRASettings, inject_lora
-from .speed import DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, optimizer_kwargs
+from .speed import DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +296,11 @@ class LoRAMusicGenSolver(MusicGenSolver):
     # ---------------------------------------------------------------- diagnostics of generated samples
     def run_generate_step(self, batch, gen_duration: float, prompt_duration: tp.Optional[float] = None,
                           remove_prompt: bool = False, **generation_params) -> dict:
-        """AudioCraft's generate step; its audio is also measured (fade, silence, noise-likeness, clipping)."""
-        outputs = super().run_generate_step(batch, gen_duration, prompt_duration, remove_prompt, **generation_params)
+        """AudioCraft's generate step (eager even with `lora.compile`); its audio is also measured (fade, silence,
+        noise-likeness, clipping)."""
+        with eager_generation(self.speed_settings):
+            outputs = super().run_generate_step(batch, gen_duration, prompt_duration, remove_prompt,
+                                                **generation_params)
         kind = 'unprompted' if outputs['prompt_audio'] is None else 'continuation'
         diags = sample_diagnostics(outputs['gen_audio'], int(self.cfg.sample_rate),
                                    window_s=self._diagnostics_cfg('window_s'))

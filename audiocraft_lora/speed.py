@@ -5,6 +5,11 @@
     lora.fused_optimizer: auto            # auto | true | false: torch's fused AdamW kernel (auto: on CUDA)
     lora.activation_checkpointing: none   # none | torch: recompute each transformer layer in backward
     lora.checkpoint_fraction: 1.0         # with torch: fraction of the layers recomputed (evenly spaced)
+    lora.compile: none                    # none | inductor | aot_eager | ...: torch.compile each transformer layer
+
+`compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
+for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). With the fast
+path the layers trace whole (the only graph breaks are xformers' mask objects); peft's parametrized q/k/v breaks more.
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -39,6 +44,9 @@ class SpeedSettings:
     activation_checkpointing: str = field(default='none', metadata={
         'help': "none | torch: recompute each transformer layer in backward (AudioCraft's "
                 "transformer_lm.checkpointing, non-reentrant so frozen inputs still give adapter gradients)."})
+    compile: str = field(default='none', metadata={
+        'help': "none, or a torch.compile backend (inductor on GPU; aot_eager to check correctness on CPU) applied "
+                "to each transformer layer for training and validation."})
     checkpoint_fraction: float = field(default=1.0, metadata={
         'help': 'With activation_checkpointing=torch: the fraction of layers recomputed, evenly spaced (1.0: all). '
                 'Trades memory (activations of the other layers are kept) for less recompute time.'})
@@ -58,6 +66,13 @@ class SpeedSettings:
             raise LoRAConfigError(f"lora.fused_optimizer must be auto, true or false, got {self.fused_optimizer!r}.")
         if not 0.0 < float(self.checkpoint_fraction) <= 1.0:
             raise LoRAConfigError(f"lora.checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction!r}.")
+        if not isinstance(self.compile, str) or not self.compile:
+            raise LoRAConfigError(f"lora.compile must be none or a torch.compile backend name, got {self.compile!r}.")
+        if self.compile != 'none':
+            import torch._dynamo
+            if self.compile not in torch._dynamo.list_backends(exclude_tags=()):
+                raise LoRAConfigError(f"lora.compile={self.compile!r} is not a torch.compile backend; choose none or "
+                                      f"one of {sorted(torch._dynamo.list_backends(exclude_tags=()))}.")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise LoRAConfigError(f"lora.activation_checkpointing must be one of {list(CHECKPOINTING)}, got "
                                   f"{self.activation_checkpointing!r}.")
@@ -93,7 +108,22 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     if dtype is not torch.float32:
         info['base_tensors_cast'] = cast_frozen_base(model, dtype)
     info['base_dtype'] = str(dtype).replace('torch.', '')
+    if settings.compile != 'none':
+        if transformer is None or not hasattr(transformer, 'layers'):
+            raise LoRAConfigError("lora.compile needs AudioCraft's StreamingTransformer LM.")
+        for layer in transformer.layers:
+            layer.compile(backend=settings.compile)
+        info['compile'] = settings.compile
     return info
+
+
+def eager_generation(settings: SpeedSettings):
+    """Context in which compiled layers run eagerly: AudioCraft's generation calls them one token at a time with a
+    growing streaming cache, which would recompile at nearly every step."""
+    import contextlib
+    if settings.compile == 'none':
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance('force_eager')
 
 
 def _apply_layer_some(transformer: nn.Module, checkpointed: tp.FrozenSet[int], layer: nn.Module, *args, **kwargs):

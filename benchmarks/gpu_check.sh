@@ -17,16 +17,17 @@ timeout 90 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -
 
 echo "== GPU benchmark (full fine-tune, LoRA plain/fast/checkpointed, HF + peft), one process per shape"
 # about 1-2 min per line on an H100/H200; medium batch 16 is the "fits in 40 GB with checkpointing" check
-for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_ckpt,lora_ckpt_half,hf_lora,hf_full" "--scale small --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
+for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_ckpt,lora_ckpt_half,lora_compile,hf_lora,hf_full" "--scale small --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
             "--scale medium --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
             "--scale medium --batch 16 --cases lora_ckpt,lora_ckpt_half,lora_fast"; do
   name=$(echo $args | tr -d ' -' | tr ',' '_')
-  timeout 110 python3 benchmarks/step_time.py $args --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
+  limit=110; case "$args" in *lora_compile*) limit=140;; *"--scale small --batch 4"*) limit=100;; esac  # inductor compiles
+  timeout $limit python3 benchmarks/step_time.py $args --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
     --iters 5 --json "$OUT/bench_$name.json" 2>&1 | grep -v -i "xformers\|warn\|^ \|transformers\]" | tail -40
 done
 
 echo "== CUDA check: dora run lora_debug on cuda with bf16 autocast"
 GEN=""; command -v ffmpeg >/dev/null || GEN="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
-timeout 60 python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
+timeout 40 python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
   autocast_dtype=bfloat16 dataset.num_workers=0 $GEN > "$OUT/cuda_dora.log" 2>&1
 echo "dora rc=$?"; grep -E "Summary|exported|speed settings|Error|error" "$OUT/cuda_dora.log" | tail -12

@@ -1,4 +1,4 @@
-"""One training step of a MusicGen-shaped LM, five ways, in one process: LoRA fast path vs plain vs the peers.
+"""One training step of a MusicGen-shaped LM, several ways, in one process: LoRA fast path vs plain vs the peers.
 
 Cases (`--cases`, comma separated):
 
@@ -7,6 +7,8 @@ Cases (`--cases`, comma separated):
   lora_fast   our LoRA, fast path (fast_lora), frozen base in the autocast dtype, fused AdamW (the solver's defaults)
   lora_ckpt   lora_fast + activation checkpointing (lora.activation_checkpointing=torch)
   lora_ckpt_half  the same, half of the layers recomputed (lora.checkpoint_fraction=0.5)
+  lora_compile    lora_fast + torch.compile of each transformer layer (lora.compile: inductor on CUDA, aot_eager on
+                  CPU); compilation happens in the untimed warmup steps
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
 
@@ -40,7 +42,7 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
-CASES = ('full', 'lora_plain', 'lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'hf_lora', 'hf_full')
+CASES = ('full', 'lora_plain', 'lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_compile', 'hf_lora', 'hf_full')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -126,7 +128,9 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         inject_lora(lm, LoRASettings(rank=RANK, alpha=2 * RANK, dropout=0.0), fast_path=fast)
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
                               activation_checkpointing='torch' if case.startswith('lora_ckpt') else 'none',
-                              checkpoint_fraction=0.5 if case == 'lora_ckpt_half' else 1.0)
+                              checkpoint_fraction=0.5 if case == 'lora_ckpt_half' else 1.0,
+                              compile=('inductor' if device == 'cuda' else 'aot_eager') if case == 'lora_compile'
+                              else 'none')
         apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
     tokenized = lm.condition_provider.tokenize(attributes)
@@ -199,7 +203,7 @@ def measure(case: str, args) -> dict:
 
 def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
     out = {}
-    for case in ('lora_fast', 'lora_ckpt', 'lora_ckpt_half'):
+    for case in ('lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_compile'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full'):
             if case in results and ref in results:
                 a, b = results[case], results[ref]
