@@ -330,6 +330,31 @@ class LoRAMusicGenSolver(MusicGenSolver):
         section = self.cfg.get('diagnostics') or {}
         return float(section.get(key, defaults[key]))
 
+    def commit(self, save_checkpoints: bool = True) -> None:
+        """AudioCraft's end of epoch (history, checkpoints), then the curves so far as PNGs in the XP folder."""
+        super().commit(save_checkpoints)
+        if flashy.distrib.is_rank_zero():
+            self.write_curves()
+
+    def write_curves(self) -> tp.List[Path]:
+        """`loss_curves.png` (train/valid CE per epoch) and, once samples were generated, `sample_fade.png`
+        (fade ratio and silence of the generated samples per epoch). Never fails the run."""
+        from . import plots
+        from .errors import UserError
+        figures = [('loss_curves.png', 'ce', ('train', 'valid'), 'cross-entropy per epoch'),
+                   ('sample_fade.png', 'gen_fade_ratio_db', ('generate',),
+                    'generated samples: fade ratio (dB, last third vs first) per epoch')]
+        written = []
+        for name, metric, stages, title in figures:
+            try:
+                written.append(plots.plot_loss_curves(self.history, self.folder / name, metric=metric,
+                                                      stages=stages, title=title))
+            except UserError:  # nothing to draw yet (e.g. no generate stage so far)
+                continue
+            except Exception as exc:  # a figure must never stop training
+                self.logger.warning("Could not draw %s: %s", name, exc)
+        return written
+
     def should_stop_training(self) -> bool:
         """AudioCraft's rule, plus `stop_at_epoch` (not part of the XP signature) to stop early and resume later."""
         stop_at = self.cfg.get('stop_at_epoch')

@@ -35,6 +35,7 @@ def test_training_logs_sample_diagnostics_and_warns_on_fade(trained_xp):
             assert f'{prefix}{metric}' in generate, sorted(generate)
         assert generate[f'{prefix}count'] == 2  # dataset.generate.num_samples of lora_debug
     assert 'generate' not in history[0]  # generate.every=2
+    assert (folder / 'loss_curves.png').stat().st_size > 0 and (folder / 'sample_fade.png').stat().st_size > 0
     # the threshold (+60 dB) is above any fade ratio: the warning names the epoch
     assert 'epoch 2: generated samples fade' in log
 
