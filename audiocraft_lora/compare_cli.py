@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_musicgen(base_name, folder, device=device, force_base_mismatch=args.force_base_mismatch)
         model_info[label] = model.audiocraft_lora
         audio_dir = Path('audio') / slugify(label.replace(':', '_'), max_len=60)
-        for record in generate_to_folder(model, prompts, seeds, sampling, out / audio_dir):
+        for record in generate_to_folder(model, prompts, seeds, sampling, out / audio_dir, label=label):
             samples.append({'prompt': record['prompt'], 'seed': record['seed'], 'model': label,
                             'wav': str(audio_dir / record['file']), 'diagnostics': record['diagnostics'],
                             'name': record['name'], 'tokens_sha256': record['tokens_sha256']})

@@ -83,7 +83,8 @@ def sample_file_name(prompt: Prompt, seed: int) -> str:
 
 
 def generate_to_folder(model, prompts: tp.Sequence[Prompt], seeds: tp.Sequence[int], sampling: SamplingSettings,
-                       out_dir: tp.Union[str, Path], progress: bool = True) -> tp.List[tp.Dict[str, tp.Any]]:
+                       out_dir: tp.Union[str, Path], progress: bool = True,
+                       label: tp.Optional[str] = None) -> tp.List[tp.Dict[str, tp.Any]]:
     """Generate every (prompt, seed) into `out_dir` and return one record per file.
 
     Record: {'prompt', 'name', 'seed', 'duration_s', 'file' (name in out_dir), 'tokens_sha256', 'num_frames',
@@ -96,7 +97,7 @@ def generate_to_folder(model, prompts: tp.Sequence[Prompt], seeds: tp.Sequence[i
     iterator = jobs
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(jobs, desc=f'generating ({model.name})', unit='sample')
+        iterator = tqdm(jobs, desc=f'generating ({label or model.name})', unit='sample')
     for prompt, seed in iterator:
         sample = generate_sample(model, prompt, seed, sampling)
         path = write_wav(out_dir / sample_file_name(prompt, seed), sample.wav, model.sample_rate)
