@@ -53,7 +53,8 @@ def _temporary_dora_dir() -> tp.Iterator[Path]:
 
 def _run_valid(solver, label: str, state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, tp.Any]:
     solver.adapter.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    metrics = solver.run_stage(f'{SPLIT} {label}', solver.valid)  # one stage name per model (flashy's rule)
+    with torch.no_grad():  # as AudioCraft's run_epoch runs its valid stage
+        metrics = solver.run_stage(f'{SPLIT} {label}', solver.valid)  # one stage name per model (flashy's rule)
     num_codebooks = int(solver.cfg.transformer_lm.n_q)
     per_codebook = [float(metrics[f'ce_q{k + 1}']) for k in range(num_codebooks)]
     return {'per_codebook': per_codebook, 'split': SPLIT, 'ce': float(metrics['ce']),
