@@ -22,7 +22,8 @@ from . import adapters, base_models
 from .errors import UserError
 from .lora import AdapterParameters, inject_lora, merge_into_state_dict
 
-__all__ = ['load_musicgen', 'default_device']
+__all__ = ['load_musicgen', 'build_musicgen', 'load_base', 'with_adapter', 'load_base_and_adapter',
+           'BaseAndAdapter', 'default_device']
 
 # AudioCraft's get_pretrained builds MusicGen with this max_duration: longer requests use extend_stride windows.
 MAX_DURATION = 30.0
@@ -30,6 +31,50 @@ MAX_DURATION = 30.0
 
 def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+class BaseAndAdapter(tp.NamedTuple):
+    """A resolved base with its LM package and fingerprint, and optionally an adapter checked against it."""
+    base: base_models.BaseModel
+    lm_pkg: dict
+    fingerprint: str
+    adapter: tp.Optional[adapters.Adapter] = None
+    adapter_dir: tp.Optional[Path] = None
+
+
+def load_base(base: str) -> BaseAndAdapter:
+    """Resolve a base and read its LM package once (reuse it with `with_adapter` for several adapters)."""
+    resolved = base_models.resolve_base(base)
+    lm_pkg = base_models.load_lm_package(resolved)
+    return BaseAndAdapter(resolved, lm_pkg, base_models.fingerprint_state(lm_pkg['best_state']))
+
+
+def with_adapter(pair: BaseAndAdapter, adapter_dir: tp.Union[str, Path], adapter: tp.Optional[adapters.Adapter] = None,
+                 force_base_mismatch: bool = False) -> BaseAndAdapter:
+    """`pair`'s base with the adapter of `adapter_dir` (read unless given), refused if trained on another base."""
+    adapter = adapter if adapter is not None else adapters.load_adapter(adapter_dir)
+    if not force_base_mismatch:
+        adapters.check_base_matches(adapter, pair.base.name, pair.fingerprint)
+    return pair._replace(adapter=adapter, adapter_dir=Path(adapter_dir))
+
+
+def load_base_and_adapter(base: tp.Optional[str] = None, adapter: tp.Optional[tp.Union[str, Path]] = None,
+                          force_base_mismatch: bool = False) -> BaseAndAdapter:
+    """The base (default: the one recorded in the adapter) and the optional adapter, checked to match.
+
+    Raises:
+        UserError: no base and no adapter, adapter folder unusable or recording no base.
+        BaseModelError: base not found, or not the base the adapter was trained on (unless forced).
+    """
+    if base is None and adapter is None:
+        raise UserError("Give a base model (--base facebook/musicgen-small, a local folder, or debug) and/or an "
+                        "adapter folder (--adapter outputs/xps/<sig>/adapter).")
+    loaded = adapters.load_adapter(adapter) if adapter is not None else None
+    base_name = base or (loaded.config.get('base_model') if loaded else None)
+    if not base_name:
+        raise UserError(f"{adapter}/{adapters.CONFIG_NAME} records no base_model: pass the base (--base).")
+    pair = load_base(base_name)
+    return with_adapter(pair, adapter, loaded, force_base_mismatch) if loaded is not None else pair
 
 
 def load_musicgen(base: tp.Optional[str] = None, adapter: tp.Optional[tp.Union[str, Path]] = None,
@@ -47,30 +92,24 @@ def load_musicgen(base: tp.Optional[str] = None, adapter: tp.Optional[tp.Union[s
         UserError: no base and no adapter; adapter folder unusable.
         BaseModelError: base not found, or not the base the adapter was trained on (unless forced).
     """
+    return build_musicgen(load_base_and_adapter(base, adapter, force_base_mismatch), device, merge)
+
+
+def build_musicgen(pair: BaseAndAdapter, device: tp.Optional[str] = None, merge: bool = True):
+    """`load_musicgen` from an already loaded base (and adapter); `pair.lm_pkg` is left untouched."""
     from audiocraft.models import MusicGen
     device = device or default_device()
-    if base is None and adapter is None:
-        raise UserError("Give a base model (--base facebook/musicgen-small, a local folder, or debug) and/or an "
-                        "adapter folder (--adapter outputs/xps/<sig>/adapter).")
-    loaded = adapters.load_adapter(adapter) if adapter is not None else None
-    base_name = base or (loaded.config.get('base_model') if loaded else None)
-    if not base_name:
-        raise UserError(f"{adapter}/{adapters.CONFIG_NAME} records no base_model: pass the base explicitly.")
-    resolved = base_models.resolve_base(base_name)
-    lm_pkg = base_models.load_lm_package(resolved)
-    fingerprint = base_models.fingerprint_state(lm_pkg['best_state'])
+    resolved, lm_pkg, loaded = pair.base, pair.lm_pkg, pair.adapter
     info: tp.Dict[str, tp.Any] = {'base_model': resolved.name, 'base_kind': resolved.kind,
-                                  'base_fingerprint': fingerprint, 'adapter': None, 'merged': False}
+                                  'base_fingerprint': pair.fingerprint, 'adapter': None, 'merged': False}
     if loaded is not None:
-        if not force_base_mismatch:
-            adapters.check_base_matches(loaded, resolved.name, fingerprint)
-        info.update(adapter=str(Path(adapter).resolve()), adapter_fingerprint=_adapter_fingerprint(loaded),
+        info.update(adapter=str(Path(pair.adapter_dir).resolve()), adapter_fingerprint=_adapter_fingerprint(loaded),
                     lora=loaded.settings.to_dict(), merged=merge)
         if merge:
             try:
                 merged = merge_into_state_dict(lm_pkg['best_state'], loaded.state, loaded.scaling)
             except KeyError as exc:
-                raise UserError(f"Adapter {adapter} does not fit base {resolved.describe()}: {exc}") from exc
+                raise UserError(f"Adapter {pair.adapter_dir} does not fit base {resolved.describe()}: {exc}") from exc
             lm_pkg = {**lm_pkg, 'best_state': merged}
     lm = base_models.build_lm(lm_pkg, device='cpu')
     if loaded is not None and not merge:
@@ -78,7 +117,7 @@ def load_musicgen(base: tp.Optional[str] = None, adapter: tp.Optional[tp.Union[s
         try:
             AdapterParameters(lm).load_state_dict(loaded.state)
         except KeyError as exc:
-            raise UserError(f"Adapter {adapter} does not fit base {resolved.describe()}: {exc}") from exc
+            raise UserError(f"Adapter {pair.adapter_dir} does not fit base {resolved.describe()}: {exc}") from exc
     lm = lm.to(device).eval()
     compression_model = base_models.load_compression_model(resolved, device=device)
     if 'self_wav' in lm.condition_provider.conditioners:  # melody bases, as AudioCraft's get_pretrained does

@@ -103,8 +103,8 @@ def _history(adapter_dir: Path) -> tp.Optional[list]:
 
 def run(args: argparse.Namespace) -> int:
     import gc
-    from . import adapters as adapter_io, base_models
-    from .api import load_musicgen, default_device
+    from . import adapters as adapter_io
+    from .api import build_musicgen, default_device, load_base, with_adapter
     from .generation import generate_to_folder
     from .prompts import slugify
     from .report import write_report
@@ -123,11 +123,11 @@ def run(args: argparse.Namespace) -> int:
     base_name = args.base or next(iter(loaded.values())).config.get('base_model')
     if not base_name:
         raise UserError("The adapter records no base model: pass --base.")
-    base = base_models.resolve_base(base_name)
-    fingerprint = base_models.fingerprint_state(base_models.load_lm_package(base)['best_state'])
-    if not args.force_base_mismatch:
-        for label, adapter in loaded.items():
-            adapter_io.check_base_matches(adapter, base.name, fingerprint)
+    base_pair = load_base(base_name)  # read once, shared by every model below
+    pairs = {BASE_LABEL: base_pair}
+    for label, adapter in loaded.items():  # a mismatched base is refused here, before anything is sampled
+        pairs[label] = with_adapter(base_pair, labelled[label], adapter, args.force_base_mismatch)
+    base = base_pair.base
     device = args.device or default_device()
     out = Path(args.out)
     clap = _ReferenceModels(args, device) if args.clap_model is not None else None  # loads before sampling
@@ -141,10 +141,9 @@ def run(args: argparse.Namespace) -> int:
         from .valid_ce import valid_cross_entropy
         cross_entropy = valid_cross_entropy(base_name, loaded, dataset, device=device, base_label=BASE_LABEL)
 
-    models = {BASE_LABEL: None, **labelled}
     samples, model_info = [], {}
-    for label, folder in models.items():
-        model = load_musicgen(base_name, folder, device=device, force_base_mismatch=args.force_base_mismatch)
+    for label, pair in pairs.items():
+        model = build_musicgen(pair, device=device)
         model_info[label] = model.audiocraft_lora
         audio_dir = Path('audio') / slugify(label.replace(':', '_'), max_len=60)
         for record in generate_to_folder(model, prompts, seeds, sampling, out / audio_dir, label=label):
@@ -159,11 +158,11 @@ def run(args: argparse.Namespace) -> int:
         skipped.append({'name': 'CLAP', 'reason': 'no local CLAP model given (--clap-model FOLDER)'})
         skipped.append({'name': 'FAD', 'reason': 'needs a local CLAP model (--clap-model FOLDER); none given'})
     else:
-        skipped.extend(clap.measure(samples, list(models), out, reference_metrics))
+        skipped.extend(clap.measure(samples, list(pairs), out, reference_metrics))
 
     report = {
         'title': args.title or f'{base.name}: base vs {", ".join(labelled)}',
-        'models': list(models), 'base_model': BASE_LABEL,
+        'models': list(pairs), 'base_model': BASE_LABEL,
         'settings': {**sampling.to_dict(), 'seeds': seeds, 'sample_rate': None,
                      'durations_s': sorted({p.duration for p in prompts}), 'device': device},
         'samples': [{k: s[k] for k in ('prompt', 'seed', 'model', 'wav', 'diagnostics')} for s in samples],

@@ -42,8 +42,10 @@ class _StepDecision:
     skipped: bool = False
     bad_loss_ranks: int = 0
     bad_grad: bool = False
-    local_loss: float = float('nan')
+    local_loss: float = float('nan')  # filled in for the messages of a skipped step only
     grad_norm: float = float('nan')
+    loss_tensor: tp.Optional[torch.Tensor] = None
+    norm_tensor: tp.Optional[torch.Tensor] = None
 
 
 @contextlib.contextmanager
@@ -163,24 +165,28 @@ class NonFiniteGuard:
 
     # ------------------------------------------------------------------ internals
     def _decide(self, solver: tp.Any, metrics: dict, decision: _StepDecision) -> None:
+        """Both checks on device, one all-reduce, one host sync per step (this runs on every training step)."""
         loss = self._loss
-        loss_bad = loss is not None and not bool(torch.isfinite(loss).all())
         norm = metrics.get('grad_norm')
         if norm is None:
             norm = _grad_norm(p for group in solver.optimizer.param_groups for p in group['params'])
         norm = torch.as_tensor(norm).detach().float()
-        grad_bad = not bool(torch.isfinite(norm).all())
         device = 'cuda' if torch.cuda.is_available() else 'cpu'  # as flashy.distrib.average_metrics does
-        flags = torch.tensor([float(loss_bad), float(grad_bad)], device=device)
+        loss_bad = (~torch.isfinite(loss)).any() if loss is not None else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([loss_bad.to(device), (~torch.isfinite(norm)).any().to(device)]).float()
         flashy.distrib.all_reduce(flags)  # one decision for every rank
+        bad_loss_ranks, bad_grad = flags.tolist()
         decision.decided = True
-        decision.bad_loss_ranks = int(flags[0].item())
-        decision.bad_grad = bool(flags[1].item() > 0)
+        decision.bad_loss_ranks = int(bad_loss_ranks)
+        decision.bad_grad = bad_grad > 0
         decision.skipped = decision.bad_loss_ranks > 0 or decision.bad_grad
-        decision.local_loss = float(loss.float().mean()) if loss is not None else float('nan')
-        decision.grad_norm = float(norm)
+        decision.loss_tensor, decision.norm_tensor = loss, norm
 
     def _count_skip(self, solver: tp.Any, decision: _StepDecision, metrics: dict, epoch: int, idx: int) -> dict:
+        if decision.loss_tensor is not None:
+            decision.local_loss = float(decision.loss_tensor.float().mean())
+        if decision.norm_tensor is not None:
+            decision.grad_norm = float(decision.norm_tensor)
         self.total += 1
         self.epoch_skipped += 1
         overflow = solver.scaler is not None and decision.bad_loss_ranks == 0

@@ -40,7 +40,7 @@ from audiocraft.solvers.musicgen import MusicGenSolver
 from . import adapters, base_models
 from . import checkpointing, faults
 from .guards import NonFiniteGuard
-from .diagnostics import FADE_FLAG_DB, fade_warning, sample_diagnostics, summarize_for_logging
+from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError
 from .lora import AdapterParameters, LoRASettings, inject_lora
 from .speed import DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs
@@ -326,9 +326,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         return metrics
 
     def _diagnostics_cfg(self, key: str) -> float:
-        defaults = {'window_s': 0.5, 'fade_warning_db': FADE_FLAG_DB}
-        section = self.cfg.get('diagnostics') or {}
-        return float(section.get(key, defaults[key]))
+        return float(self.cfg.diagnostics[key])  # solver/musicgen/lora_default.yaml
 
     def commit(self, save_checkpoints: bool = True) -> None:
         """AudioCraft's end of epoch (history, checkpoints), then the curves so far as PNGs in the XP folder."""

@@ -19,8 +19,8 @@ import typing as tp
 
 import torch
 
-from ..adapters import Adapter, check_base_matches, load_adapter
-from ..base_models import BaseModel, fingerprint_state, load_lm_package, lm_config, resolve_base
+from ..api import BaseAndAdapter, load_base_and_adapter
+from ..base_models import BaseModel, lm_config
 from ..checkpoint_io import atomic_torch_save, atomic_write_text
 from ..errors import BaseModelError, UserError
 from ..lora import merge_into_state_dict
@@ -28,35 +28,18 @@ from . import lm_map, peft_map
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['AdapterAndBase', 'load_adapter_and_base', 'export_peft', 'merge_to_audiocraft', 'merge_to_hf',
+__all__ = ['load_adapter_and_base', 'export_peft', 'merge_to_audiocraft', 'merge_to_hf',
            'hf_source_folder']
 _HF_SIDE_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'spiece.model',
                   'added_tokens.json', 'preprocessor_config.json', 'processor_config.json', 'generation_config.json')
 
 
-class AdapterAndBase(tp.NamedTuple):
-    adapter: Adapter
-    base: BaseModel
-    lm_pkg: dict
-
-
 def load_adapter_and_base(adapter_dir: tp.Union[str, Path], base: tp.Optional[str] = None,
-                          force: bool = False) -> AdapterAndBase:
-    """Read an adapter and its base (the one recorded in the adapter unless `base` is given) and check they match.
-
-    Raises:
-        BaseModelError: the base can't be resolved, or it is not the base the adapter was trained on.
-        UserError: the adapter folder is unusable.
+                          force: bool = False) -> BaseAndAdapter:
+    """Read an adapter and its base (the one recorded in the adapter unless `base` is given) and check they match
+    (`api.load_base_and_adapter`): `.adapter`, `.base`, `.lm_pkg`.
     """
-    adapter = load_adapter(adapter_dir)
-    base_name = base or adapter.config.get('base_model')
-    if not base_name:
-        raise UserError(f"{adapter_dir}/adapter_config.json records no base_model: pass --base.")
-    resolved = resolve_base(base_name)
-    lm_pkg = load_lm_package(resolved)
-    if not force:
-        check_base_matches(adapter, resolved.name, fingerprint_state(lm_pkg['best_state']))
-    return AdapterAndBase(adapter, resolved, lm_pkg)
+    return load_base_and_adapter(base, adapter_dir, force)
 
 
 def hf_source_folder(base: BaseModel) -> tp.Optional[Path]:
@@ -102,7 +85,7 @@ def export_peft(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str, Path], 
         raise
 
 
-def _merged_state(pair: AdapterAndBase) -> tp.Dict[str, torch.Tensor]:
+def _merged_state(pair: BaseAndAdapter) -> tp.Dict[str, torch.Tensor]:
     try:
         return merge_into_state_dict(pair.lm_pkg['best_state'], pair.adapter.state, pair.adapter.scaling)
     except KeyError as exc:
