@@ -60,8 +60,9 @@ class LowRankLinear(torch.autograd.Function):
             if dropout > 0:
                 xd, mask = torch.native_dropout(xc, dropout, True)
             u = F.linear(xd, a)
-            y2 = y.view(-1, y.shape[-1])
-            y2.addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling)
+            # out of place: selective activation checkpointing (speed.py) keeps the base product `y` and recomputes
+            # this cheap rank-r update; an in-place add would change the tensor it keeps
+            y = torch.addmm(y.view(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling).view(y.shape)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.has_bias = scaling, dropout, dtype, bias is not None
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.save_for_backward(xd, u, weight, lora_a, lora_b, mask)

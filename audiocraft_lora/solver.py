@@ -43,7 +43,8 @@ from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError
 from .lora import AdapterParameters, LoRASettings, inject_lora
-from .speed import DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs
+from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
+                    pin_loaders)
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,12 @@ class LoRAMusicGenSolver(MusicGenSolver):
         report.raise_if_errors()
 
     # ---------------------------------------------------------------- model
+    def build_dataloaders(self) -> None:
+        super().build_dataloaders()
+        pinned = pin_loaders(self.dataloaders, SpeedSettings.from_config(self.cfg.get('lora')), self.device)
+        if pinned:
+            self.logger.info("Page-locked batches (lora.pin_memory) for the %s loaders", ', '.join(pinned))
+
     def build_model(self) -> None:
         """Base compression model + LM from the base checkpoint, LoRA injected, adapter-only optimization."""
         self.compression_model = get_wrapped_compression_model(self._base_compression_model, self.cfg)

@@ -3,13 +3,23 @@
     lora.fast_path: true                  # fast_lora: no W + BA, no frozen-weight gradient (exact; see fast_lora)
     lora.base_dtype: auto                 # auto | float32 | bfloat16 | float16: storage dtype of frozen projections
     lora.fused_optimizer: auto            # auto | true | false: torch's fused AdamW kernel (auto: on CUDA)
-    lora.activation_checkpointing: none   # none | torch: recompute each transformer layer in backward
-    lora.checkpoint_fraction: 1.0         # with torch: fraction of the layers recomputed (evenly spaced)
+    lora.activation_checkpointing: none   # none | selective | torch: recompute in backward (see below)
+    lora.checkpoint_fraction: 1.0         # fraction of the layers checkpointed (evenly spaced)
+    lora.checkpoint_rest: none            # none | selective: what the other layers do
     lora.compile: none                    # none | inductor | aot_eager | ...: torch.compile each transformer layer
+    lora.pin_memory: auto                 # auto | true | false: page-locked batches (auto: when training on CUDA)
 
 `compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
 for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). With the fast
 path the layers trace whole (the only graph breaks are xformers' mask objects); peft's parametrized q/k/v breaks more.
+
+Activation checkpointing trades compute for memory. `torch` recomputes a whole layer in backward (every matmul runs
+twice: least memory, ~1.3x the FLOPs). `selective` keeps the outputs of the large matmuls and of attention and
+recomputes only what is cheap: layer norms, GELU, copies and the rank-r LoRA updates (no extra matmul FLOPs beyond
+those updates; roughly 0.6x the activation memory of no checkpointing). To fit a memory budget at the least recompute,
+mix them: `activation_checkpointing: torch` on `checkpoint_fraction` of the layers and `checkpoint_rest: selective`
+on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers whole, the rest selective; see
+benchmarks/step_time.py --count-only for the memory of a plan at any shape).
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -28,7 +38,7 @@ from .errors import LoRAConfigError
 logger = logging.getLogger(__name__)
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-CHECKPOINTING = ('none', 'torch')
+CHECKPOINTING = ('none', 'selective', 'torch')
 
 
 @dataclass
@@ -42,14 +52,22 @@ class SpeedSettings:
     fused_optimizer: tp.Any = field(default='auto', metadata={
         'help': "torch's fused AdamW/Adam kernel for the adapter: auto (on CUDA) | true | false."})
     activation_checkpointing: str = field(default='none', metadata={
-        'help': "none | torch: recompute each transformer layer in backward (AudioCraft's "
-                "transformer_lm.checkpointing, non-reentrant so frozen inputs still give adapter gradients)."})
+        'help': "none | selective | torch. torch: recompute each transformer layer in backward (AudioCraft's "
+                "transformer_lm.checkpointing, non-reentrant so frozen inputs still give adapter gradients). "
+                "selective: keep matmul and attention outputs, recompute norms, activations and LoRA updates."})
     compile: str = field(default='none', metadata={
         'help': "none, or a torch.compile backend (inductor on GPU; aot_eager to check correctness on CPU) applied "
                 "to each transformer layer for training and validation."})
     checkpoint_fraction: float = field(default=1.0, metadata={
-        'help': 'With activation_checkpointing=torch: the fraction of layers recomputed, evenly spaced (1.0: all). '
+        'help': 'With activation checkpointing: the fraction of layers checkpointed, evenly spaced (1.0: all). '
                 'Trades memory (activations of the other layers are kept) for less recompute time.'})
+
+    pin_memory: tp.Any = field(default='auto', metadata={
+        'help': 'auto | true | false: the data loaders return page-locked batches, copied to the GPU faster '
+                '(auto: when the solver runs on CUDA). AudioCraft builds its loaders without.'})
+    checkpoint_rest: str = field(default='none', metadata={
+        'help': 'none | selective: how the layers left out by checkpoint_fraction run (selective: keep matmul and '
+                'attention outputs only).'})
 
     @classmethod
     def from_config(cls, cfg: tp.Any) -> 'SpeedSettings':
@@ -62,8 +80,9 @@ class SpeedSettings:
         if str(self.base_dtype) not in ('auto', *DTYPES):
             raise LoRAConfigError(f"lora.base_dtype must be auto, float32, bfloat16 or float16, got "
                                   f"{self.base_dtype!r}.")
-        if str(self.fused_optimizer).lower() not in ('auto', 'true', 'false'):
-            raise LoRAConfigError(f"lora.fused_optimizer must be auto, true or false, got {self.fused_optimizer!r}.")
+        for key in ('fused_optimizer', 'pin_memory'):
+            if str(getattr(self, key)).lower() not in ('auto', 'true', 'false'):
+                raise LoRAConfigError(f"lora.{key} must be auto, true or false, got {getattr(self, key)!r}.")
         if not 0.0 < float(self.checkpoint_fraction) <= 1.0:
             raise LoRAConfigError(f"lora.checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction!r}.")
         if not isinstance(self.compile, str) or not self.compile:
@@ -76,6 +95,11 @@ class SpeedSettings:
         if self.activation_checkpointing not in CHECKPOINTING:
             raise LoRAConfigError(f"lora.activation_checkpointing must be one of {list(CHECKPOINTING)}, got "
                                   f"{self.activation_checkpointing!r}.")
+        if self.checkpoint_rest not in ('none', 'selective'):
+            raise LoRAConfigError(f"lora.checkpoint_rest must be none or selective, got {self.checkpoint_rest!r}.")
+        if self.checkpoint_rest != 'none' and self.activation_checkpointing == 'none':
+            raise LoRAConfigError("lora.checkpoint_rest applies to the layers left out by lora.checkpoint_fraction: "
+                                  "set lora.activation_checkpointing=torch (or selective) as well.")
 
     def resolve_base_dtype(self, autocast: bool, autocast_dtype: torch.dtype) -> torch.dtype:
         """The storage dtype of frozen projections; raises if it can't be used with this autocast setting."""
@@ -100,10 +124,15 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     if settings.activation_checkpointing != 'none':
         if transformer is None or not hasattr(transformer, 'checkpointing'):
             raise LoRAConfigError("lora.activation_checkpointing needs AudioCraft's StreamingTransformer LM.")
-        transformer.checkpointing = settings.activation_checkpointing
         info['activation_checkpointing'] = settings.activation_checkpointing
-        if float(settings.checkpoint_fraction) < 1.0:
-            info['checkpointed_layers'] = checkpoint_some_layers(transformer, float(settings.checkpoint_fraction))
+        if settings.activation_checkpointing == 'torch':
+            transformer.checkpointing = 'torch'  # AudioCraft's own per-layer checkpointing
+        if settings.activation_checkpointing != 'torch' or float(settings.checkpoint_fraction) < 1.0:
+            info['checkpointed_layers'] = checkpoint_layers(
+                transformer, settings.activation_checkpointing, float(settings.checkpoint_fraction),
+                _max_lora_rank(model), rest=settings.checkpoint_rest)
+            if settings.checkpoint_rest != 'none':
+                info['checkpoint_rest'] = settings.checkpoint_rest
     dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
     if dtype is not torch.float32:
         info['base_tensors_cast'] = cast_frozen_base(model, dtype)
@@ -126,23 +155,74 @@ def eager_generation(settings: SpeedSettings):
     return torch.compiler.set_stance('force_eager')
 
 
-def _apply_layer_some(transformer: nn.Module, checkpointed: tp.FrozenSet[int], layer: nn.Module, *args, **kwargs):
+# ops whose outputs selective checkpointing keeps: attention kernels (by name: torch's and xformers' variants)
+_ATTENTION_MARKERS = ('attention', 'flash')
+_MATMULS = ('aten.mm.default', 'aten.addmm.default', 'aten.bmm.default', 'aten.baddbmm.default')
+
+
+def _selective_policy(max_cheap_rank: int, ctx, op, *args, **kwargs):
+    """Keep large matmul outputs and attention outputs; recompute the rest (pointwise, norms, copies, and matmuls
+    contracting over at most `max_cheap_rank`, i.e. the LoRA up-projections)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    name = str(op)
+    if name in _MATMULS:
+        left = args[1] if name in ('aten.addmm.default', 'aten.baddbmm.default') else args[0]
+        if left.shape[-1] > max_cheap_rank:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if any(marker in name for marker in _ATTENTION_MARKERS) and 'backward' not in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _max_lora_rank(model: nn.Module) -> int:
+    ranks = [m.weight.shape[0] for name, m in model.named_modules()
+             if name.endswith('lora_A.default') and hasattr(m, 'weight')]
+    ranks += [p.shape[0] for name, p in model.named_parameters() if name.endswith('in_proj.lora_A.weight')]
+    return max(ranks, default=0)
+
+
+def _apply_layer_planned(plan: tp.Dict[int, str], selective_context: tp.Callable, layer: nn.Module, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
-    if id(layer) in checkpointed:
+    mode = plan.get(id(layer), 'none')
+    if mode == 'none':
+        return layer(*args, **kwargs)
+    if mode == 'torch':
         return checkpoint(layer, *args, use_reentrant=False, **kwargs)
-    return layer(*args, **kwargs)
+    return checkpoint(layer, *args, use_reentrant=False, context_fn=selective_context, **kwargs)
 
 
-def checkpoint_some_layers(transformer: nn.Module, fraction: float) -> tp.List[int]:
-    """Recompute only `fraction` of AudioCraft's transformer layers (evenly spaced) in backward; returns their
-    indices. Replaces the instance's `_apply_layer` hook (AudioCraft's own applies one method to every layer)."""
+def checkpoint_layers(transformer: nn.Module, mode: str, fraction: float, max_cheap_rank: int,
+                      rest: str = 'none') -> tp.List[int]:
+    """Checkpoint `fraction` of AudioCraft's transformer layers (evenly spaced) with `mode` (`torch`: whole layer,
+    `selective`), the others with `rest` (`none` or `selective`); returns the indices of the first group. Replaces the
+    instance's `_apply_layer` hook (AudioCraft's own applies one method to every layer and only knows whole-layer
+    torch checkpointing or xformers-internal policies)."""
     import functools
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
     layers = list(transformer.layers)
     count = max(1, round(fraction * len(layers)))
     indices = sorted({int(i * len(layers) / count) for i in range(count)})
-    checkpointed = frozenset(id(layers[i]) for i in indices)
-    transformer._apply_layer = functools.partial(_apply_layer_some, transformer, checkpointed)
+    plan = {id(layer): rest for layer in layers}
+    plan.update({id(layers[i]): mode for i in indices})
+    selective_context = functools.partial(create_selective_checkpoint_contexts,
+                                          functools.partial(_selective_policy, max_cheap_rank))
+    transformer._apply_layer = functools.partial(_apply_layer_planned, plan, selective_context)
     return indices
+
+
+def pin_loaders(loaders: tp.Mapping[str, tp.Any], settings: SpeedSettings, device: tp.Any) -> tp.List[str]:
+    """Turn on `pin_memory` of torch DataLoaders (read when iteration starts, so it can be set after AudioCraft built
+    them); returns the names of the loaders changed. Other loaders (the token cache's) are left alone."""
+    choice = str(settings.pin_memory).lower()
+    if choice == 'false' or (choice == 'auto' and torch.device(device).type != 'cuda'):
+        return []
+    pinned = []
+    for name, loader in loaders.items():
+        if isinstance(loader, torch.utils.data.DataLoader) and not loader.pin_memory:
+            loader.pin_memory = True
+            pinned.append(name)
+    return pinned
 
 
 def optimizer_kwargs(settings: SpeedSettings, params: tp.Sequence[torch.Tensor], optimizer: str) -> dict:

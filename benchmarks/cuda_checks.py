@@ -42,6 +42,34 @@ def main():
     print('bf16 autocast steps: changed tensors', len(changed), 'all LoRA:', all('.lora_' in k for k in changed),
           'loss finite:', bool(torch.isfinite(ce)))
     fast_vs_plain(pkg, codes)
+    checkpointing_on_cuda(pkg, codes)
+
+
+def checkpointing_on_cuda(pkg, codes):
+    """Selective / mixed / whole-layer checkpointing vs none under bf16 autocast on CUDA (flash attention kernels are
+    kept by the selective policy by name): same loss, same adapter gradients."""
+    from audiocraft_lora.lora import lora_parameters
+    from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    settings = LoRASettings(rank=8, alpha=16, init='random', dropout=0.0)
+    reference = base_models.build_lm(pkg)
+    inject_lora(reference, settings)
+    results = {}
+    for name, kwargs in (('none', {}), ('selective', {'activation_checkpointing': 'selective'}),
+                         ('mixed', {'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5,
+                                    'checkpoint_rest': 'selective'}),
+                         ('torch', {'activation_checkpointing': 'torch'})):
+        lm = copy.deepcopy(reference)
+        apply_to_model(lm, SpeedSettings(**kwargs), True, torch.bfloat16)
+        lm = lm.cuda().train()
+        out = logits(lm, codes, True)
+        ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+        ce.backward()
+        results[name] = (float(ce.detach()), {k: p.grad.float() for k, p in lora_parameters(lm).items()})
+    loss0, grads0 = results['none']
+    for name, (loss, grads) in results.items():
+        worst = max(float((grads[k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads0.items())
+        print(f"checkpointing {name} vs none (bf16 autocast): loss {loss:.6f} vs {loss0:.6f}, "
+              f"worst relative grad difference {worst:.2e}")
 
 
 def fast_vs_plain(pkg, codes):

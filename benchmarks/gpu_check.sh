@@ -13,15 +13,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, audiocraft, peft; print('torch', torch.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
 
 echo "== CUDA check: zero-init LoRA == base logits, fast path == plain path, adapter-only bf16 steps"
-timeout 90 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -8
+timeout 60 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -8
 
-echo "== GPU benchmark (full fine-tune, LoRA plain/fast/checkpointed, HF + peft), one process per shape"
+echo "== GPU benchmark (full fine-tune, LoRA plain/fast/selective/checkpointed/compiled, HF + peft), one process per shape"
 # about 1-2 min per line on an H100/H200; medium batch 16 is the "fits in 40 GB with checkpointing" check
-for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_ckpt,lora_ckpt_half,lora_compile,hf_lora,hf_full" "--scale small --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
+for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_sac,lora_mixed,lora_compile,hf_lora,hf_full,encode" \
+            "--scale small --batch 4 --cases full,lora_plain,lora_fast,lora_sac,hf_lora,encode" \
             "--scale medium --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
-            "--scale medium --batch 16 --cases lora_ckpt,lora_ckpt_half,lora_fast"; do
+            "--scale medium --batch 16 --cases lora_mixed,lora_ckpt,lora_sac"; do
   name=$(echo $args | tr -d ' -' | tr ',' '_')
-  limit=110; case "$args" in *lora_compile*) limit=140;; *"--scale small --batch 4"*) limit=100;; esac  # inductor compiles
+  limit=100; case "$args" in *lora_compile*) limit=150;; *"--scale small --batch 4"*) limit=90;; esac  # inductor compiles
   timeout $limit python3 benchmarks/step_time.py $args --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
     --iters 5 --json "$OUT/bench_$name.json" 2>&1 | grep -v -i "xformers\|warn\|^ \|transformers\]" | tail -40
 done

@@ -7,10 +7,17 @@ Cases (`--cases`, comma separated):
   lora_fast   our LoRA, fast path (fast_lora), frozen base in the autocast dtype, fused AdamW (the solver's defaults)
   lora_ckpt   lora_fast + activation checkpointing (lora.activation_checkpointing=torch)
   lora_ckpt_half  the same, half of the layers recomputed (lora.checkpoint_fraction=0.5)
+  lora_sac    lora_fast + selective checkpointing (lora.activation_checkpointing=selective): matmul and attention
+              outputs kept, norms/GELU/copies/LoRA updates recomputed
+  lora_mixed  lora_fast, half of the layers checkpointed whole, the rest selectively (checkpoint_fraction=0.5,
+              checkpoint_rest=selective): the medium-at-batch-16-in-40-GB plan
   lora_compile    lora_fast + torch.compile of each transformer layer (lora.compile: inductor on CUDA, aot_eager on
                   CPU); compilation happens in the untimed warmup steps
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
+  encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
+              token cache (`cache.path`) removes from ours; ratios `X/(full+encode)` compare a cached LoRA step with
+              AudioCraft's whole step
 
 The AudioCraft cases run MusicGenSolver's step: `lm.compute_predictions` (delay pattern, cross-attention on the text
 condition), `MusicGenSolver._compute_cross_entropy`, backward, grad clipping, AdamW, under autocast when `--dtype` is
@@ -27,6 +34,7 @@ gradients + optimizer state; on CUDA `peak_GiB` is `torch.cuda.max_memory_alloca
     python benchmarks/step_time.py --scale medium --batch 16 --frames 1500 --cases lora_ckpt,lora_fast
 """
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -42,7 +50,8 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
-CASES = ('full', 'lora_plain', 'lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_compile', 'hf_lora', 'hf_full')
+CASES = ('full', 'lora_plain', 'lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
+         'hf_lora', 'hf_full', 'encode')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -60,6 +69,28 @@ def build_ac_lm(scale: str, card: int, device: str):
     # MusicGen's T5 text encoder is frozen; so is the lookup table standing in for it
     lm.condition_provider.conditioners['description'].embed.weight.requires_grad_(False)
     return lm
+
+
+def build_encoder(args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torch.Tensor]]:
+    """The `encode` case: MusicGen's EnCodec 32 kHz encoder (SEANet, 64 filters, ratios 8-5-4-4, 2 LSTM layers; random
+    weights; the 4-codebook quantizer, ~1% of its FLOPs, left out) on the batch's audio, frozen, under autocast. An
+    AudioCraft solver runs it at every training step; with a token cache (`cache.path`) ours does not."""
+    from audiocraft.modules import SEANetEncoder
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # weight_norm deprecation
+        encoder = SEANetEncoder(channels=1, dimension=128, n_filters=64, n_residual_layers=1, ratios=[8, 5, 4, 4],
+                                lstm=2, norm='weight_norm', causal=False, pad_mode='constant', true_skip=True,
+                                compress=2).to(args.device).eval()
+    encoder.requires_grad_(False)
+    audio = torch.randn(args.batch, 1, args.frames * 640, device=args.device)  # 640 samples per frame at 32 kHz
+    dtype = args.autocast_dtype
+
+    def encode():
+        with torch.no_grad(), torch.autocast(device_type=args.device, dtype=dtype or torch.float32,
+                                             enabled=dtype is not None):
+            return encoder(audio).float().mean()
+    return encoder, encode
 
 
 def build_hf_lm(scale: str, card: int, device: str):
@@ -80,17 +111,39 @@ class SavedTensorBytes:
     """Bytes of the tensors autograd saves for backward, deduplicated by storage, parameters excluded."""
 
     def __init__(self, model: torch.nn.Module):
-        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        # keyed by the storage object (`_cdata`), not its data pointer: fake tensors (--count-only) all point at 0
+        self.exclude = {p.untyped_storage()._cdata for p in model.parameters()}
         self.seen: tp.Dict[int, int] = {}
 
     def pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.exclude:
-            self.seen[storage.data_ptr()] = storage.nbytes()
+        if storage._cdata not in self.exclude:  # the packed tensor keeps its storage (and key) alive until backward
+            self.seen[storage._cdata] = storage.nbytes()
         return tensor
 
+    @contextlib.contextmanager
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        """Count what autograd saves in this context, and what selective checkpointing caches (its dispatch mode
+        keeps matmul/attention outputs aside from autograd: read them before backward consumes them)."""
+        from torch.utils import checkpoint as ckpt
+        from torch.utils._pytree import tree_leaves
+        modes: tp.List[tp.Any] = []
+        original = ckpt._CachingTorchDispatchMode.__init__
+
+        def init(mode, *args, **kwargs):
+            original(mode, *args, **kwargs)
+            modes.append(mode)
+        ckpt._CachingTorchDispatchMode.__init__ = init  # type: ignore
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                yield
+        finally:
+            ckpt._CachingTorchDispatchMode.__init__ = original  # type: ignore
+        for mode in modes:
+            for cached in tree_leaves(list(mode.storage.values())):
+                value = getattr(cached, 'val', None)
+                if isinstance(value, torch.Tensor):
+                    self.pack(value)
 
     @property
     def mib(self) -> float:
@@ -103,6 +156,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     device, dtype = args.device, args.autocast_dtype
     torch.manual_seed(0)
+    if case == 'encode':
+        return build_encoder(args)
     codes = torch.randint(0, args.card, (args.batch, 4, args.frames), device=device)
     if case.startswith('hf_'):
         model = build_hf_lm(args.scale, args.card, device)
@@ -127,21 +182,142 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         fast = case != 'lora_plain'
         inject_lora(lm, LoRASettings(rank=RANK, alpha=2 * RANK, dropout=0.0), fast_path=fast)
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
-                              activation_checkpointing='torch' if case.startswith('lora_ckpt') else 'none',
-                              checkpoint_fraction=0.5 if case == 'lora_ckpt_half' else 1.0,
+                              activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
+                              else 'selective' if case == 'lora_sac' else 'none',
+                              checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
+                              checkpoint_rest='selective' if case == 'lora_mixed' else 'none',
                               compile=('inductor' if device == 'cuda' else 'aot_eager') if case == 'lora_compile'
                               else 'none')
         apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
-    tokenized = lm.condition_provider.tokenize(attributes)
+    with _real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
+        tokenized = lm.condition_provider.tokenize(attributes)
+
+    valid = _valid_positions(lm, args) if getattr(args, 'count_only', False) else None
 
     def ac_loss():
         with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
             condition_tensors = lm.condition_provider(tokenized)
             out = lm.compute_predictions(codes, [], condition_tensors)
-            ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
+            if valid is None:
+                ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
+            else:
+                ce = _cross_entropy_at(out.logits, codes, valid)
         return ce
     return lm, ac_loss
+
+
+def _valid_positions(lm, args) -> tp.List[torch.Tensor]:
+    """--count-only: the flat [B x T] indexes of each codebook's valid targets, computed on real tensors. (The solver
+    selects them with a boolean mask, whose data-dependent size fake tensors can't give.)"""
+    with _real_tensors():
+        pattern = lm.pattern_provider.get_pattern(args.frames)
+        zeros = torch.zeros(1, 4, args.frames, dtype=torch.long)
+        # as LMModel.compute_predictions does (keep_only_valid_steps=True)
+        sequence, _, _ = pattern.build_pattern_sequence(zeros, lm.special_token_id, keep_only_valid_steps=True)
+        _, _, mask = pattern.revert_pattern_logits(torch.zeros(1, 1, 4, sequence.shape[-1]), float('nan'),
+                                                   keep_only_valid_steps=True)
+        return [mask[k].repeat(args.batch).nonzero().squeeze(1) for k in range(mask.shape[0])]
+
+
+def _cross_entropy_at(logits: torch.Tensor, codes: torch.Tensor, valid: tp.List[torch.Tensor]) -> torch.Tensor:
+    """`MusicGenSolver._compute_cross_entropy` with index_select at known positions instead of a boolean mask (same
+    copies, same saved tensors)."""
+    import torch.nn.functional as F
+    ce = torch.zeros([])
+    for k, index in enumerate(valid):
+        logits_k = logits[:, k, ...].contiguous().view(-1, logits.size(-1))
+        targets_k = codes[:, k, ...].contiguous().view(-1)
+        ce = ce + F.cross_entropy(logits_k.index_select(0, index), targets_k.index_select(0, index))
+    return ce / len(valid)
+
+
+def _optimizer(params: tp.List[torch.Tensor], **kwargs) -> torch.optim.Optimizer:
+    dummy = [torch.zeros(1, requires_grad=True)]  # AdamW refuses an empty list (the `encode` case)
+    return torch.optim.AdamW(params or dummy, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, **kwargs)
+
+
+def state_bytes(model: torch.nn.Module, params: tp.List[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Parameters + gradients of the trainable ones + optimizer state."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(p.numel() * p.element_size() for p in params)
+    total += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor))
+    return total
+
+
+def _real_tensors():
+    """Where a fake tensor mode is active (--count-only): suspend it; elsewhere nothing."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return unset_fake_temporarily()
+
+
+@contextlib.contextmanager
+def _patterns_on_real_tensors():
+    """AudioCraft builds the delay pattern's scatter indexes with numpy, which fake tensors can't: build them real."""
+    from audiocraft.modules.codebooks_patterns import Pattern
+    names = ('_build_pattern_sequence_scatter_indexes', '_build_reverted_sequence_scatter_indexes')
+    originals = {name: getattr(Pattern, name) for name in names}
+
+    def real(original):
+        def build(self, *args, **kwargs):
+            with _real_tensors():
+                return original(self, *args, **kwargs)
+        return build
+    for name, original in originals.items():
+        setattr(Pattern, name, real(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(Pattern, name, original)
+
+
+@contextlib.contextmanager
+def _cpu_moves_are_noops():
+    """`Module.to(...)` that would change nothing (every tensor already on the CPU in that dtype) returns the module.
+    Builders and peft call it, and on fake tensors `Module._apply` always swaps parameters, which fails (fake tensors
+    carry a weak reference)."""
+    original = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        same_dtype = dtype is None or all(t.dtype == dtype for t in self.parameters() if t.is_floating_point())
+        if same_dtype and (device is None or device.type == 'cpu'):
+            return self
+        return original(self, *args, **kwargs)
+    torch.nn.Module.to = to  # type: ignore
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original  # type: ignore
+
+
+def count(case: str, args) -> dict:
+    """One step on fake tensors (shapes only, no data, no time): FLOPs, saved activations and state at any shape on
+    any machine. Autocast is CPU autocast, which keeps layer norms in the autocast dtype where CUDA's runs them in
+    float32 (their outputs are not saved, so saved bytes barely differ)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    if case == 'lora_compile':
+        raise RuntimeError('torch.compile is not counted on fake tensors; measure it on a GPU')
+    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_moves_are_noops(), _patterns_on_real_tensors():
+        model, loss_fn = make_case(case, args)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, foreach=True)
+        saved = SavedTensorBytes(model)
+        with FlopCounterMode(display=False) as flop_counter:
+            with saved.hooks():
+                loss = loss_fn()
+            if params:
+                loss.backward()
+                optimizer.step()
+        state = state_bytes(model, params, optimizer)
+        return {'case': case, 'step_s': None, 'frames_per_s': None, 'saved_MiB': saved.mib,
+                'state_MiB': state / 2 ** 20, 'gflop': flop_counter.get_total_flops() / 1e9,
+                'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': None, 'peak_GiB': None,
+                'state_plus_saved_GiB': (state + sum(saved.seen.values())) / 2 ** 30}
 
 
 def measure(case: str, args) -> dict:
@@ -150,7 +326,7 @@ def measure(case: str, args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     # the solver's choice (speed.optimizer_kwargs): fused on CUDA; every case gets the same kernel for fairness
     fused = {'fused': True} if args.device == 'cuda' else {'foreach': True}
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, **fused)
+    optimizer = _optimizer(params, **fused)
     sync = torch.cuda.synchronize if args.device == 'cuda' else (lambda: None)
     saved = SavedTensorBytes(model)
 
@@ -160,10 +336,11 @@ def measure(case: str, args) -> dict:
                 loss = loss_fn()
         else:
             loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if params:  # (the `encode` case has nothing to train)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss
 
     step(count_saved=True)
@@ -185,12 +362,8 @@ def measure(case: str, args) -> dict:
     times.sort()
     # median on CUDA; on a (possibly shared) CPU the minimum is the least noisy estimate
     step_s = times[len(times) // 2] if args.device == 'cuda' else times[0]
-    state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    state_bytes += sum(p.numel() * p.element_size() for p in params)  # gradients
-    state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                       if isinstance(t, torch.Tensor))
     result = {'case': case, 'step_s': step_s, 'frames_per_s': args.batch * args.frames / step_s,
-              'saved_MiB': saved.mib, 'state_MiB': state_bytes / 2 ** 20,
+              'saved_MiB': saved.mib, 'state_MiB': state_bytes(model, params, optimizer) / 2 ** 20,
               'gflop': flop_counter.get_total_flops() / 1e9,
               'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': float(loss.detach()),
               'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == 'cuda' else None}
@@ -203,15 +376,25 @@ def measure(case: str, args) -> dict:
 
 def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
     out = {}
-    for case in ('lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_compile'):
+    encode = results.get('encode')
+    for case in ('lora_fast', 'lora_sac', 'lora_mixed', 'lora_compile'):
+        if encode and case in results and 'full' in results:
+            a, b = results[case], results['full']
+            if a['step_s'] is not None:
+                out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
+            out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
+    for case in ('lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full'):
             if case in results and ref in results:
                 a, b = results[case], results[ref]
-                out[f'{case}/{ref} step'] = a['step_s'] / b['step_s']
+                if a['step_s'] is not None:
+                    out[f'{case}/{ref} step'] = a['step_s'] / b['step_s']
                 out[f'{case}/{ref} flop'] = a['gflop'] / b['gflop']
-                key = 'peak_GiB' if a['peak_GiB'] is not None else 'saved_MiB'
-                if b[key]:
-                    out[f'{case}/{ref} {"peak" if key == "peak_GiB" else "saved"}'] = a[key] / b[key]
+                for key, name in (('peak_GiB', 'peak'), ('state_plus_saved_GiB', 'state+saved'),
+                                  ('saved_MiB', 'saved')):
+                    if a.get(key) is not None and b.get(key):
+                        out[f'{case}/{ref} {name}'] = a[key] / b[key]
+                        break
     return out
 
 
@@ -228,7 +411,13 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps (the first two count memory, FLOPs)')
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--json', default=None, help='also write the results here')
+    parser.add_argument('--count-only', action='store_true',
+                        help='no timing: one step on fake tensors (CPU autocast) counting FLOPs, saved activations and '
+                             'state, at any shape in seconds; state+saved GiB models the GPU peak memory')
     args = parser.parse_args(argv)
+    if args.count_only:
+        args.device = 'cpu'
+        args.dtype = args.dtype or 'bfloat16'
     if args.dtype is None:
         args.dtype = 'bfloat16' if args.device == 'cuda' else 'float32'
     args.autocast_dtype = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
@@ -237,12 +426,13 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     print(f"scale={args.scale} {SCALES[args.scale]} batch={args.batch} frames={args.frames} device={args.device} "
           f"dtype={args.dtype} rank={RANK} torch={torch.__version__}"
           + (f" gpu={torch.cuda.get_device_name()}" if args.device == 'cuda' else ''), flush=True)
-    print(f"{'case':<14} {'step (s)':>9} {'frames/s':>10} {'GFLOP':>9} {'peak GiB':>9} {'saved MiB':>10} "
+    peak_name = 'st+sv GiB' if args.count_only else 'peak GiB'
+    print(f"{'case':<14} {'step (s)':>9} {'frames/s':>10} {'GFLOP':>9} {peak_name:>9} {'saved MiB':>10} "
           f"{'state MiB':>10} {'trainable M':>12}", flush=True)
     results: tp.Dict[str, dict] = {}
     for case in args.cases.split(','):
         try:
-            r = measure(case, args)
+            r = (count if args.count_only else measure)(case, args)
         except Exception as exc:  # report and keep going (e.g. OOM of one case)
             print(f"{case:<14} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             gc.collect()
@@ -250,8 +440,10 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
                 torch.cuda.empty_cache()
             continue
         results[case] = r
-        peak = f"{r['peak_GiB']:.2f}" if r['peak_GiB'] is not None else '-'
-        print(f"{case:<14} {r['step_s']:>9.4f} {r['frames_per_s']:>10.0f} {r['gflop']:>9.1f} {peak:>9} "
+        peak = r['peak_GiB'] if r['peak_GiB'] is not None else r.get('state_plus_saved_GiB')
+        peak = f"{peak:.2f}" if peak is not None else '-'
+        timing = f"{r['step_s']:>9.4f} {r['frames_per_s']:>10.0f}" if r['step_s'] is not None else f"{'-':>9} {'-':>10}"
+        print(f"{case:<14} {timing} {r['gflop']:>9.1f} {peak:>9} "
               f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f}", flush=True)
     rat = ratios(results)
     print('ratios:\n  ' + '\n  '.join(f'{k:<28} {v:.3f}' for k, v in rat.items()), flush=True)

@@ -44,6 +44,26 @@ def test_compiled_layers_match_eager_and_keep_names(debug_lm_pkg):
     assert torch.allclose(conditioned_logits(compiled, codes, text), conditioned_logits(lm, codes, text), atol=1e-6)
 
 
+@pytest.mark.parametrize('checkpointing', [{'activation_checkpointing': 'selective'},
+                                           {'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5,
+                                            'checkpoint_rest': 'selective'}])
+def test_compiled_layers_under_checkpointing_match_eager(debug_lm_pkg, checkpointing):
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    from audiocraft_lora import base_models
+    set_efficient_attention_backend('torch')
+    torch._dynamo.reset()
+    lm = base_models.build_lm(debug_lm_pkg)
+    inject_lora(lm, LoRASettings(rank=4, dropout=0.0, init='random'))
+    compiled = copy.deepcopy(lm)
+    apply_to_model(compiled, SpeedSettings(compile='aot_eager', **checkpointing), autocast=False,
+                   autocast_dtype=torch.float32)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
+    loss, grads = _loss_and_grads(lm, codes, ['trap beat', 'lofi'])
+    compiled_loss, compiled_grads = _loss_and_grads(compiled, codes, ['trap beat', 'lofi'])
+    assert compiled_loss == pytest.approx(loss, rel=1e-6)
+    assert all(torch.allclose(compiled_grads[k], grads[k], atol=1e-7) for k in grads)
+
+
 def test_unknown_compile_backend_is_refused():
     with pytest.raises(LoRAConfigError, match=r"lora.compile='tensorrtx' is not a torch.compile backend"):
         SpeedSettings(compile='tensorrtx').validate()

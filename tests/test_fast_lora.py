@@ -12,7 +12,7 @@ from audiocraft_lora.fast_lora import (
     FastLoraLinear, LoRAStreamingMultiheadAttention, LowRankWeight, low_rank_linear)
 from audiocraft_lora.lora import (
     AdapterParameters, LoRASettings, delta_weights, inject_lora, lora_parameters, merge_into_state_dict)
-from audiocraft_lora.speed import SpeedSettings, apply_to_model, optimizer_kwargs
+from audiocraft_lora.speed import SpeedSettings, apply_to_model, optimizer_kwargs, pin_loaders
 from helpers import conditioned_logits
 
 PROMPTS = ['trap beat with 808 bass', 'ambient pad']
@@ -142,17 +142,21 @@ def test_merge_and_delta_of_a_fast_path_adapter_equal_its_forward(debug_lm_pkg, 
     torch.testing.assert_close(conditioned_logits(plain, codes, PROMPTS), adapted, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('fast_path, fraction', [(True, 1.0), (False, 1.0), (True, 0.5)])
-def test_activation_checkpointing_gives_the_same_gradients(debug_lm_pkg, codes, fast_path, fraction):
+@pytest.mark.parametrize('mode, fast_path, fraction, rest', [
+    ('torch', True, 1.0, 'none'), ('torch', False, 1.0, 'none'), ('torch', True, 0.5, 'none'),
+    ('selective', True, 1.0, 'none'), ('selective', False, 1.0, 'none'), ('selective', True, 0.5, 'none'),
+    ('torch', True, 0.5, 'selective')])
+def test_activation_checkpointing_gives_the_same_gradients(debug_lm_pkg, codes, mode, fast_path, fraction, rest):
     settings = LoRASettings(rank=4, alpha=8, init='random', dropout=0.1)
     results = []
-    for checkpointing in ('none', 'torch'):
+    for checkpointing in ('none', mode):
         lm = _lm(debug_lm_pkg, fast_path, settings)
-        info = apply_to_model(lm, SpeedSettings(fast_path=fast_path, activation_checkpointing=checkpointing,
-                                                checkpoint_fraction=fraction), False, torch.bfloat16)
-        assert lm.transformer.checkpointing == checkpointing
-        if checkpointing == 'torch' and fraction < 1:
-            assert info['checkpointed_layers'] == [0]  # 1 of the 2 layers of the debug base
+        info = apply_to_model(lm, SpeedSettings(
+            fast_path=fast_path, activation_checkpointing=checkpointing, checkpoint_fraction=fraction,
+            checkpoint_rest=rest if checkpointing != 'none' else 'none'), False, torch.bfloat16)
+        assert lm.transformer.checkpointing == ('torch' if checkpointing == 'torch' else 'none')
+        if checkpointing != 'none' and (fraction < 1 or checkpointing == 'selective'):
+            assert info['checkpointed_layers'] == ([0] if fraction < 1 else [0, 1])  # of the debug base's 2 layers
         lm.train()
         torch.manual_seed(3)
         loss = _loss(lm, codes)
@@ -163,6 +167,23 @@ def test_activation_checkpointing_gives_the_same_gradients(debug_lm_pkg, codes, 
     for key in grads0:
         assert grads1[key].abs().sum() > 0 or grads0[key].abs().sum() == 0, key
         torch.testing.assert_close(grads1[key], grads0[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_selective_checkpointing_recomputes_only_cheap_work(debug_lm_pkg, codes):
+    """Whole-layer checkpointing runs every matmul twice in backward; selective keeps the large matmul and attention
+    outputs, so its extra FLOPs are only the rank-r LoRA updates it recomputes (rank 1 here: ~1/32 of a base matmul
+    of the debug base)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for mode in ('none', 'selective', 'torch'):
+        lm = _lm(debug_lm_pkg, True, LoRASettings(rank=1, alpha=2, init='random'))
+        apply_to_model(lm, SpeedSettings(activation_checkpointing=mode), False, torch.bfloat16)
+        lm.train()
+        with FlopCounterMode(display=False) as counter:
+            _loss(lm, codes).backward()
+        flops[mode] = counter.get_total_flops()
+    assert flops['torch'] > 1.2 * flops['none']
+    assert flops['none'] < flops['selective'] < flops['none'] + 0.1 * (flops['torch'] - flops['none'])
 
 
 def test_bf16_base_keeps_adapter_fp32_and_changes_no_autocast_result(debug_lm_pkg, codes):
@@ -202,11 +223,24 @@ def test_fast_path_under_autocast_is_close_to_the_plain_path(debug_lm_pkg, codes
     ({'base_dtype': 'int8'}, True, 'lora.base_dtype must be'),
     ({'activation_checkpointing': 'xformers_default'}, True, 'lora.activation_checkpointing must be'),
     ({'checkpoint_fraction': 0}, True, 'lora.checkpoint_fraction must be'),
+    ({'checkpoint_rest': 'torch'}, True, 'lora.checkpoint_rest must be'),
+    ({'pin_memory': 'yes'}, True, 'lora.pin_memory must be'),
+    ({'checkpoint_rest': 'selective'}, True, 'set lora.activation_checkpointing=torch'),
 ])
 def test_bad_speed_settings_are_refused(kwargs, autocast, match):
     with pytest.raises(LoRAConfigError, match=match):
         settings = SpeedSettings.from_config(kwargs)
         settings.resolve_base_dtype(autocast, torch.bfloat16)
+
+
+def test_pin_memory_auto_pins_only_for_cuda():
+    from torch.utils.data import DataLoader
+    loaders = {'train': DataLoader(list(range(4))), 'valid': DataLoader(list(range(4)))}
+    assert pin_loaders(loaders, SpeedSettings(), 'cpu') == []
+    assert pin_loaders(loaders, SpeedSettings(pin_memory=False), 'cuda') == []
+    assert not any(loader.pin_memory for loader in loaders.values())
+    assert pin_loaders(loaders, SpeedSettings(), 'cuda:0') == ['train', 'valid']
+    assert all(loader.pin_memory for loader in loaders.values())
 
 
 def test_auto_settings_and_optimizer_kwargs():
@@ -227,6 +261,10 @@ def test_solver_wires_the_speed_settings(dora_dir):
     assert solver.model.transformer.checkpointing == 'torch'
     assert isinstance(solver.model.transformer.layers[0].self_attn, LoRAStreamingMultiheadAttention)
     assert solver.optimizer.defaults.get('fused') is True
+    assert not any(loader.pin_memory for loader in solver.dataloaders.values())  # auto: only on CUDA
+    selective, _ = build_solver(DEBUG_ARGS + ['lora.activation_checkpointing=selective', 'lora.pin_memory=true'])
+    assert selective.model.transformer._apply_layer.func.__name__ == '_apply_layer_planned'
+    assert all(loader.pin_memory for loader in selective.dataloaders.values())
     assert list(AdapterParameters(solver.model).state_dict()) == list(solver.adapter.state_dict())
     with pytest.raises(LoRAConfigError, match='needs autocast=true'):
         build_solver(DEBUG_ARGS + ['lora.base_dtype=bfloat16'])
