@@ -18,3 +18,7 @@ class BaseModelError(UserError):
 
 class LoRAConfigError(UserError):
     """The LoRA configuration is invalid (rank, targets, ...)."""
+
+
+class OutOfMemory(UserError):
+    """The GPU ran out of memory in a training step; the message names the memory setting to try next."""

@@ -9,6 +9,7 @@ matches the call site (a key it doesn't name matches anything). Points:
 - `kill@checkpoint_saved` (epoch): SIGKILL once `checkpoint.th` is in place, before the epoch copy, the pruning
   of old checkpoints and dora's history update.
 - `nan_loss` (epoch, step, rank): multiply the training loss by NaN (the graph is kept, so gradients are NaN too).
+- `oom@train_step` (epoch, step, rank): raise torch's OutOfMemoryError at the start of a training step.
 
 Example: `AUDIOCRAFT_LORA_FAULT='kill@train_step:epoch=2,step=1;nan_loss:step=0,rank=1'`.
 Unset (the normal case), every call is one dictionary lookup.
@@ -55,3 +56,9 @@ def maybe_poison_loss(loss: torch.Tensor, **where: tp.Any) -> torch.Tensor:
     if fires('nan_loss', **where):
         return loss * float('nan')
     return loss
+
+
+def maybe_out_of_memory(**where: tp.Any) -> None:
+    """Raise torch's OutOfMemoryError (what a CUDA allocation failure raises) if an `oom@train_step` spec fires."""
+    if fires('oom@train_step', **where):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by AUDIOCRAFT_LORA_FAULT)")

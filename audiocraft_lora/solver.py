@@ -41,10 +41,10 @@ from . import adapters, base_models
 from . import checkpointing, faults
 from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
-from .errors import BaseModelError, LoRAConfigError
+from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    pin_loaders)
+                    out_of_memory_advice, pin_loaders)
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +268,15 @@ class LoRAMusicGenSolver(MusicGenSolver):
         if not self.is_training:
             return super().run_step(idx, batch, metrics)
         faults.kill_point('train_step', epoch=self.epoch, step=idx, rank=flashy.distrib.rank())
-        return self.nonfinite_guard.run_step(
-            self, lambda: super(LoRAMusicGenSolver, self).run_step(idx, batch, metrics), metrics, self.epoch, idx)
+        try:
+            faults.maybe_out_of_memory(epoch=self.epoch, step=idx, rank=flashy.distrib.rank())
+            return self.nonfinite_guard.run_step(
+                self, lambda: super(LoRAMusicGenSolver, self).run_step(idx, batch, metrics), metrics, self.epoch, idx)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(out_of_memory_advice(
+                self.speed_settings, int(self.cfg.dataset.batch_size) * flashy.distrib.world_size(),  # per rank here
+                float(self.cfg.dataset.segment_duration),
+                str(exc))) from None
 
     def _compute_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
                                mask: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[torch.Tensor]]:

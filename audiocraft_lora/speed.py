@@ -225,6 +225,51 @@ def pin_loaders(loaders: tp.Mapping[str, tp.Any], settings: SpeedSettings, devic
     return pinned
 
 
+# leaner and leaner activation-checkpointing plans: (overrides, what it costs), tried in this order after an OOM
+MEMORY_LADDER = (
+    ({'activation_checkpointing': 'selective', 'checkpoint_fraction': 1.0, 'checkpoint_rest': 'none'},
+     'about 0.6x the activation memory for almost no extra compute'),
+    ({'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5, 'checkpoint_rest': 'selective'},
+     'about a third of the activation memory, ~+25% compute'),
+    ({'activation_checkpointing': 'torch', 'checkpoint_fraction': 1.0, 'checkpoint_rest': 'none'},
+     'layer inputs only, ~+50% compute'),
+)
+
+
+def _memory_level(settings: SpeedSettings) -> float:
+    """Where `settings` sit on MEMORY_LADDER (-1: no checkpointing; a half-way plan counts as the rung below)."""
+    mode, fraction = settings.activation_checkpointing, float(settings.checkpoint_fraction)
+    if mode == 'none':
+        return -1
+    if mode == 'selective':
+        return 0 if fraction >= 1.0 else -0.5
+    if fraction >= 1.0:
+        return 2
+    if settings.checkpoint_rest == 'selective' and fraction >= 0.5:
+        return 1
+    return 0.5
+
+
+def out_of_memory_advice(settings: SpeedSettings, batch_size: int, segment_duration: float, error: str) -> str:
+    """What to change after a training step ran out of GPU memory: the next leaner checkpointing plan, then batch
+    size / segment length. Speed settings are outside the XP signature, so rerunning resumes the same XP."""
+    level = _memory_level(settings)
+    lines = [f"The GPU ran out of memory in a training step ({error.splitlines()[0] if error else 'OutOfMemoryError'}) "
+             f"with dataset.batch_size={batch_size}, dataset.segment_duration={segment_duration}, "
+             f"lora.activation_checkpointing={settings.activation_checkpointing} "
+             f"(checkpoint_fraction={settings.checkpoint_fraction}, checkpoint_rest={settings.checkpoint_rest})."]
+    for rung, (overrides, cost) in enumerate(MEMORY_LADDER):
+        if rung > level:
+            keys = ' '.join(f'lora.{k}={v}' for k, v in overrides.items())
+            lines.append(f"Rerun the same command with `{keys}` ({cost}): these keys are outside the XP signature, "
+                         "so it resumes from the last checkpoint.")
+            break
+    lines.append(f"Or lower dataset.batch_size (now {batch_size}; keep the effective batch with more GPUs) or "
+                 f"dataset.segment_duration (now {segment_duration} s). Plan without a GPU: "
+                 "`python benchmarks/step_time.py --count-only --scale small --batch B --frames 50*SECONDS`.")
+    return ' '.join(lines)
+
+
 def optimizer_kwargs(settings: SpeedSettings, params: tp.Sequence[torch.Tensor], optimizer: str) -> dict:
     """Extra keyword arguments for torch's Adam/AdamW (`fused=True` on CUDA with `auto`)."""
     if optimizer not in ('adam', 'adamw'):
