@@ -182,9 +182,9 @@ def _max_lora_rank(model: nn.Module) -> int:
     return max(ranks, default=0)
 
 
-def _apply_layer_planned(plan: tp.Dict[int, str], selective_context: tp.Callable, layer: nn.Module, *args, **kwargs):
+def _apply_layer_planned(selective_context: tp.Callable, layer: nn.Module, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
-    mode = plan.get(id(layer), 'none')
+    mode = getattr(layer, '_lora_checkpointing', 'none')  # an attribute of the layer: survives deepcopy
     if mode == 'none':
         return layer(*args, **kwargs)
     if mode == 'torch':
@@ -203,11 +203,11 @@ def checkpoint_layers(transformer: nn.Module, mode: str, fraction: float, max_ch
     layers = list(transformer.layers)
     count = max(1, round(fraction * len(layers)))
     indices = sorted({int(i * len(layers) / count) for i in range(count)})
-    plan = {id(layer): rest for layer in layers}
-    plan.update({id(layers[i]): mode for i in indices})
+    for index, layer in enumerate(layers):
+        layer._lora_checkpointing = mode if index in indices else rest
     selective_context = functools.partial(create_selective_checkpoint_contexts,
                                           functools.partial(_selective_policy, max_cheap_rank))
-    transformer._apply_layer = functools.partial(_apply_layer_planned, plan, selective_context)
+    transformer._apply_layer = functools.partial(_apply_layer_planned, selective_context)
     return indices
 
 

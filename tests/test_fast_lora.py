@@ -264,6 +264,8 @@ def test_solver_wires_the_speed_settings(dora_dir):
     assert not any(loader.pin_memory for loader in solver.dataloaders.values())  # auto: only on CUDA
     selective, _ = build_solver(DEBUG_ARGS + ['lora.activation_checkpointing=selective', 'lora.pin_memory=true'])
     assert selective.model.transformer._apply_layer.func.__name__ == '_apply_layer_planned'
+    clone = copy.deepcopy(selective.model)  # the plan lives on the layers, so a copy keeps it
+    assert [layer._lora_checkpointing for layer in clone.transformer.layers] == ['selective', 'selective']
     assert all(loader.pin_memory for loader in selective.dataloaders.values())
     assert list(AdapterParameters(solver.model).state_dict()) == list(solver.adapter.state_dict())
     with pytest.raises(LoRAConfigError, match='needs autocast=true'):
