@@ -173,8 +173,11 @@ class LoRAMusicGenSolver(MusicGenSolver):
 
     # ---------------------------------------------------------------- model
     def build_dataloaders(self) -> None:
+        """AudioCraft's loaders, page-locked per lora.pin_memory. Runs first in AudioCraft's __init__, so the speed
+        settings are read (and checked) here, once, for build_model and the optimizer too."""
+        self.speed_settings = SpeedSettings.from_config(self.cfg.get('lora'))
         super().build_dataloaders()
-        pinned = pin_loaders(self.dataloaders, SpeedSettings.from_config(self.cfg.get('lora')), self.device)
+        pinned = pin_loaders(self.dataloaders, self.speed_settings, self.device)
         if pinned:
             self.logger.info("Page-locked batches (lora.pin_memory) for the %s loaders", ', '.join(pinned))
 
@@ -183,7 +186,6 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self.compression_model = get_wrapped_compression_model(self._base_compression_model, self.cfg)
         lm = base_models.build_lm(self._lm_pkg, device='cpu', overrides=self.cfg.get('base_overrides'))
         self._lm_pkg = {}  # base weights live in the model now; keep no second copy
-        self.speed_settings = SpeedSettings.from_config(self.cfg.get('lora'))
         self.lora_targets = inject_lora(lm, self.lora_settings, fast_path=self.speed_settings.fast_path)
         speed_info = apply_speed_settings(lm, self.speed_settings, autocast=bool(self.cfg.autocast),
                                           autocast_dtype=DTYPES[self.cfg.autocast_dtype])

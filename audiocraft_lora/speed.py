@@ -27,6 +27,7 @@ base_dtype needs autocast with that same dtype and the fast path; it is refused 
 stay float32 (they are the optimizer's masters).
 """
 from dataclasses import dataclass, field, fields
+import functools
 import logging
 import typing as tp
 
@@ -157,20 +158,30 @@ def eager_generation(settings: SpeedSettings):
 
 # ops whose outputs selective checkpointing keeps: attention kernels (by name: torch's and xformers' variants)
 _ATTENTION_MARKERS = ('attention', 'flash')
-_MATMULS = ('aten.mm.default', 'aten.addmm.default', 'aten.bmm.default', 'aten.baddbmm.default')
+_MATMULS = {'aten.mm.default': 0, 'aten.addmm.default': 1, 'aten.bmm.default': 0, 'aten.baddbmm.default': 1}
+
+
+@functools.lru_cache(maxsize=None)
+def _op_kind(op) -> tp.Tuple[str, int]:
+    """('matmul', index of the left operand) | ('attention', -1) | ('other', -1); once per op, not per call."""
+    name = str(op)
+    if name in _MATMULS:
+        return 'matmul', _MATMULS[name]
+    if any(marker in name for marker in _ATTENTION_MARKERS) and 'backward' not in name:
+        return 'attention', -1
+    return 'other', -1
 
 
 def _selective_policy(max_cheap_rank: int, ctx, op, *args, **kwargs):
     """Keep large matmul outputs and attention outputs; recompute the rest (pointwise, norms, copies, and matmuls
     contracting over at most `max_cheap_rank`, i.e. the LoRA up-projections)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    name = str(op)
-    if name in _MATMULS:
-        left = args[1] if name in ('aten.addmm.default', 'aten.baddbmm.default') else args[0]
-        if left.shape[-1] > max_cheap_rank:
+    kind, left = _op_kind(op)
+    if kind == 'matmul':
+        if args[left].shape[-1] > max_cheap_rank:
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
-    if any(marker in name for marker in _ATTENTION_MARKERS) and 'backward' not in name:
+    if kind == 'attention':
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -198,7 +209,6 @@ def checkpoint_layers(transformer: nn.Module, mode: str, fraction: float, max_ch
     `selective`), the others with `rest` (`none` or `selective`); returns the indices of the first group. Replaces the
     instance's `_apply_layer` hook (AudioCraft's own applies one method to every layer and only knows whole-layer
     torch checkpointing or xformers-internal policies)."""
-    import functools
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
     layers = list(transformer.layers)
     count = max(1, round(fraction * len(layers)))
