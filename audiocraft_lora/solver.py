@@ -44,7 +44,7 @@ from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    out_of_memory_advice, pin_loaders)
+                    chunk_encoder, out_of_memory_advice, pin_loaders, set_checkpointing)
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
     def build_model(self) -> None:
         """Base compression model + LM from the base checkpoint, LoRA injected, adapter-only optimization."""
         self.compression_model = get_wrapped_compression_model(self._base_compression_model, self.cfg)
+        chunk_encoder(self.compression_model, self.speed_settings)
         lm = base_models.build_lm(self._lm_pkg, device='cpu', overrides=self.cfg.get('base_overrides'))
         self._lm_pkg = {}  # base weights live in the model now; keep no second copy
         self.lora_targets = inject_lora(lm, self.lora_settings, fast_path=self.speed_settings.fast_path)
@@ -191,6 +192,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
                                           autocast_dtype=DTYPES[self.cfg.autocast_dtype])
         logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
         self.model = lm.to(self.device)
+        self._plan_memory()
         assert self.cfg.transformer_lm.card == self.compression_model.cardinality
         assert self.cfg.transformer_lm.n_q == self.compression_model.num_codebooks
         if self.cfg.fsdp.use:
@@ -216,6 +218,76 @@ class LoRAMusicGenSolver(MusicGenSolver):
         if self.cfg.autocast and self.autocast_dtype is torch.float16:
             self.scaler = torch.amp.GradScaler('cuda')
             self.register_stateful('scaler')
+
+    def _plan_memory(self) -> None:
+        """Estimate the training step's peak memory before any step (memory_plan) and, with
+        `lora.activation_checkpointing=auto`, put the LM on the first checkpointing plan that fits the budget."""
+        import dataclasses
+        import time
+        from . import memory_plan
+        settings = self.speed_settings
+        auto = settings.activation_checkpointing == 'auto'
+        budget = memory_plan.device_budget(settings.memory_budget_gib, self.device)
+        if budget is None:
+            if auto:
+                self.speed_settings = dataclasses.replace(settings, activation_checkpointing='none')
+            return
+        cfg = self.cfg
+        cached = bool(cfg.get('cache') and cfg.cache.get('path') and not cfg.cache.get('write'))
+        duration = float(cfg.dataset.segment_duration)
+        shape = memory_plan.StepShape(
+            batch=int(cfg.dataset.batch_size),  # per rank here (train.get_solver)
+            frames=memory_plan.ceil_frames(duration, self.compression_model.frame_rate),
+            samples=None if cached else int(duration * self.compression_model.sample_rate),
+            channels=self.compression_model.channels)
+        autocast_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast else None
+        plans = memory_plan.PLANS if auto else [(settings.activation_checkpointing,
+                                                 float(settings.checkpoint_fraction), settings.checkpoint_rest)]
+        start = time.time()
+        index, estimate = len(plans), None
+        for i, plan in enumerate(plans):
+            if auto:
+                set_checkpointing(self.model, *plan)
+            estimate = memory_plan.estimate_step(self.model, self.compression_model, shape, autocast_dtype)
+            self.logger.info("Estimated peak memory per GPU, batch %d x %.1f s, checkpointing %s: %s", shape.batch,
+                             duration, memory_plan.plan_name(plan), memory_plan.describe(estimate, budget))
+            if memory_plan.fits(estimate, budget):
+                index = i
+                break
+        assert estimate is not None
+        index = self._leanest_on_any_rank(index) if auto else index
+        chosen = plans[min(index, len(plans) - 1)]
+        self.memory_estimate = {'plan': memory_plan.plan_name(chosen), 'peak_gib': round(estimate.peak_gib, 3),
+                                'budget_gib': round(budget / 2 ** 30, 3), 'seconds': round(time.time() - start, 1)}
+        if auto:
+            set_checkpointing(self.model, *chosen)
+            mode, fraction, rest = chosen
+            self.speed_settings = dataclasses.replace(settings, activation_checkpointing=mode,
+                                                      checkpoint_fraction=fraction, checkpoint_rest=rest)
+        if index < len(plans):
+            self.logger.info("Activation checkpointing: %s (estimated in %.1f s)", memory_plan.plan_name(chosen),
+                             time.time() - start)
+            return
+        largest = memory_plan.largest_batch(estimate, shape.batch, budget)
+        advice = (f"dataset.batch_size={largest * flashy.distrib.world_size()} (the most that fits)" if largest
+                  else "a shorter dataset.segment_duration")
+        message = (f"The training step at dataset.batch_size={shape.batch * flashy.distrib.world_size()} x "
+                   f"{duration:g} s needs an estimated {memory_plan.describe(estimate, budget)} (lora.memory_budget_gib="
+                   f"{settings.memory_budget_gib}) with activation checkpointing {memory_plan.plan_name(chosen)}.")
+        if auto:
+            raise OutOfMemory(f"{message} No checkpointing plan fits: rerun with {advice}, or more GPUs (the batch is "
+                              "split across them), or lora.memory_budget_gib=none to try anyway.")
+        self.logger.warning("%s It will likely run out of memory: lora.activation_checkpointing=auto picks the "
+                            "plan that fits, or lower the batch (%s).", message, advice)
+
+    def _leanest_on_any_rank(self, index: int) -> int:
+        """With DDP, every rank takes the leanest plan any rank needs (their free memory may differ); the number of
+        plans when one rank has none that fits (then every rank stops)."""
+        if not flashy.distrib.is_distributed():
+            return index
+        value = torch.tensor([float(index)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return int(value.item())
 
     def _check_schedule(self) -> None:
         """A warmup as long as training divides by zero at the last step of AudioCraft's cosine/polynomial

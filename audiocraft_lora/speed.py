@@ -3,11 +3,13 @@
     lora.fast_path: true                  # fast_lora: no W + BA, no frozen-weight gradient (exact; see fast_lora)
     lora.base_dtype: auto                 # auto | float32 | bfloat16 | float16: storage dtype of frozen projections
     lora.fused_optimizer: auto            # auto | true | false: torch's fused AdamW kernel (auto: on CUDA)
-    lora.activation_checkpointing: none   # none | selective | torch: recompute in backward (see below)
+    lora.activation_checkpointing: auto   # auto | none | selective | torch: recompute in backward (see below)
+    lora.memory_budget_gib: auto          # auto | GiB | none: the memory `auto` plans for (memory_plan)
     lora.checkpoint_fraction: 1.0         # fraction of the layers checkpointed (evenly spaced)
     lora.checkpoint_rest: none            # none | selective: what the other layers do
     lora.compile: none                    # none | inductor | aot_eager | ...: torch.compile each transformer layer
     lora.pin_memory: auto                 # auto | true | false: page-locked batches (auto: when training on CUDA)
+    lora.encode_chunk: 4                  # EnCodec encodes a batch this many items at a time (0: all at once)
 
 `compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
 for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). With the fast
@@ -18,8 +20,10 @@ twice: least memory, ~1.3x the FLOPs). `selective` keeps the outputs of the larg
 recomputes only what is cheap: layer norms, GELU, copies and the rank-r LoRA updates (no extra matmul FLOPs beyond
 those updates; roughly 0.6x the activation memory of no checkpointing). To fit a memory budget at the least recompute,
 mix them: `activation_checkpointing: torch` on `checkpoint_fraction` of the layers and `checkpoint_rest: selective`
-on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers whole, the rest selective; see
-benchmarks/step_time.py --count-only for the memory of a plan at any shape).
+on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers whole, the rest selective). `auto` (the
+default) estimates the step's peak memory before training (memory_plan: fake tensors, a few seconds, no GPU memory)
+and takes the first of none, selective, half whole + half selective, whole that fits `memory_budget_gib` (auto: the
+GPU's free memory); off CUDA, with `memory_budget_gib: auto`, it is `none`.
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -39,7 +43,7 @@ from .errors import LoRAConfigError
 logger = logging.getLogger(__name__)
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-CHECKPOINTING = ('none', 'selective', 'torch')
+CHECKPOINTING = ('auto', 'none', 'selective', 'torch')
 
 
 @dataclass
@@ -52,8 +56,9 @@ class SpeedSettings:
                 "float32) | float32 | bfloat16 | float16."})
     fused_optimizer: tp.Any = field(default='auto', metadata={
         'help': "torch's fused AdamW/Adam kernel for the adapter: auto (on CUDA) | true | false."})
-    activation_checkpointing: str = field(default='none', metadata={
-        'help': "none | selective | torch. torch: recompute each transformer layer in backward (AudioCraft's "
+    activation_checkpointing: str = field(default='auto', metadata={
+        'help': "auto | none | selective | torch. auto: the first of none, selective, half torch + half selective, "
+                "torch whose estimated peak memory fits memory_budget_gib (memory_plan). torch: recompute each transformer layer in backward (AudioCraft's "
                 "transformer_lm.checkpointing, non-reentrant so frozen inputs still give adapter gradients). "
                 "selective: keep matmul and attention outputs, recompute norms, activations and LoRA updates."})
     compile: str = field(default='none', metadata={
@@ -69,6 +74,13 @@ class SpeedSettings:
     checkpoint_rest: str = field(default='none', metadata={
         'help': 'none | selective: how the layers left out by checkpoint_fraction run (selective: keep matmul and '
                 'attention outputs only).'})
+    encode_chunk: int = field(default=4, metadata={
+        'help': "EnCodec tokenizes a training batch this many items at a time (0: the whole batch at once, as "
+                "AudioCraft does). Same tokens; AudioCraft's float32 encode of 16 x 30 s holds ~13 GiB at its peak, "
+                "more than a checkpointed LoRA step: in chunks of 4, ~3.3 GiB."})
+    memory_budget_gib: tp.Any = field(default='auto', metadata={
+        'help': "GPU memory a training step may use, for activation_checkpointing=auto and the start-up estimate: "
+                "auto (what the GPU has free) | a number of GiB | none (no estimate; auto means none)."})
 
     @classmethod
     def from_config(cls, cfg: tp.Any) -> 'SpeedSettings':
@@ -98,6 +110,23 @@ class SpeedSettings:
                                   f"{self.activation_checkpointing!r}.")
         if self.checkpoint_rest not in ('none', 'selective'):
             raise LoRAConfigError(f"lora.checkpoint_rest must be none or selective, got {self.checkpoint_rest!r}.")
+        if not isinstance(self.encode_chunk, int) or isinstance(self.encode_chunk, bool) or self.encode_chunk < 0:
+            raise LoRAConfigError(f"lora.encode_chunk must be a whole number >= 0 (0: the whole batch at once), got "
+                                  f"{self.encode_chunk!r}.")
+        budget = str(self.memory_budget_gib).lower()
+        if budget not in ('auto', 'none', 'null'):
+            try:
+                ok = float(budget) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise LoRAConfigError(f"lora.memory_budget_gib must be auto, none or a number of GiB > 0, got "
+                                      f"{self.memory_budget_gib!r}.")
+        if self.activation_checkpointing == 'auto' and (float(self.checkpoint_fraction) < 1.0
+                                                        or self.checkpoint_rest != 'none'):
+            raise LoRAConfigError("lora.activation_checkpointing=auto chooses checkpoint_fraction and checkpoint_rest "
+                                  "itself: leave them at 1.0 and none, or set activation_checkpointing to torch or "
+                                  "selective to choose them.")
         if self.checkpoint_rest != 'none' and self.activation_checkpointing == 'none':
             raise LoRAConfigError("lora.checkpoint_rest applies to the layers left out by lora.checkpoint_fraction: "
                                   "set lora.activation_checkpointing=torch (or selective) as well.")
@@ -122,18 +151,9 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     from .fast_lora import cast_frozen_base
     info: tp.Dict[str, tp.Any] = {}
     transformer = getattr(model, 'transformer', None)
-    if settings.activation_checkpointing != 'none':
-        if transformer is None or not hasattr(transformer, 'checkpointing'):
-            raise LoRAConfigError("lora.activation_checkpointing needs AudioCraft's StreamingTransformer LM.")
-        info['activation_checkpointing'] = settings.activation_checkpointing
-        if settings.activation_checkpointing == 'torch':
-            transformer.checkpointing = 'torch'  # AudioCraft's own per-layer checkpointing
-        if settings.activation_checkpointing != 'torch' or float(settings.checkpoint_fraction) < 1.0:
-            info['checkpointed_layers'] = checkpoint_layers(
-                transformer, settings.activation_checkpointing, float(settings.checkpoint_fraction),
-                _max_lora_rank(model), rest=settings.checkpoint_rest)
-            if settings.checkpoint_rest != 'none':
-                info['checkpoint_rest'] = settings.checkpoint_rest
+    if settings.activation_checkpointing not in ('none', 'auto'):  # auto: planned once the LM is on its device
+        info.update(set_checkpointing(model, settings.activation_checkpointing, float(settings.checkpoint_fraction),
+                                      settings.checkpoint_rest))
     dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
     if dtype is not torch.float32:
         info['base_tensors_cast'] = cast_frozen_base(model, dtype)
@@ -145,6 +165,47 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
             layer.compile(backend=settings.compile)
         info['compile'] = settings.compile
     return info
+
+
+def set_checkpointing(model: nn.Module, mode: str, fraction: float = 1.0, rest: str = 'none') -> dict:
+    """Put the LM's transformer on a checkpointing plan (replacing any earlier one); returns what was set."""
+    transformer = getattr(model, 'transformer', None)
+    if transformer is None or not hasattr(transformer, 'checkpointing'):
+        raise LoRAConfigError("lora.activation_checkpointing needs AudioCraft's StreamingTransformer LM.")
+    transformer.__dict__.pop('_apply_layer', None)  # back to AudioCraft's own hook
+    transformer.checkpointing = 'none'
+    for layer in transformer.layers:
+        layer.__dict__.pop('_lora_checkpointing', None)
+    if mode == 'none':
+        return {}
+    info: tp.Dict[str, tp.Any] = {'activation_checkpointing': mode}
+    if mode == 'torch':
+        transformer.checkpointing = 'torch'  # AudioCraft's own per-layer checkpointing
+    if mode != 'torch' or fraction < 1.0:
+        info['checkpointed_layers'] = checkpoint_layers(transformer, mode, fraction, _max_lora_rank(model), rest=rest)
+        if rest != 'none':
+            info['checkpoint_rest'] = rest
+    return info
+
+
+def encode_in_chunks(encode: tp.Callable, chunk: int, x: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Any]:
+    """A compression model's `encode(x)` run `chunk` items of the batch at a time: EnCodec treats every item on its
+    own (convolutions, LSTM, nearest codeword), so the tokens are the same, and the peak of the encode's float32
+    activations is that of `chunk` items."""
+    if chunk <= 0 or x.shape[0] <= chunk:
+        return encode(x)
+    parts = [encode(piece) for piece in x.split(chunk)]
+    scales = [scale for _, scale in parts]
+    return torch.cat([codes for codes, _ in parts]), (None if scales[0] is None else torch.cat(scales))
+
+
+def chunk_encoder(compression_model: nn.Module, settings: SpeedSettings) -> None:
+    """Make `compression_model.encode` tokenize `settings.encode_chunk` items at a time (instance attribute; the
+    class's method, weights and state dict are untouched)."""
+    compression_model.__dict__.pop('encode', None)
+    if settings.encode_chunk > 0:
+        compression_model.encode = functools.partial(encode_in_chunks, type(compression_model).encode.__get__(
+            compression_model), int(settings.encode_chunk))
 
 
 def eager_generation(settings: SpeedSettings):
@@ -249,7 +310,7 @@ MEMORY_LADDER = (
 def _memory_level(settings: SpeedSettings) -> float:
     """Where `settings` sit on MEMORY_LADDER (-1: no checkpointing; a half-way plan counts as the rung below)."""
     mode, fraction = settings.activation_checkpointing, float(settings.checkpoint_fraction)
-    if mode == 'none':
+    if mode in ('none', 'auto'):
         return -1
     if mode == 'selective':
         return 0 if fraction >= 1.0 else -0.5
@@ -275,8 +336,9 @@ def out_of_memory_advice(settings: SpeedSettings, batch_size: int, segment_durat
                          "so it resumes from the last checkpoint.")
             break
     lines.append(f"Or lower dataset.batch_size (now {batch_size}; keep the effective batch with more GPUs) or "
-                 f"dataset.segment_duration (now {segment_duration} s). Plan without a GPU: "
-                 "`python benchmarks/step_time.py --count-only --scale small --batch B --frames 50*SECONDS`.")
+                 f"dataset.segment_duration (now {segment_duration} s). If other processes use this GPU, give "
+                 "lora.activation_checkpointing=auto a smaller lora.memory_budget_gib (GiB) to plan for. Plan without "
+                 "a GPU: `python benchmarks/memory_plan.py --scale small --batch B --seconds S`.")
     return ' '.join(lines)
 
 

@@ -17,12 +17,13 @@ timeout 60 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -
 
 echo "== GPU benchmark (full fine-tune, LoRA plain/fast/selective/checkpointed/compiled, HF + peft), one process per shape"
 # about 1-2 min per line on an H100/H200; medium batch 16 is the "fits in 40 GB with checkpointing" check
-for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_sac,lora_mixed,lora_compile,hf_lora,hf_full,encode" \
-            "--scale small --batch 4 --cases full,lora_plain,lora_fast,lora_sac,hf_lora,encode" \
+# --estimate: memory_plan's estimate (what lora.activation_checkpointing=auto plans with) next to the measured peak
+for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_sac,lora_mixed,lora_compile,hf_lora,encode" \
+            "--scale small --batch 4 --cases full,lora_plain,lora_fast,lora_sac,hf_lora,encode --estimate" \
             "--scale medium --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
-            "--scale medium --batch 16 --cases lora_mixed,lora_ckpt,lora_sac"; do
+            "--scale medium --batch 16 --cases lora_mixed,lora_ckpt,lora_sac --estimate"; do
   name=$(echo $args | tr -d ' -' | tr ',' '_')
-  limit=100; case "$args" in *lora_compile*) limit=150;; *"--scale small --batch 4"*) limit=90;; esac  # inductor compiles
+  limit=100; case "$args" in *lora_compile*) limit=150;; *"--scale small --batch 4"*) limit=100;; *"--batch 16 --cases lora_mixed"*) limit=115;; esac
   timeout $limit python3 benchmarks/step_time.py $args --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
     --iters 5 --json "$OUT/bench_$name.json" 2>&1 | grep -v -i "xformers\|warn\|^ \|transformers\]" | tail -40
 done
@@ -31,4 +32,5 @@ echo "== CUDA check: dora run lora_debug on cuda with bf16 autocast"
 GEN=""; command -v ffmpeg >/dev/null || GEN="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
 timeout 40 python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
   autocast_dtype=bfloat16 dataset.num_workers=0 $GEN > "$OUT/cuda_dora.log" 2>&1
-echo "dora rc=$?"; grep -E "Summary|exported|speed settings|Error|error" "$OUT/cuda_dora.log" | tail -12
+echo "dora rc=$?"; grep -E "Summary|exported|speed settings|Estimated peak|Activation checkpointing|Error|error" \
+  "$OUT/cuda_dora.log" | tail -14

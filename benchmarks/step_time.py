@@ -26,7 +26,9 @@ cross-attention; HF: q,k,v,o,fc1,fc2), dropout 0. Weights are random: shapes are
 
 Memory: `saved_MiB` is the bytes of tensors autograd saves for backward in one step (deduplicated by storage,
 parameters excluded), a deterministic proxy for activation memory that works on CPU; `state_MiB` is parameters +
-gradients + optimizer state; on CUDA `peak_GiB` is `torch.cuda.max_memory_allocated`.
+gradients + optimizer state; on CUDA `peak_GiB` is `torch.cuda.max_memory_allocated`, with --count-only the
+estimate of it by audiocraft_lora.memory_plan.PeakTracker (every tensor the step creates, followed until freed, on
+top of the resident parameters) that `lora.activation_checkpointing=auto` plans with.
 
     python benchmarks/step_time.py --device cpu                                # tiny CPU smoke run
     python benchmarks/step_time.py --device cpu --scale xsmall --batch 4 --frames 250 --iters 3
@@ -208,28 +210,14 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
 
 
 def _valid_positions(lm, args) -> tp.List[torch.Tensor]:
-    """--count-only: the flat [B x T] indexes of each codebook's valid targets, computed on real tensors. (The solver
-    selects them with a boolean mask, whose data-dependent size fake tensors can't give.)"""
-    with _real_tensors():
-        pattern = lm.pattern_provider.get_pattern(args.frames)
-        zeros = torch.zeros(1, 4, args.frames, dtype=torch.long)
-        # as LMModel.compute_predictions does (keep_only_valid_steps=True)
-        sequence, _, _ = pattern.build_pattern_sequence(zeros, lm.special_token_id, keep_only_valid_steps=True)
-        _, _, mask = pattern.revert_pattern_logits(torch.zeros(1, 1, 4, sequence.shape[-1]), float('nan'),
-                                                   keep_only_valid_steps=True)
-        return [mask[k].repeat(args.batch).nonzero().squeeze(1) for k in range(mask.shape[0])]
+    """--count-only: the solver's CE positions, known without data (memory_plan.valid_positions)."""
+    from audiocraft_lora.memory_plan import valid_positions
+    return valid_positions(lm, args.batch, args.frames)
 
 
 def _cross_entropy_at(logits: torch.Tensor, codes: torch.Tensor, valid: tp.List[torch.Tensor]) -> torch.Tensor:
-    """`MusicGenSolver._compute_cross_entropy` with index_select at known positions instead of a boolean mask (same
-    copies, same saved tensors)."""
-    import torch.nn.functional as F
-    ce = torch.zeros([])
-    for k, index in enumerate(valid):
-        logits_k = logits[:, k, ...].contiguous().view(-1, logits.size(-1))
-        targets_k = codes[:, k, ...].contiguous().view(-1)
-        ce = ce + F.cross_entropy(logits_k.index_select(0, index), targets_k.index_select(0, index))
-    return ce / len(valid)
+    from audiocraft_lora.memory_plan import cross_entropy_at
+    return cross_entropy_at(logits, codes, valid)
 
 
 def _optimizer(params: tp.List[torch.Tensor], **kwargs) -> torch.optim.Optimizer:
@@ -252,25 +240,9 @@ def _real_tensors():
     return unset_fake_temporarily()
 
 
-@contextlib.contextmanager
 def _patterns_on_real_tensors():
-    """AudioCraft builds the delay pattern's scatter indexes with numpy, which fake tensors can't: build them real."""
-    from audiocraft.modules.codebooks_patterns import Pattern
-    names = ('_build_pattern_sequence_scatter_indexes', '_build_reverted_sequence_scatter_indexes')
-    originals = {name: getattr(Pattern, name) for name in names}
-
-    def real(original):
-        def build(self, *args, **kwargs):
-            with _real_tensors():
-                return original(self, *args, **kwargs)
-        return build
-    for name, original in originals.items():
-        setattr(Pattern, name, real(original))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(Pattern, name, original)
+    from audiocraft_lora.memory_plan import patterns_on_real_tensors
+    return patterns_on_real_tensors()
 
 
 @contextlib.contextmanager
@@ -299,6 +271,7 @@ def count(case: str, args) -> dict:
     float32 (their outputs are not saved, so saved bytes barely differ)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
+    from audiocraft_lora.memory_plan import PeakTracker
     if case == 'lora_compile':
         raise RuntimeError('torch.compile is not counted on fake tensors; measure it on a GPU')
     with FakeTensorMode(allow_non_fake_inputs=True), _cpu_moves_are_noops(), _patterns_on_real_tensors():
@@ -313,10 +286,22 @@ def count(case: str, args) -> dict:
             if params:
                 loss.backward()
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        del loss
+        # the peak of a second step (optimizer state held), apart: FlopCounterMode keeps tensors alive in backward
+        resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        resident += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                        if isinstance(t, torch.Tensor))
+        with PeakTracker() as tracker:
+            loss = loss_fn()
+            if params:
+                loss.backward()
+            del loss
         state = state_bytes(model, params, optimizer)
         return {'case': case, 'step_s': None, 'frames_per_s': None, 'saved_MiB': saved.mib,
                 'state_MiB': state / 2 ** 20, 'gflop': flop_counter.get_total_flops() / 1e9,
-                'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': None, 'peak_GiB': None,
+                'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': None,
+                'peak_GiB': (resident + tracker.peak) / 2 ** 30,
                 'state_plus_saved_GiB': (state + sum(saved.seen.values())) / 2 ** 30}
 
 
@@ -362,7 +347,13 @@ def measure(case: str, args) -> dict:
     times.sort()
     # median on CUDA; on a (possibly shared) CPU the minimum is the least noisy estimate
     step_s = times[len(times) // 2] if args.device == 'cuda' else times[0]
+    estimate = None
+    if getattr(args, 'estimate', False) and not case.startswith('hf_') and case != 'encode':
+        # what `lora.activation_checkpointing=auto` would plan with, for this very model (compare with peak_GiB)
+        from audiocraft_lora.memory_plan import StepShape, estimate_step
+        estimate = estimate_step(model, None, StepShape(args.batch, args.frames), args.autocast_dtype).peak_gib
     result = {'case': case, 'step_s': step_s, 'frames_per_s': args.batch * args.frames / step_s,
+              'est_GiB': estimate,
               'saved_MiB': saved.mib, 'state_MiB': state_bytes(model, params, optimizer) / 2 ** 20,
               'gflop': flop_counter.get_total_flops() / 1e9,
               'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': float(loss.detach()),
@@ -411,6 +402,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps (the first two count memory, FLOPs)')
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--json', default=None, help='also write the results here')
+    parser.add_argument('--estimate', action='store_true',
+                        help="also print audiocraft_lora.memory_plan's estimate of each AudioCraft case's peak memory "
+                             "(what lora.activation_checkpointing=auto plans with), next to the measured peak")
     parser.add_argument('--count-only', action='store_true',
                         help='no timing: one step on fake tensors (CPU autocast) counting FLOPs, saved activations and '
                              'state, at any shape in seconds; state+saved GiB models the GPU peak memory')
@@ -426,7 +420,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     print(f"scale={args.scale} {SCALES[args.scale]} batch={args.batch} frames={args.frames} device={args.device} "
           f"dtype={args.dtype} rank={RANK} torch={torch.__version__}"
           + (f" gpu={torch.cuda.get_device_name()}" if args.device == 'cuda' else ''), flush=True)
-    peak_name = 'st+sv GiB' if args.count_only else 'peak GiB'
+    peak_name = 'est. GiB' if args.count_only else 'peak GiB'
     print(f"{'case':<14} {'step (s)':>9} {'frames/s':>10} {'GFLOP':>9} {peak_name:>9} {'saved MiB':>10} "
           f"{'state MiB':>10} {'trainable M':>12}", flush=True)
     results: tp.Dict[str, dict] = {}
@@ -440,11 +434,12 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
                 torch.cuda.empty_cache()
             continue
         results[case] = r
-        peak = r['peak_GiB'] if r['peak_GiB'] is not None else r.get('state_plus_saved_GiB')
+        peak = r['peak_GiB']
         peak = f"{peak:.2f}" if peak is not None else '-'
         timing = f"{r['step_s']:>9.4f} {r['frames_per_s']:>10.0f}" if r['step_s'] is not None else f"{'-':>9} {'-':>10}"
+        est = f"  est. {r['est_GiB']:.2f} GiB" if r.get('est_GiB') else ''
         print(f"{case:<14} {timing} {r['gflop']:>9.1f} {peak:>9} "
-              f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f}", flush=True)
+              f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f}{est}", flush=True)
     rat = ratios(results)
     print('ratios:\n  ' + '\n  '.join(f'{k:<28} {v:.3f}' for k, v in rat.items()), flush=True)
     out = {'args': {k: v for k, v in vars(args).items() if k != 'autocast_dtype'}, 'results': results,

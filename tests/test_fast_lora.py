@@ -225,7 +225,9 @@ def test_fast_path_under_autocast_is_close_to_the_plain_path(debug_lm_pkg, codes
     ({'checkpoint_fraction': 0}, True, 'lora.checkpoint_fraction must be'),
     ({'checkpoint_rest': 'torch'}, True, 'lora.checkpoint_rest must be'),
     ({'pin_memory': 'yes'}, True, 'lora.pin_memory must be'),
-    ({'checkpoint_rest': 'selective'}, True, 'set lora.activation_checkpointing=torch'),
+    ({'checkpoint_rest': 'selective', 'activation_checkpointing': 'none'}, True,
+     'set lora.activation_checkpointing=torch'),
+    ({'checkpoint_rest': 'selective'}, True, 'auto chooses checkpoint_fraction and checkpoint_rest'),
 ])
 def test_bad_speed_settings_are_refused(kwargs, autocast, match):
     with pytest.raises(LoRAConfigError, match=match):

@@ -25,7 +25,9 @@ def torch_home(tmp_path, monkeypatch):
 
 def test_lora_trains_on_a_melody_base_with_the_chroma_condition(dora_dir, hf_melody_dir, torch_home):
     write_tiny_htdemucs(torch_home)
-    solver, _ = build_solver(MELODY_ARGS + [f'base_model={hf_melody_dir}'])
+    # a budget: the start-up memory estimate runs too, through the chroma conditioner (a null melody, as CFG drops it)
+    solver, _ = build_solver(MELODY_ARGS + [f'base_model={hf_melody_dir}', 'lora.memory_budget_gib=8'])
+    assert solver.memory_estimate['plan'] == 'none' and solver.memory_estimate['peak_gib'] > 0
     assert solver.cfg.conditioners.self_wav.model == 'chroma_stem'
     assert not any('cross_attention' in t for t in solver.lora_targets)  # melody has none: skipped
     solver.model.cfg_dropout.p = 0.0

@@ -1,0 +1,94 @@
+"""What `lora.activation_checkpointing=auto` would choose, at MusicGen's real sizes, on any machine (no GPU, no weights).
+
+Builds a MusicGen-shaped LM (random weights on fake tensors: no memory) with our LoRA (fast path, frozen base in
+bf16) and MusicGen's EnCodec 32 kHz (SEANet encoder/decoder + 4-codebook RVQ), then runs the solver's own estimate
+(audiocraft_lora.memory_plan.estimate_step) for every plan auto tries, and says which plan auto takes on GPUs of
+the given sizes (budget: the card's memory less `--context` GiB for the CUDA context, as `memory_budget_gib: auto`
+reads it from a fresh GPU).
+
+    python benchmarks/memory_plan.py --scale small --batch 16 --seconds 30
+    python benchmarks/memory_plan.py --scale medium --batch 16 --seconds 30 --gpus 24,40,80
+    python benchmarks/memory_plan.py --scale medium --batch 16 --seconds 30 --cached   # tokens from the token cache
+
+The T5 text encoder of the released models is not built (a lookup table stands in, as in step_time.py): its
+0.9 GiB of float32 weights (t5-base) would add to every line's resident memory.
+"""
+import argparse
+import sys
+import typing as tp
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import step_time  # noqa: E402  (builders of MusicGen-shaped LMs)
+
+
+def build_encodec(device: str) -> torch.nn.Module:
+    """EnCodec 32 kHz as in MusicGen's compression_state_dict (random weights)."""
+    import warnings
+    from audiocraft.models.encodec import EncodecModel
+    from audiocraft.modules import SEANetDecoder, SEANetEncoder
+    from audiocraft.quantization import ResidualVectorQuantizer
+    seanet = dict(channels=1, dimension=128, n_filters=64, n_residual_layers=1, ratios=[8, 5, 4, 4], lstm=2,
+                  norm='weight_norm', causal=False, pad_mode='constant', true_skip=True, compress=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # weight_norm deprecation
+        model = EncodecModel(SEANetEncoder(**seanet), SEANetDecoder(**seanet),
+                             ResidualVectorQuantizer(dimension=128, n_q=4, bins=2048),
+                             frame_rate=50, sample_rate=32000, channels=1, causal=False, renormalize=False)
+    return model.to(device).eval().requires_grad_(False)
+
+
+from audiocraft_lora.speed import SpeedSettings, apply_to_model, chunk_encoder, set_checkpointing  # noqa: E402
+
+
+def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    from audiocraft_lora import memory_plan
+    from audiocraft_lora.lora import LoRASettings, inject_lora
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--scale', default='small', choices=sorted(step_time.SCALES))
+    parser.add_argument('--batch', type=int, default=16, help='per GPU')
+    parser.add_argument('--seconds', type=float, default=30.0, help='dataset.segment_duration')
+    parser.add_argument('--rank', type=int, default=32)
+    parser.add_argument('--cached', action='store_true', help='tokens from the token cache: no EnCodec encode')
+    parser.add_argument('--encode-chunk', type=int, default=SpeedSettings.encode_chunk,
+                        help='lora.encode_chunk (0: the whole batch at once, as AudioCraft)')
+    parser.add_argument('--gpus', default='16,24,40,48,80', help="GPU sizes in GiB (nvidia-smi's MiB / 1024)")
+    parser.add_argument('--context', type=float, default=0.6, help='GiB the CUDA context takes on the card')
+    args = parser.parse_args(argv)
+    set_efficient_attention_backend('torch')
+    bf16 = torch.bfloat16
+    with FakeTensorMode(allow_non_fake_inputs=True), step_time._cpu_moves_are_noops():
+        lm = step_time.build_ac_lm(args.scale, 2048, 'cpu')
+        inject_lora(lm, LoRASettings(rank=args.rank, alpha=2 * args.rank, dropout=0.05))
+        apply_to_model(lm, SpeedSettings(activation_checkpointing='none'), autocast=True, autocast_dtype=bf16)
+        encodec = build_encodec('cpu')
+    chunk_encoder(encodec, SpeedSettings(encode_chunk=args.encode_chunk))
+    shape = memory_plan.StepShape(batch=args.batch, frames=memory_plan.ceil_frames(args.seconds, 50),
+                                  samples=None if args.cached else int(args.seconds * 32000))
+    print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank}, batch {args.batch} x "
+          f"{args.seconds:g} s, bf16 autocast, "
+          + ('token cache' if args.cached else f'EnCodec encode in the step (encode_chunk={args.encode_chunk})'))
+    estimates = {}
+    for plan in memory_plan.PLANS:
+        set_checkpointing(lm, *plan)
+        estimate = memory_plan.estimate_step(lm, encodec, shape, bf16)
+        estimates[memory_plan.plan_name(plan)] = estimate
+        print(f"  {memory_plan.plan_name(plan):<48} {estimate.peak_gib:6.2f} GiB, needs "
+              f"{memory_plan.needed(estimate) / 2 ** 30:6.2f} GiB with the margin", flush=True)
+    picks = {}
+    for size in (float(g) for g in args.gpus.split(',')):
+        budget = int((size - args.context) * 2 ** 30)
+        names = [name for name, e in estimates.items() if memory_plan.fits(e, budget)]
+        picks[size] = names[0] if names else None
+        leanest = list(estimates.values())[-1]
+        fallback = f"none fits: dataset.batch_size={memory_plan.largest_batch(leanest, args.batch, budget)}"
+        print(f"  {size:g} GB GPU: auto -> {names[0] if names else fallback}")
+    return {'estimates': {k: v.peak_gib for k, v in estimates.items()}, 'picks': picks}
+
+
+if __name__ == '__main__':
+    main()

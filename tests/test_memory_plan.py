@@ -1,0 +1,183 @@
+"""Peak-memory estimate before training (memory_plan) and `lora.activation_checkpointing=auto`."""
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from audiocraft_lora import memory_plan
+from audiocraft_lora.errors import LoRAConfigError, OutOfMemory
+from audiocraft_lora.speed import SpeedSettings, set_checkpointing
+
+
+def test_peak_tracker_counts_each_storage_while_it_lives():
+    x = torch.ones(1000)  # made outside: not counted
+    with memory_plan.PeakTracker() as tracker:
+        a = x * 2                      # 4000 B
+        view = a.view(10, 100)         # same storage: nothing more
+        b = a + 1                      # 8000 B live
+        assert (tracker.current, tracker.peak) == (8000, 8000)
+        del a, view                    # freed when the last reference goes
+        assert tracker.current == 4000
+        c = torch.empty(3000)          # 4000 + 12000
+        del b, c
+    assert (tracker.current, tracker.peak) == (0, 16000)
+    with memory_plan.PeakTracker(round_to=512) as rounded:
+        _ = torch.empty(10)            # 40 B is a 512 B block for CUDA's allocator
+    assert rounded.peak == 512
+
+
+def _shape(solver, cached: bool) -> memory_plan.StepShape:
+    duration = float(solver.cfg.dataset.segment_duration)
+    cm = solver.compression_model
+    return memory_plan.StepShape(batch=int(solver.cfg.dataset.batch_size),
+                                 frames=memory_plan.ceil_frames(duration, cm.frame_rate),
+                                 samples=None if cached else int(duration * cm.sample_rate), channels=cm.channels)
+
+
+def _real_lm_step_peak(solver) -> int:
+    """Peak of what a real LM step creates (tokens given: the token-cache case), tracked the same way."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+    from audiocraft.solvers.musicgen import MusicGenSolver
+    lm, shape = solver.model, _shape(solver, cached=True)
+    codes = torch.randint(0, lm.card, (shape.batch, lm.num_codebooks, shape.frames))
+    attributes = [ConditioningAttributes(text={'description': memory_plan.DESCRIPTION}) for _ in range(shape.batch)]
+    tokenized = lm.condition_provider.tokenize(attributes)
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    lm.train()
+    with memory_plan.PeakTracker() as tracker:
+        out = lm.compute_predictions(codes, [], lm.condition_provider(tokenized))
+        ce, _ = MusicGenSolver._compute_cross_entropy(solver, out.logits, codes, out.mask)  # AudioCraft's CE
+        del out
+        grads = torch.autograd.grad(ce, trainable)
+        del ce, grads
+    return tracker.peak
+
+
+@pytest.fixture(scope='module')
+def solver(tmp_path_factory):
+    from helpers import DEBUG_ARGS, build_solver
+    from audiocraft_lora import train
+    folder = tmp_path_factory.mktemp('outputs')
+    old = train.main.dora.dir
+    train.main.dora.dir = folder
+    try:
+        # long enough segments that the LM's activations, not EnCodec's encode, make the peak
+        solver, _ = build_solver(DEBUG_ARGS + ['lora.memory_budget_gib=64', 'dataset.segment_duration=12',
+                                               'lora.dropout=0'])
+    finally:
+        train.main.dora.dir = old
+    return solver
+
+
+def test_estimate_equals_a_real_step_for_every_plan(solver):
+    """The fake-tensor trace creates exactly what the real step creates, whatever the checkpointing plan."""
+    estimates = {}
+    for plan in memory_plan.PLANS:
+        set_checkpointing(solver.model, *plan)
+        estimate = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True),
+                                             None)
+        real = _real_lm_step_peak(solver)
+        assert abs(estimate.step - real) <= 0.02 * real, (plan, estimate.step, real)
+        estimates[plan] = estimate.peak
+    peaks = [estimates[plan] for plan in memory_plan.PLANS]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks), peaks  # leaner and leaner
+    set_checkpointing(solver.model, 'none')
+
+
+def test_estimate_counts_the_encode_and_changes_nothing(solver):
+    params = {name: p.detach().clone() for name, p in solver.model.named_parameters()}
+    rng = torch.get_rng_state()
+    cached = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True), None)
+    encoded = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=False), None)
+    assert encoded.step > cached.step  # EnCodec's encode of the batch (no token cache) is part of the step
+    assert cached.resident == encoded.resident > sum(p.numel() * 4 for p in params.values())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in solver.model.parameters())
+    assert all(torch.equal(p, params[name]) for name, p in solver.model.named_parameters())
+
+
+def _plan(solver, budget_gib, mode='auto'):
+    """Run the solver's planning again with these settings, batches as from a token cache (at this tiny scale the
+    debug EnCodec's encode outweighs the LM's step; at MusicGen's the LM's does, up to whole-layer checkpointing)."""
+    from omegaconf import open_dict
+    with open_dict(solver.cfg):
+        solver.cfg.cache.path, solver.cfg.cache.write = 'tokens', False
+    solver.speed_settings = dataclasses.replace(solver.speed_settings, activation_checkpointing=mode,
+                                                checkpoint_fraction=1.0, checkpoint_rest='none',
+                                                memory_budget_gib=budget_gib)
+    solver._plan_memory()
+    return solver.speed_settings
+
+
+def test_auto_takes_the_least_recompute_that_fits(solver):
+    shape = _shape(solver, cached=True)
+    peaks = []
+    for plan in memory_plan.PLANS:
+        set_checkpointing(solver.model, *plan)
+        peaks.append(memory_plan.estimate_step(solver.model, solver.compression_model, shape, None))
+    for index, plan in enumerate(memory_plan.PLANS):
+        budget_gib = memory_plan.needed(peaks[index]) / 2 ** 30 * 1.0001  # just enough for this plan
+        settings = _plan(solver, budget_gib)
+        assert (settings.activation_checkpointing, settings.checkpoint_fraction, settings.checkpoint_rest) == plan
+        modes = [getattr(layer, '_lora_checkpointing', 'none') for layer in solver.model.transformer.layers]
+        expected = {'none': ['none', 'none'], 'selective': ['selective', 'selective'],
+                    'torch': ['torch', 'selective'] if plan[1] < 1 else ['none', 'none']}[plan[0]]
+        assert modes == expected, (plan, modes)
+        assert solver.model.transformer.checkpointing == ('torch' if plan[0] == 'torch' else 'none')
+        assert solver.memory_estimate['plan'] == memory_plan.plan_name(plan)
+    _plan(solver, 64)
+    assert solver.speed_settings.activation_checkpointing == 'none'
+
+
+def test_no_plan_fits_stops_before_training_with_the_batch_that_fits(solver):
+    set_checkpointing(solver.model, *memory_plan.PLANS[-1])
+    leanest = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True), None)
+    budget_gib = memory_plan.needed(leanest) / 2 ** 30 * 0.999  # just short
+    with pytest.raises(OutOfMemory, match=r'No checkpointing plan fits: rerun with dataset.batch_size=3 '):
+        _plan(solver, budget_gib)
+    _plan(solver, 64)
+
+
+def test_an_explicit_plan_over_budget_is_warned_about(solver, caplog):
+    with caplog.at_level(logging.WARNING):
+        settings = _plan(solver, 1e-4, mode='selective')
+    assert settings.activation_checkpointing == 'selective'  # the user's choice stays
+    assert 'will likely run out of memory: lora.activation_checkpointing=auto' in caplog.text
+    _plan(solver, 64)
+
+
+def test_auto_is_none_where_there_is_no_budget(solver):
+    assert memory_plan.device_budget('auto', 'cpu') is None
+    assert memory_plan.device_budget('none', 'cuda') is None
+    assert memory_plan.device_budget(1.5, 'cpu') == int(1.5 * 2 ** 30)
+    settings = _plan(solver, 'auto')  # on the CPU: nothing to plan for
+    assert settings.activation_checkpointing == 'none'
+
+
+def test_bad_memory_settings_are_refused():
+    with pytest.raises(LoRAConfigError, match='memory_budget_gib must be auto, none or a number'):
+        SpeedSettings(memory_budget_gib='lots').validate()
+    with pytest.raises(LoRAConfigError, match='memory_budget_gib must be'):
+        SpeedSettings(memory_budget_gib=-2).validate()
+    with pytest.raises(LoRAConfigError, match='auto chooses checkpoint_fraction'):
+        SpeedSettings(activation_checkpointing='auto', checkpoint_fraction=0.5).validate()
+    SpeedSettings(activation_checkpointing='auto', memory_budget_gib=24).validate()
+
+
+def test_encoding_in_chunks_gives_the_same_tokens_at_a_fraction_of_the_peak(solver):
+    from audiocraft_lora.speed import chunk_encoder, encode_in_chunks
+    model = solver.compression_model
+    assert model.encode.func is encode_in_chunks and model.encode.args[1] == 4  # the default, wired by the solver
+    audio = torch.randn(5, model.channels, int(model.sample_rate))
+    whole, _ = type(model).encode(model, audio)
+    chunked, scale = encode_in_chunks(type(model).encode.__get__(model), 2, audio)  # 2 + 2 + 1 items
+    assert scale is None and torch.equal(chunked, whole)
+    peaks = {}
+    for chunk in (0, 1):
+        chunk_encoder(model, SpeedSettings(encode_chunk=chunk))
+        peaks[chunk] = memory_plan.estimate_step(solver.model, model, _shape(solver, cached=False), None).step
+    chunk_encoder(model, SpeedSettings())
+    assert peaks[1] < 0.5 * peaks[0], peaks  # batch 4 encoded one item at a time; the encode made the peak
+    with pytest.raises(LoRAConfigError, match='lora.encode_chunk must be a whole number'):
+        SpeedSettings(encode_chunk=-1).validate()
