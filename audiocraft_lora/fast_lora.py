@@ -6,7 +6,9 @@ Every adapted projection computes, in one autograd node (`LowRankLinear`)::
 
 Backward gives `dx = g @ W + s * ((g @ B) @ A) * mask`, `dA = s * (g @ B)^T @ dropout(x)`, `dB = s * g^T @ (x A^T)`:
 the `[out, in]` weight-gradient GEMM of the frozen base, a third of a full fine-tune's matmul FLOPs, is skipped, and
-saved activations are the (cast) input, the `[N, r]` product and the dropout mask, nothing `[out, in]`-sized. Under
+saved activations are the (cast) input and the `[N, r]` product, nothing `[out, in]`-sized: with dropout the mask
+is not kept but drawn again in backward from the generator state of the forward (`_replay_dropout`, as torch's
+activation checkpointing replays dropout), which saves a byte per input element of every adapted projection. Under
 autocast everything is cast to the autocast dtype exactly as `F.linear` would cast it (so frozen base weights may
 be stored in that dtype: `cast_frozen_base`).
 
@@ -57,6 +59,7 @@ class LowRankLinear(torch.autograd.Function):
             y = F.linear(xc, w, None if bias is None else bias.to(dtype))
             mask = None
             xd = xc
+            ctx.rng = _rng_state(xc) if dropout > 0 else None
             if dropout > 0:
                 xd, mask = torch.native_dropout(xc, dropout, True)
             u = F.linear(xd, a)
@@ -65,12 +68,17 @@ class LowRankLinear(torch.autograd.Function):
             y = torch.addmm(y.view(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling).view(y.shape)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.has_bias = scaling, dropout, dtype, bias is not None
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        ctx.save_for_backward(xd, u, weight, lora_a, lora_b, mask)
+        if ctx.rng is not None:  # keep the input (often saved anyway), not dropout(x) and its mask: replayed in backward
+            ctx.save_for_backward(xc, u, weight, lora_a, lora_b, None)
+        else:
+            ctx.save_for_backward(xd, u, weight, lora_a, lora_b, mask)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore
         xd, u, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        if ctx.rng is not None:
+            xd, mask = _replay_dropout(xd, ctx.dropout, ctx.rng)
         dtype, s = ctx.dtype, ctx.scaling
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         out_features = grad.shape[-1]
@@ -96,6 +104,31 @@ class LowRankLinear(torch.autograd.Function):
             if need_b:
                 grad_b = torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s).to(lora_b.dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+def _rng_state(x: torch.Tensor) -> tp.Optional[torch.Tensor]:
+    """State of the generator dropout on `x` is about to draw from, to replay the same mask in backward (as torch's
+    activation checkpointing does). None where it is not replayed (other devices, inside torch.compile): the mask is
+    saved instead."""
+    if torch.compiler.is_compiling():
+        return None
+    if x.device.type == 'cuda':
+        return torch.cuda.get_rng_state(x.device)
+    if x.device.type == 'cpu':
+        return torch.get_rng_state()
+    return None
+
+
+def _replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """`torch.native_dropout(x, p, True)` drawn from `state`: the forward's output and mask, bit for bit. The
+    generator is left as it was."""
+    cuda = x.device.type == 'cuda'
+    with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type='cuda'):
+        if cuda:
+            torch.cuda.set_rng_state(state, x.device)
+        else:
+            torch.set_rng_state(state)
+        return torch.native_dropout(x, p, True)
 
 
 def _recompute_input(xd: torch.Tensor, mask: tp.Optional[torch.Tensor], dropout: float) -> torch.Tensor:

@@ -43,6 +43,57 @@ def main():
           'loss finite:', bool(torch.isfinite(ce)))
     fast_vs_plain(pkg, codes)
     checkpointing_on_cuda(pkg, codes)
+    dropout_replay_on_cuda()
+    memory_estimate_on_cuda(pkg)
+
+
+def dropout_replay_on_cuda():
+    """The fast path draws LoRA dropout's mask again in backward from the CUDA generator's state: the gradients must
+    be those of the forward's mask, and the generator must be left where the forward left it."""
+    from torch.nn import functional as F
+    from audiocraft_lora.fast_lora import low_rank_linear
+    gen = torch.Generator(device='cuda').manual_seed(1)
+    x = torch.randn(64, 256, device='cuda', generator=gen, requires_grad=True)
+    weight = torch.randn(128, 256, device='cuda', generator=gen)
+    a = torch.randn(8, 256, device='cuda', generator=gen, requires_grad=True)
+    b = torch.randn(128, 8, device='cuda', generator=gen, requires_grad=True)
+    grad = torch.randn(64, 128, device='cuda', generator=gen)
+    before = torch.cuda.get_rng_state()
+    y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5)
+    after_forward = torch.cuda.get_rng_state()
+    y.backward(grad)
+    left_alone = torch.equal(torch.cuda.get_rng_state(), after_forward)
+    torch.cuda.set_rng_state(before)
+    _, mask = torch.native_dropout(x.detach(), 0.5, True)
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    (F.linear(x2, weight) + 2.0 * F.linear(F.linear(x2 * mask * 2.0, a2), b2)).backward(grad)
+    worst = max(float((m - r).abs().max() / r.abs().max()) for m, r in ((x.grad, x2.grad), (a.grad, a2.grad),
+                                                                          (b.grad, b2.grad)))
+    print(f"dropout mask replayed on CUDA: generator left alone {left_alone}, worst relative grad difference "
+          f"{worst:.2e} (a wrong mask gives ~1)")
+
+
+def memory_estimate_on_cuda(pkg):
+    """memory_plan's estimate (fake tensors, CUDA autocast) of a LoRA step vs torch.cuda.max_memory_allocated."""
+    from audiocraft_lora.memory_plan import StepShape, estimate_step
+    from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    lm = base_models.build_lm(pkg)
+    inject_lora(lm, LoRASettings(rank=8, alpha=16, dropout=0.05))
+    apply_to_model(lm, SpeedSettings(activation_checkpointing='none'), True, torch.bfloat16)
+    lm = lm.cuda().train()
+    codes = torch.randint(0, 256, (8, 4, 1500), device='cuda')
+    estimate = estimate_step(lm, None, StepShape(8, 1500), torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = logits(lm, codes, True)
+    ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+    del out
+    ce.backward()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"memory estimate on CUDA (debug LM, batch 8 x 1500 frames, bf16): estimated {estimate.peak_gib:.3f} GiB, "
+          f"measured {measured:.3f} GiB (ratio {estimate.peak_gib / measured:.3f}; optimizer state not allocated "
+          f"here, {(estimate.resident - sum(t.numel() * t.element_size() for t in lm.state_dict().values())) / 2**30:.3f} GiB of the estimate)")
 
 
 def checkpointing_on_cuda(pkg, codes):

@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, audiocraft, peft; print('torch', torch.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
 
 echo "== CUDA check: zero-init LoRA == base logits, fast path == plain path, adapter-only bf16 steps"
-timeout 60 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -8
+timeout 75 python3 benchmarks/cuda_checks.py 2>&1 | grep -v -i xformers | tail -12
 
 echo "== GPU benchmark (full fine-tune, LoRA plain/fast/selective/checkpointed/compiled, HF + peft), one process per shape"
 # about 1-2 min per line on an H100/H200; medium batch 16 is the "fits in 40 GB with checkpointing" check

@@ -53,6 +53,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--batch', type=int, default=16, help='per GPU')
     parser.add_argument('--seconds', type=float, default=30.0, help='dataset.segment_duration')
     parser.add_argument('--rank', type=int, default=32)
+    parser.add_argument('--dropout', type=float, default=0.05, help='lora.dropout (the recipes: 0.05)')
     parser.add_argument('--cached', action='store_true', help='tokens from the token cache: no EnCodec encode')
     parser.add_argument('--encode-chunk', type=int, default=SpeedSettings.encode_chunk,
                         help='lora.encode_chunk (0: the whole batch at once, as AudioCraft)')
@@ -63,13 +64,13 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     bf16 = torch.bfloat16
     with FakeTensorMode(allow_non_fake_inputs=True), step_time._cpu_moves_are_noops():
         lm = step_time.build_ac_lm(args.scale, 2048, 'cpu')
-        inject_lora(lm, LoRASettings(rank=args.rank, alpha=2 * args.rank, dropout=0.05))
+        inject_lora(lm, LoRASettings(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout))
         apply_to_model(lm, SpeedSettings(activation_checkpointing='none'), autocast=True, autocast_dtype=bf16)
         encodec = build_encodec('cpu')
     chunk_encoder(encodec, SpeedSettings(encode_chunk=args.encode_chunk))
     shape = memory_plan.StepShape(batch=args.batch, frames=memory_plan.ceil_frames(args.seconds, 50),
                                   samples=None if args.cached else int(args.seconds * 32000))
-    print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank}, batch {args.batch} x "
+    print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank} dropout {args.dropout:g}, batch {args.batch} x "
           f"{args.seconds:g} s, bf16 autocast, "
           + ('token cache' if args.cached else f'EnCodec encode in the step (encode_chunk={args.encode_chunk})'))
     estimates = {}

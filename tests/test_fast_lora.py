@@ -283,3 +283,33 @@ def test_deepcopy_of_a_fast_path_model_is_independent(debug_lm_pkg, codes):
     base = conditioned_logits(base_models.build_lm(debug_lm_pkg), codes, PROMPTS)
     assert torch.equal(conditioned_logits(clone, codes, PROMPTS), base)
     assert not torch.equal(conditioned_logits(lm, codes, PROMPTS), base)
+
+
+def test_dropout_mask_is_replayed_in_backward_not_saved():
+    """With LoRA dropout the fast path keeps no mask: backward draws the forward's mask again from the generator
+    state, leaves the generator as the forward left it, and gives the gradients of the mask the forward used."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(12, 16, generator=gen)
+    a = torch.randn(4, 16, generator=gen, requires_grad=True)
+    b = torch.randn(12, 4, generator=gen, requires_grad=True)
+    grad = torch.randn(8, 12, generator=gen)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5)
+    assert not any(t.dtype == torch.bool for t in saved)  # no mask kept for backward
+    after_forward = torch.get_rng_state()
+    y.backward(grad)
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    # reference: the same mask (drawn from the same state) through plain autograd
+    torch.set_rng_state(before)
+    _, mask = torch.native_dropout(x.detach(), 0.5, True)
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    y2 = F.linear(x2, weight) + 2.0 * F.linear(F.linear(x2 * mask * 2.0, a2), b2)
+    y2.backward(grad)
+    assert mask.float().mean().item() not in (0.0, 1.0)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    for mine, ref in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
