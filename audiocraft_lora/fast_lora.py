@@ -32,6 +32,8 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention
 from peft.tuners.lora import Linear as LoraLinear
 import torch
 from torch import nn
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn import functional as F
 
 __all__ = ['LowRankLinear', 'LowRankWeight', 'FusedInProjLoRA', 'FastLoraLinear', 'LoRAStreamingMultiheadAttention',
@@ -106,12 +108,18 @@ class LowRankLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
+_FAKE_STATE = torch.empty(0, dtype=torch.uint8)
+
+
 def _rng_state(x: torch.Tensor) -> tp.Optional[torch.Tensor]:
     """State of the generator dropout on `x` is about to draw from, to replay the same mask in backward (as torch's
     activation checkpointing does). None where it is not replayed (other devices, inside torch.compile): the mask is
     saved instead."""
     if torch.compiler.is_compiling():
         return None
+    if isinstance(x, FakeTensor) or active_fake_mode() is not None:  # memory_plan's estimate: the same tensors
+        # kept, no data to draw, and the generators of the real run left alone
+        return _FAKE_STATE
     if x.device.type == 'cuda':
         return torch.cuda.get_rng_state(x.device)
     if x.device.type == 'cpu':
@@ -122,6 +130,8 @@ def _rng_state(x: torch.Tensor) -> tp.Optional[torch.Tensor]:
 def _replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """`torch.native_dropout(x, p, True)` drawn from `state`: the forward's output and mask, bit for bit. The
     generator is left as it was."""
+    if state is _FAKE_STATE:
+        return torch.native_dropout(x, p, True)
     cuda = x.device.type == 'cuda'
     with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type='cuda'):
         if cuda:

@@ -228,7 +228,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         settings = self.speed_settings
         auto = settings.activation_checkpointing == 'auto'
         budget = memory_plan.device_budget(settings.memory_budget_gib, self.device)
-        if budget is None:
+        if budget is None or self.cfg.get('execute_only') is not None:  # nothing to plan for, or no training
             if auto:
                 self.speed_settings = dataclasses.replace(settings, activation_checkpointing='none')
             return
@@ -265,12 +265,20 @@ class LoRAMusicGenSolver(MusicGenSolver):
             self.speed_settings = dataclasses.replace(settings, activation_checkpointing=mode,
                                                       checkpoint_fraction=fraction, checkpoint_rest=rest)
         if index < len(plans):
-            self.logger.info("Activation checkpointing: %s (estimated in %.1f s)", memory_plan.plan_name(chosen),
-                             time.time() - start)
+            largest = memory_plan.largest_batch(estimate, shape.batch, budget)
+            self.logger.info("Activation checkpointing: %s (estimated in %.1f s; this plan would fit up to "
+                             "dataset.batch_size=%d per GPU)", memory_plan.plan_name(chosen), time.time() - start,
+                             largest)
             return
         largest = memory_plan.largest_batch(estimate, shape.batch, budget)
-        advice = (f"dataset.batch_size={largest * flashy.distrib.world_size()} (the most that fits)" if largest
-                  else "a shorter dataset.segment_duration")
+        alone = memory_plan.needed(memory_plan.Estimate(resident=estimate.resident, step=0))
+        if largest:
+            advice = f"dataset.batch_size={largest * flashy.distrib.world_size()} (the most that fits)"
+        elif alone > budget:
+            advice = (f"a GPU with more memory (the base and adapter alone need {alone / 2 ** 30:.1f} GiB with the "
+                      "margin)")
+        else:
+            advice = "a smaller dataset.batch_size and a shorter dataset.segment_duration"
         message = (f"The training step at dataset.batch_size={shape.batch * flashy.distrib.world_size()} x "
                    f"{duration:g} s needs an estimated {memory_plan.describe(estimate, budget)} (lora.memory_budget_gib="
                    f"{settings.memory_budget_gib}) with activation checkpointing {memory_plan.plan_name(chosen)}.")

@@ -23,7 +23,7 @@ for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_sac
             "--scale medium --batch 4 --cases full,lora_plain,lora_fast,hf_lora" \
             "--scale medium --batch 16 --cases lora_mixed,lora_ckpt,lora_sac --estimate"; do
   name=$(echo $args | tr -d ' -' | tr ',' '_')
-  limit=100; case "$args" in *lora_compile*) limit=150;; *"--scale small --batch 4"*) limit=100;; *"--batch 16 --cases lora_mixed"*) limit=115;; esac
+  limit=100; case "$args" in *lora_compile*) limit=150;; *"--scale small --batch 4"*) limit=105;; *"--batch 16 --cases lora_mixed"*) limit=115;; esac
   timeout $limit python3 benchmarks/step_time.py $args --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
     --iters 5 --json "$OUT/bench_$name.json" 2>&1 | grep -v -i "xformers\|warn\|^ \|transformers\]" | tail -40
 done

@@ -313,3 +313,20 @@ def test_dropout_mask_is_replayed_in_backward_not_saved():
     torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
     for mine, ref in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_on_fake_tensors_never_touches_the_generator(monkeypatch):
+    """memory_plan's estimate runs the fast path on fake tensors: there the mask is drawn (shapes only) without
+    reading or setting a generator (the estimate must leave the real run's random numbers alone)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('generator touched')
+    x = torch.randn(8, 16, requires_grad=True)
+    weight, a, b = torch.randn(12, 16), torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    for name in ('get_rng_state', 'set_rng_state'):
+        monkeypatch.setattr(torch, name, refuse)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5)
+        grads = torch.autograd.grad(y.sum(), (x, a, b))
+    assert [g.shape for g in grads] == [x.shape, a.shape, b.shape]

@@ -181,3 +181,14 @@ def test_encoding_in_chunks_gives_the_same_tokens_at_a_fraction_of_the_peak(solv
     assert peaks[1] < 0.5 * peaks[0], peaks  # batch 4 encoded one item at a time; the encode made the peak
     with pytest.raises(LoRAConfigError, match='lora.encode_chunk must be a whole number'):
         SpeedSettings(encode_chunk=-1).validate()
+
+
+def test_dora_run_stops_before_training_when_nothing_fits(dora_dir):
+    from helpers import DEBUG_ARGS, run_dora
+    proc = run_dora(DEBUG_ARGS + ['lora.memory_budget_gib=0.01'], dora_dir)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.split('error: ', 1)[1]
+    assert 'needs an estimated' in error and 'No checkpointing plan fits: rerun with a GPU with more memory' in error
+    assert 'lora.memory_budget_gib=none to try anyway' in error
+    assert 'Traceback' not in proc.stderr
+    assert not list(dora_dir.rglob('checkpoint*.th'))  # stopped before any step
