@@ -6,9 +6,11 @@ Every adapted projection computes, in one autograd node (`LowRankLinear`)::
 
 Backward gives `dx = g @ W + s * ((g @ B) @ A) * mask`, `dA = s * (g @ B)^T @ dropout(x)`, `dB = s * g^T @ (x A^T)`:
 the `[out, in]` weight-gradient GEMM of the frozen base, a third of a full fine-tune's matmul FLOPs, is skipped, and
-saved activations are the (cast) input and the `[N, r]` product, nothing `[out, in]`-sized: with dropout the mask
-is not kept but drawn again in backward from the generator state of the forward (`_replay_dropout`, as torch's
-activation checkpointing replays dropout), which saves a byte per input element of every adapted projection. Under
+saved activations are the (cast) input (with dropout: dropout(x) and its mask), the `[N, r]` product, nothing
+`[out, in]`-sized. With `replay` (`lora.dropout_replay`, which `activation_checkpointing=auto` turns on when memory
+is short) the mask is not kept but drawn again in backward from the forward's generator state (`_replay_dropout`, as
+torch's activation checkpointing replays dropout): a byte less per input element of every adapted projection, for
+one more dropout pass. Under
 autocast everything is cast to the autocast dtype exactly as `F.linear` would cast it (so frozen base weights may
 be stored in that dtype: `cast_frozen_base`).
 
@@ -52,7 +54,8 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],  # type: ignore
-                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float) -> torch.Tensor:
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float,
+                replay: bool = False) -> torch.Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(dtype)
@@ -61,7 +64,7 @@ class LowRankLinear(torch.autograd.Function):
             y = F.linear(xc, w, None if bias is None else bias.to(dtype))
             mask = None
             xd = xc
-            ctx.rng = _rng_state(xc) if dropout > 0 else None
+            ctx.rng = _rng_state(xc) if dropout > 0 and replay else None
             if dropout > 0:
                 xd, mask = torch.native_dropout(xc, dropout, True)
             u = F.linear(xd, a)
@@ -105,7 +108,7 @@ class LowRankLinear(torch.autograd.Function):
                 grad_a = torch.mm(gb.t(), xd.reshape(-1, xd.shape[-1])).to(lora_a.dtype)
             if need_b:
                 grad_b = torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s).to(lora_b.dtype)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
 _FAKE_STATE = torch.empty(0, dtype=torch.uint8)
@@ -149,9 +152,10 @@ def _recompute_input(xd: torch.Tensor, mask: tp.Optional[torch.Tensor], dropout:
 
 
 def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, scaling: float, dropout: float = 0.0) -> torch.Tensor:
-    """Functional entry point of `LowRankLinear`; `dropout` is the probability applied in this call."""
-    return LowRankLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout))
+                    lora_b: torch.Tensor, scaling: float, dropout: float = 0.0, replay: bool = False) -> torch.Tensor:
+    """Functional entry point of `LowRankLinear`; `dropout` is the probability applied in this call; `replay`: keep
+    no mask, draw it again in backward (less memory, one more dropout pass)."""
+    return LowRankLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout), bool(replay))
 
 
 class LowRankWeight:
@@ -271,7 +275,7 @@ class FastLoraLinear(LoraLinear):
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         base = self.base_layer
         return low_rank_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                               self.scaling[name], p)
+                               self.scaling[name], p, getattr(self, '_lora_replay_dropout', False))
 
 
 def enable_fast_linear(model: nn.Module) -> int:

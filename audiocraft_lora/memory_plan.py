@@ -32,12 +32,15 @@ from torch.utils._pytree import tree_leaves
 
 logger = logging.getLogger(__name__)
 
-# plans tried by `activation_checkpointing: auto`, least recompute first: (checkpointing, fraction, rest)
-PLANS: tp.Tuple[tp.Tuple[str, float, str], ...] = (
-    ('none', 1.0, 'none'),
-    ('selective', 1.0, 'none'),
-    ('torch', 0.5, 'selective'),
-    ('torch', 1.0, 'none'),
+# plans tried by `activation_checkpointing: auto`, least recompute first: (checkpointing, fraction, rest, replay of
+# LoRA dropout masks); the second is left out where no fast-path LoRA linear has dropout (it would equal the first)
+Plan = tp.Tuple[str, float, str, bool]
+PLANS: tp.Tuple[Plan, ...] = (
+    ('none', 1.0, 'none', False),
+    ('none', 1.0, 'none', True),
+    ('selective', 1.0, 'none', False),
+    ('torch', 0.5, 'selective', False),
+    ('torch', 1.0, 'none', False),
 )
 HEADROOM = 0.9       # of the budget, for the estimate's error (it runs 1-2% under at MusicGen's sizes)
 RESERVE = 2 ** 30    # beyond the tensors: cuBLAS/cuDNN workspaces, allocator blocks (0.5-0.7 GiB seen at batch 4)
@@ -45,18 +48,29 @@ DESCRIPTION = ' '.join(['trap hip hop beat with 808 sub bass, hi-hats and a dark
 _CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this
 
 
-def plan_name(plan: tp.Tuple[str, float, str]) -> str:
-    mode, fraction, rest = plan
+def plan_name(plan: Plan) -> str:
+    mode, fraction, rest, replay = plan
     if mode == 'none':
-        return 'none'
+        return 'none' + (' (LoRA dropout masks replayed)' if replay else '')
     name = mode if fraction >= 1.0 else f'{mode} on {fraction:g} of the layers'
     return name + (f', {rest} on the others' if rest != 'none' and fraction < 1.0 else '')
 
 
-def plan_overrides(plan: tp.Tuple[str, float, str]) -> str:
-    mode, fraction, rest = plan
-    return (f'lora.activation_checkpointing={mode} lora.checkpoint_fraction={fraction:g} '
-            f'lora.checkpoint_rest={rest}')
+def plans_for(model: nn.Module) -> tp.List[Plan]:
+    """PLANS, without the dropout-replay rung where it would change nothing (no fast-path LoRA dropout)."""
+    from .speed import set_dropout_replay
+    with_dropout = set_dropout_replay(model, False) > 0
+    return [plan for plan in PLANS if with_dropout or not plan[3]]
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> dict:
+    """Put the LM on `plan`: its activation checkpointing and whether LoRA dropout masks are replayed."""
+    from .speed import set_checkpointing, set_dropout_replay
+    mode, fraction, rest, replay = plan
+    info = set_checkpointing(model, mode, fraction, rest)
+    if set_dropout_replay(model, replay) and replay:
+        info['dropout_replay'] = True
+    return info
 
 
 class PeakTracker(TorchDispatchMode):

@@ -44,7 +44,7 @@ from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    chunk_encoder, out_of_memory_advice, pin_loaders, set_checkpointing)
+                    chunk_encoder, out_of_memory_advice, pin_loaders)
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +241,14 @@ class LoRAMusicGenSolver(MusicGenSolver):
             samples=None if cached else int(duration * self.compression_model.sample_rate),
             channels=self.compression_model.channels)
         autocast_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast else None
-        plans = memory_plan.PLANS if auto else [(settings.activation_checkpointing,
-                                                 float(settings.checkpoint_fraction), settings.checkpoint_rest)]
+        plans = memory_plan.plans_for(self.model) if auto else [
+            (settings.activation_checkpointing, float(settings.checkpoint_fraction), settings.checkpoint_rest,
+             bool(settings.dropout_replay))]
         start = time.time()
         index, estimate = len(plans), None
         for i, plan in enumerate(plans):
             if auto:
-                set_checkpointing(self.model, *plan)
+                memory_plan.apply_plan(self.model, plan)
             estimate = memory_plan.estimate_step(self.model, self.compression_model, shape, autocast_dtype)
             self.logger.info("Estimated peak memory per GPU, batch %d x %.1f s, checkpointing %s: %s", shape.batch,
                              duration, memory_plan.plan_name(plan), memory_plan.describe(estimate, budget))
@@ -260,10 +261,11 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self.memory_estimate = {'plan': memory_plan.plan_name(chosen), 'peak_gib': round(estimate.peak_gib, 3),
                                 'budget_gib': round(budget / 2 ** 30, 3), 'seconds': round(time.time() - start, 1)}
         if auto:
-            set_checkpointing(self.model, *chosen)
-            mode, fraction, rest = chosen
+            memory_plan.apply_plan(self.model, chosen)
+            mode, fraction, rest, replay = chosen
             self.speed_settings = dataclasses.replace(settings, activation_checkpointing=mode,
-                                                      checkpoint_fraction=fraction, checkpoint_rest=rest)
+                                                      checkpoint_fraction=fraction, checkpoint_rest=rest,
+                                                      dropout_replay=replay)
         if index < len(plans):
             largest = memory_plan.largest_batch(estimate, shape.batch, budget)
             self.logger.info("Activation checkpointing: %s (estimated in %.1f s; this plan would fit up to "

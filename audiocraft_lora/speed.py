@@ -10,6 +10,7 @@
     lora.compile: none                    # none | inductor | aot_eager | ...: torch.compile each transformer layer
     lora.pin_memory: auto                 # auto | true | false: page-locked batches (auto: when training on CUDA)
     lora.encode_chunk: 4                  # EnCodec encodes a batch this many items at a time (0: all at once)
+    lora.dropout_replay: false            # LoRA dropout masks drawn again in backward, not kept (auto may set it)
 
 `compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
 for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). With the fast
@@ -22,8 +23,9 @@ those updates; roughly 0.6x the activation memory of no checkpointing). To fit a
 mix them: `activation_checkpointing: torch` on `checkpoint_fraction` of the layers and `checkpoint_rest: selective`
 on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers whole, the rest selective). `auto` (the
 default) estimates the step's peak memory before training (memory_plan: fake tensors, a few seconds, no GPU memory)
-and takes the first of none, selective, half whole + half selective, whole that fits `memory_budget_gib` (auto: the
-GPU's free memory); off CUDA, with `memory_budget_gib: auto`, it is `none`.
+and takes the first of none, none with LoRA dropout masks replayed (`dropout_replay`, when there is dropout),
+selective, half whole + half selective, whole that fits `memory_budget_gib` (auto: the GPU's free memory); off CUDA,
+with `memory_budget_gib: auto`, it is `none`.
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -57,8 +59,8 @@ class SpeedSettings:
     fused_optimizer: tp.Any = field(default='auto', metadata={
         'help': "torch's fused AdamW/Adam kernel for the adapter: auto (on CUDA) | true | false."})
     activation_checkpointing: str = field(default='auto', metadata={
-        'help': "auto | none | selective | torch. auto: the first of none, selective, half torch + half selective, "
-                "torch whose estimated peak memory fits memory_budget_gib (memory_plan). torch: recompute each transformer layer in backward (AudioCraft's "
+        'help': "auto | none | selective | torch. auto: the first of none, none + dropout_replay, selective, half "
+                "torch + half selective, torch whose estimated peak memory fits memory_budget_gib (memory_plan). torch: recompute each transformer layer in backward (AudioCraft's "
                 "transformer_lm.checkpointing, non-reentrant so frozen inputs still give adapter gradients). "
                 "selective: keep matmul and attention outputs, recompute norms, activations and LoRA updates."})
     compile: str = field(default='none', metadata={
@@ -74,6 +76,10 @@ class SpeedSettings:
     checkpoint_rest: str = field(default='none', metadata={
         'help': 'none | selective: how the layers left out by checkpoint_fraction run (selective: keep matmul and '
                 'attention outputs only).'})
+    dropout_replay: tp.Any = field(default=False, metadata={
+        'help': "Fast path with LoRA dropout: keep no dropout mask, draw it again in backward from the forward's "
+                "generator state (a byte less per input element of out_proj/linear1/linear2, one more dropout pass). "
+                "activation_checkpointing=auto turns it on when it is what makes the step fit."})
     encode_chunk: int = field(default=4, metadata={
         'help': "EnCodec tokenizes a training batch this many items at a time (0: the whole batch at once, as "
                 "AudioCraft does). Same tokens; AudioCraft's float32 encode of 16 x 30 s holds ~13 GiB at its peak, "
@@ -113,6 +119,8 @@ class SpeedSettings:
         if not isinstance(self.encode_chunk, int) or isinstance(self.encode_chunk, bool) or self.encode_chunk < 0:
             raise LoRAConfigError(f"lora.encode_chunk must be a whole number >= 0 (0: the whole batch at once), got "
                                   f"{self.encode_chunk!r}.")
+        if not isinstance(self.dropout_replay, bool):
+            raise LoRAConfigError(f"lora.dropout_replay must be true or false, got {self.dropout_replay!r}.")
         budget = str(self.memory_budget_gib).lower()
         if budget not in ('auto', 'none', 'null'):
             try:
@@ -154,6 +162,8 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     if settings.activation_checkpointing not in ('none', 'auto'):  # auto: planned once the LM is on its device
         info.update(set_checkpointing(model, settings.activation_checkpointing, float(settings.checkpoint_fraction),
                                       settings.checkpoint_rest))
+    if settings.dropout_replay and settings.activation_checkpointing != 'auto':
+        info['dropout_replay'] = set_dropout_replay(model, True)
     dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
     if dtype is not torch.float32:
         info['base_tensors_cast'] = cast_frozen_base(model, dtype)
@@ -206,6 +216,17 @@ def chunk_encoder(compression_model: nn.Module, settings: SpeedSettings) -> None
     if settings.encode_chunk > 0:
         compression_model.encode = functools.partial(encode_in_chunks, type(compression_model).encode.__get__(
             compression_model), int(settings.encode_chunk))
+
+
+def set_dropout_replay(model: nn.Module, replay: bool) -> int:
+    """Fast-path LoRA linears of `model` keep no dropout mask (`replay`) or keep it; returns how many have dropout."""
+    from .fast_lora import FastLoraLinear
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FastLoraLinear):
+            module._lora_replay_dropout = bool(replay)
+            count += int(any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()))
+    return count
 
 
 def eager_generation(settings: SpeedSettings):

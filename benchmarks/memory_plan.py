@@ -40,7 +40,7 @@ def build_encodec(device: str) -> torch.nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
-from audiocraft_lora.speed import SpeedSettings, apply_to_model, chunk_encoder, set_checkpointing  # noqa: E402
+from audiocraft_lora.speed import SpeedSettings, apply_to_model, chunk_encoder  # noqa: E402
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
@@ -74,8 +74,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
           f"{args.seconds:g} s, bf16 autocast, "
           + ('token cache' if args.cached else f'EnCodec encode in the step (encode_chunk={args.encode_chunk})'))
     estimates = {}
-    for plan in memory_plan.PLANS:
-        set_checkpointing(lm, *plan)
+    for plan in memory_plan.plans_for(lm):
+        memory_plan.apply_plan(lm, plan)
         estimate = memory_plan.estimate_step(lm, encodec, shape, bf16)
         estimates[memory_plan.plan_name(plan)] = estimate
         print(f"  {memory_plan.plan_name(plan):<48} {estimate.peak_gib:6.2f} GiB, needs "
@@ -87,7 +87,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         picks[size] = names[0] if names else None
         leanest = list(estimates.values())[-1]
         fallback = f"none fits: dataset.batch_size={memory_plan.largest_batch(leanest, args.batch, budget)}"
-        print(f"  {size:g} GB GPU: auto -> {names[0] if names else fallback}")
+        print(f"  {size:g} GiB GPU: auto -> {names[0] if names else fallback}")
     return {'estimates': {k: v.peak_gib for k, v in estimates.items()}, 'picks': picks}
 
 

@@ -22,7 +22,7 @@ Cases (`--cases`, comma separated):
 The AudioCraft cases run MusicGenSolver's step: `lm.compute_predictions` (delay pattern, cross-attention on the text
 condition), `MusicGenSolver._compute_cross_entropy`, backward, grad clipping, AdamW, under autocast when `--dtype` is
 not float32. LoRA is rank 16 on every target (AudioCraft: out_proj, linear1, linear2 + fused in_proj of self- and
-cross-attention; HF: q,k,v,o,fc1,fc2), dropout 0. Weights are random: shapes are what matter.
+cross-attention; HF: q,k,v,o,fc1,fc2), dropout 0 (`--lora-dropout`). Weights are random: shapes are what matter.
 
 Memory: `saved_MiB` is the bytes of tensors autograd saves for backward in one step (deduplicated by storage,
 parameters excluded), a deterministic proxy for activation memory that works on CPU; `state_MiB` is parameters +
@@ -165,7 +165,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         model = build_hf_lm(args.scale, args.card, device)
         if case == 'hf_lora':
             import peft
-            config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
+            config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=getattr(args, 'lora_dropout', 0.0),
                                      target_modules=['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'])
             model = peft.get_peft_model(model, config)
         input_ids = codes.reshape(args.batch * 4, args.frames)
@@ -182,7 +182,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     lm = build_ac_lm(args.scale, args.card, device)
     if case != 'full':
         fast = case != 'lora_plain'
-        inject_lora(lm, LoRASettings(rank=RANK, alpha=2 * RANK, dropout=0.0), fast_path=fast)
+        dropout = getattr(args, 'lora_dropout', 0.0)
+        inject_lora(lm, LoRASettings(rank=RANK, alpha=2 * RANK, dropout=dropout), fast_path=fast)
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
                               else 'selective' if case == 'lora_sac' else 'none',
@@ -402,6 +403,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps (the first two count memory, FLOPs)')
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--json', default=None, help='also write the results here')
+    parser.add_argument('--lora-dropout', type=float, default=0.0, help='LoRA dropout of the lora/hf_lora cases')
     parser.add_argument('--estimate', action='store_true',
                         help="also print audiocraft_lora.memory_plan's estimate of each AudioCraft case's peak memory "
                              "(what lora.activation_checkpointing=auto plans with), next to the measured peak")

@@ -286,7 +286,7 @@ def test_deepcopy_of_a_fast_path_model_is_independent(debug_lm_pkg, codes):
 
 
 def test_dropout_mask_is_replayed_in_backward_not_saved():
-    """With LoRA dropout the fast path keeps no mask: backward draws the forward's mask again from the generator
+    """With `replay` (lora.dropout_replay) the fast path keeps no dropout mask: backward draws the forward's mask again from the generator
     state, leaves the generator as the forward left it, and gives the gradients of the mask the forward used."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 16, generator=gen, requires_grad=True)
@@ -296,9 +296,14 @@ def test_dropout_mask_is_replayed_in_backward_not_saved():
     grad = torch.randn(8, 12, generator=gen)
     torch.manual_seed(0)
     before = torch.get_rng_state()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        low_rank_linear(x, weight, None, a, b, 2.0, 0.5)  # default: the mask is kept
+    assert any(t.dtype == torch.bool for t in kept)
+    torch.manual_seed(0)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5)
+        y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5, replay=True)
     assert not any(t.dtype == torch.bool for t in saved)  # no mask kept for backward
     after_forward = torch.get_rng_state()
     y.backward(grad)
@@ -327,6 +332,6 @@ def test_dropout_on_fake_tensors_never_touches_the_generator(monkeypatch):
     for name in ('get_rng_state', 'set_rng_state'):
         monkeypatch.setattr(torch, name, refuse)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5)
+        y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5, replay=True)
         grads = torch.autograd.grad(y.sum(), (x, a, b))
     assert [g.shape for g in grads] == [x.shape, a.shape, b.shape]

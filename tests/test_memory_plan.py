@@ -7,7 +7,7 @@ import torch
 
 from audiocraft_lora import memory_plan
 from audiocraft_lora.errors import LoRAConfigError, OutOfMemory
-from audiocraft_lora.speed import SpeedSettings, set_checkpointing
+from audiocraft_lora.speed import SpeedSettings
 
 
 def test_peak_tracker_counts_each_storage_while_it_lives():
@@ -54,8 +54,7 @@ def _real_lm_step_peak(solver) -> int:
     return tracker.peak
 
 
-@pytest.fixture(scope='module')
-def solver(tmp_path_factory):
+def _build(tmp_path_factory, dropout: float):
     from helpers import DEBUG_ARGS, build_solver
     from audiocraft_lora import train
     folder = tmp_path_factory.mktemp('outputs')
@@ -64,25 +63,30 @@ def solver(tmp_path_factory):
     try:
         # long enough segments that the LM's activations, not EnCodec's encode, make the peak
         solver, _ = build_solver(DEBUG_ARGS + ['lora.memory_budget_gib=64', 'dataset.segment_duration=12',
-                                               'lora.dropout=0'])
+                                               f'lora.dropout={dropout}'])
     finally:
         train.main.dora.dir = old
     return solver
 
 
+@pytest.fixture(scope='module')
+def solver(tmp_path_factory):
+    return _build(tmp_path_factory, 0.0)
+
+
 def test_estimate_equals_a_real_step_for_every_plan(solver):
     """The fake-tensor trace creates exactly what the real step creates, whatever the checkpointing plan."""
     estimates = {}
-    for plan in memory_plan.PLANS:
-        set_checkpointing(solver.model, *plan)
+    for plan in memory_plan.plans_for(solver.model):
+        memory_plan.apply_plan(solver.model, plan)
         estimate = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True),
                                              None)
         real = _real_lm_step_peak(solver)
         assert abs(estimate.step - real) <= 0.02 * real, (plan, estimate.step, real)
         estimates[plan] = estimate.peak
-    peaks = [estimates[plan] for plan in memory_plan.PLANS]
+    peaks = [estimates[plan] for plan in memory_plan.plans_for(solver.model)]
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks), peaks  # leaner and leaner
-    set_checkpointing(solver.model, 'none')
+    memory_plan.apply_plan(solver.model, memory_plan.PLANS[0])
 
 
 def test_estimate_counts_the_encode_and_changes_nothing(solver):
@@ -105,7 +109,7 @@ def _plan(solver, budget_gib, mode='auto'):
         solver.cfg.cache.path, solver.cfg.cache.write = 'tokens', False
     solver.speed_settings = dataclasses.replace(solver.speed_settings, activation_checkpointing=mode,
                                                 checkpoint_fraction=1.0, checkpoint_rest='none',
-                                                memory_budget_gib=budget_gib)
+                                                dropout_replay=False, memory_budget_gib=budget_gib)
     solver._plan_memory()
     return solver.speed_settings
 
@@ -113,13 +117,16 @@ def _plan(solver, budget_gib, mode='auto'):
 def test_auto_takes_the_least_recompute_that_fits(solver):
     shape = _shape(solver, cached=True)
     peaks = []
-    for plan in memory_plan.PLANS:
-        set_checkpointing(solver.model, *plan)
+    for plan in memory_plan.plans_for(solver.model):
+        memory_plan.apply_plan(solver.model, plan)
         peaks.append(memory_plan.estimate_step(solver.model, solver.compression_model, shape, None))
-    for index, plan in enumerate(memory_plan.PLANS):
+    plans = memory_plan.plans_for(solver.model)
+    assert len(plans) == 4  # no LoRA dropout (lora.dropout=0): no replay rung
+    for index, plan in enumerate(plans):
         budget_gib = memory_plan.needed(peaks[index]) / 2 ** 30 * 1.0001  # just enough for this plan
         settings = _plan(solver, budget_gib)
-        assert (settings.activation_checkpointing, settings.checkpoint_fraction, settings.checkpoint_rest) == plan
+        assert (settings.activation_checkpointing, settings.checkpoint_fraction, settings.checkpoint_rest,
+                settings.dropout_replay) == plan
         modes = [getattr(layer, '_lora_checkpointing', 'none') for layer in solver.model.transformer.layers]
         expected = {'none': ['none', 'none'], 'selective': ['selective', 'selective'],
                     'torch': ['torch', 'selective'] if plan[1] < 1 else ['none', 'none']}[plan[0]]
@@ -131,7 +138,7 @@ def test_auto_takes_the_least_recompute_that_fits(solver):
 
 
 def test_no_plan_fits_stops_before_training_with_the_batch_that_fits(solver):
-    set_checkpointing(solver.model, *memory_plan.PLANS[-1])
+    memory_plan.apply_plan(solver.model, memory_plan.PLANS[-1])
     leanest = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True), None)
     budget_gib = memory_plan.needed(leanest) / 2 ** 30 * 0.999  # just short
     with pytest.raises(OutOfMemory, match=r'No checkpointing plan fits: rerun with dataset.batch_size=3 '):
@@ -192,3 +199,23 @@ def test_dora_run_stops_before_training_when_nothing_fits(dora_dir):
     assert 'lora.memory_budget_gib=none to try anyway' in error
     assert 'Traceback' not in proc.stderr
     assert not list(dora_dir.rglob('checkpoint*.th'))  # stopped before any step
+
+
+def test_with_lora_dropout_auto_first_replays_the_masks(tmp_path_factory):
+    """With LoRA dropout, the rung after `none` keeps no dropout mask (fast path): less memory, same recompute."""
+    from audiocraft_lora.fast_lora import FastLoraLinear
+    solver = _build(tmp_path_factory, 0.1)
+    plans = memory_plan.plans_for(solver.model)
+    assert plans[:2] == [('none', 1.0, 'none', False), ('none', 1.0, 'none', True)]
+    shape = _shape(solver, cached=True)
+    estimates = []
+    for plan in plans[:3]:
+        memory_plan.apply_plan(solver.model, plan)
+        estimates.append(memory_plan.estimate_step(solver.model, solver.compression_model, shape, None))
+    assert estimates[0].peak > estimates[1].peak > estimates[2].peak
+    settings = _plan(solver, memory_plan.needed(estimates[1]) / 2 ** 30 * 1.0001)
+    assert (settings.activation_checkpointing, settings.dropout_replay) == ('none', True)
+    linears = [m for m in solver.model.modules() if isinstance(m, FastLoraLinear)]
+    assert linears and all(m._lora_replay_dropout for m in linears)
+    settings = _plan(solver, 64)  # room enough: masks kept, no extra dropout pass
+    assert settings.dropout_replay is False and not any(m._lora_replay_dropout for m in linears)
