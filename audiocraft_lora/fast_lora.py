@@ -73,7 +73,7 @@ class LowRankLinear(torch.autograd.Function):
             y = torch.addmm(y.view(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling).view(y.shape)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.has_bias = scaling, dropout, dtype, bias is not None
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        if ctx.rng is not None:  # keep the input (often saved anyway), not dropout(x) and its mask: replayed in backward
+        if ctx.rng is not None:  # keep the input (often saved anyway), not dropout(x) and its mask (replayed)
             ctx.save_for_backward(xc, u, weight, lora_a, lora_b, None)
         else:
             ctx.save_for_backward(xd, u, weight, lora_a, lora_b, mask)

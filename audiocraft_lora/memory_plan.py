@@ -10,12 +10,13 @@ LoRA-injected modules and the checkpointing plan being tried. `PeakTracker` foll
 until it is freed, so the estimate is the step's peak of live bytes, on top of what is resident (parameters and
 buffers of every module, optimizer state). It takes a few seconds on the CPU and no GPU memory.
 
-How close it is (benchmarks/step_time.py --count-only, against `torch.cuda.max_memory_allocated` on an H200 from
-../shared/ANCHORS.md): AudioCraft full fine-tuning, small, batch 16 x 30 s: 34.8 estimated vs 35.2-36.8 GiB;
-peft LoRA 31.5 vs 31.9-33.5; HF transformers + peft 33.8 vs 34.2; medium batch 8: full 66.3 vs 66.8-67.6, peft
-LoRA 52.3 vs 52.8-53.6, HF + peft 55.8 vs 56.3; small batch 4: full 12.8 vs 13.5, peft LoRA 9.6 vs 10.3. A plan is taken when its estimate is at most HEADROOM of the
-budget after RESERVE: what the allocator holds beyond the live tensors (cuBLAS/cuDNN workspaces, rounding and
-fragmentation of its blocks).
+How close it is (benchmarks/step_time.py --count-only, against `torch.cuda.max_memory_allocated` on an H200, ours
+of session 1 / ../shared/ANCHORS.md): AudioCraft full fine-tuning, small, batch 16 x 30 s: 34.8 estimated vs
+35.2 / 36.8 GiB; peft LoRA 31.5 vs 31.9 / 33.5; HF transformers + peft 33.8 vs 34.2; small batch 4: full 12.8 vs
+13.0 / 13.5, peft LoRA 9.6 vs 9.8 / 10.3; medium batch 8: full 66.3 vs 66.8 / 67.6, peft LoRA 52.3 vs 52.8 / 53.6,
+HF + peft 55.8 vs 56.3 (benchmarks/README.md). A plan is taken when its estimate is at most HEADROOM of the budget
+after RESERVE: what the allocator holds beyond the live tensors (cuBLAS/cuDNN workspaces, rounding and fragmentation
+of its blocks).
 """
 from dataclasses import dataclass
 import contextlib
@@ -308,3 +309,32 @@ def describe(estimate: Estimate, budget: tp.Optional[int]) -> str:
 
 def ceil_frames(duration: float, frame_rate: float) -> int:
     return int(math.ceil(duration * frame_rate))
+
+
+def first_fit(model: nn.Module, compression_model: tp.Optional[nn.Module], shape: StepShape,
+              autocast_dtype: tp.Optional[torch.dtype], budget: int, plans: tp.Sequence[Plan], apply: bool,
+              log: tp.Callable[[Plan, Estimate], None]) -> tp.Tuple[int, Estimate]:
+    """Estimate `plans` in order (putting the model on each when `apply`) until one fits `budget`: (its index, its
+    estimate), or (len(plans), the last estimate) when none fits. `log` is called with every estimate."""
+    estimate = None
+    for index, plan in enumerate(plans):
+        if apply:
+            apply_plan(model, plan)
+        estimate = estimate_step(model, compression_model, shape, autocast_dtype)
+        log(plan, estimate)
+        if fits(estimate, budget):
+            return index, estimate
+    assert estimate is not None, 'no plan to estimate'
+    return len(plans), estimate
+
+
+def what_fits(estimate: Estimate, shape: StepShape, budget: int, world_size: int = 1) -> str:
+    """What to rerun with when `estimate` doesn't fit `budget`: the largest batch that does (for all `world_size`
+    GPUs), a bigger GPU when the resident part alone doesn't, or a smaller batch and shorter segments."""
+    largest = largest_batch(estimate, shape.batch, budget)
+    alone = needed(Estimate(resident=estimate.resident, step=0))
+    if largest:
+        return f"dataset.batch_size={largest * world_size} (the most that fits)"
+    if alone > budget:
+        return f"a GPU with more memory (the base and adapter alone need {alone / 2 ** 30:.1f} GiB with the margin)"
+    return "a smaller dataset.batch_size and a shorter dataset.segment_duration"

@@ -245,17 +245,12 @@ class LoRAMusicGenSolver(MusicGenSolver):
             (settings.activation_checkpointing, float(settings.checkpoint_fraction), settings.checkpoint_rest,
              bool(settings.dropout_replay))]
         start = time.time()
-        index, estimate = len(plans), None
-        for i, plan in enumerate(plans):
-            if auto:
-                memory_plan.apply_plan(self.model, plan)
-            estimate = memory_plan.estimate_step(self.model, self.compression_model, shape, autocast_dtype)
+
+        def log(plan, estimate):
             self.logger.info("Estimated peak memory per GPU, batch %d x %.1f s, checkpointing %s: %s", shape.batch,
                              duration, memory_plan.plan_name(plan), memory_plan.describe(estimate, budget))
-            if memory_plan.fits(estimate, budget):
-                index = i
-                break
-        assert estimate is not None
+        index, estimate = memory_plan.first_fit(self.model, self.compression_model, shape, autocast_dtype, budget,
+                                                plans, apply=auto, log=log)
         index = self._leanest_on_any_rank(index) if auto else index
         chosen = plans[min(index, len(plans) - 1)]
         self.memory_estimate = {'plan': memory_plan.plan_name(chosen), 'peak_gib': round(estimate.peak_gib, 3),
@@ -267,28 +262,20 @@ class LoRAMusicGenSolver(MusicGenSolver):
                                                       checkpoint_fraction=fraction, checkpoint_rest=rest,
                                                       dropout_replay=replay)
         if index < len(plans):
-            largest = memory_plan.largest_batch(estimate, shape.batch, budget)
             self.logger.info("Activation checkpointing: %s (estimated in %.1f s; this plan would fit up to "
                              "dataset.batch_size=%d per GPU)", memory_plan.plan_name(chosen), time.time() - start,
-                             largest)
+                             memory_plan.largest_batch(estimate, shape.batch, budget))
             return
-        largest = memory_plan.largest_batch(estimate, shape.batch, budget)
-        alone = memory_plan.needed(memory_plan.Estimate(resident=estimate.resident, step=0))
-        if largest:
-            advice = f"dataset.batch_size={largest * flashy.distrib.world_size()} (the most that fits)"
-        elif alone > budget:
-            advice = (f"a GPU with more memory (the base and adapter alone need {alone / 2 ** 30:.1f} GiB with the "
-                      "margin)")
-        else:
-            advice = "a smaller dataset.batch_size and a shorter dataset.segment_duration"
-        message = (f"The training step at dataset.batch_size={shape.batch * flashy.distrib.world_size()} x "
-                   f"{duration:g} s needs an estimated {memory_plan.describe(estimate, budget)} (lora.memory_budget_gib="
+        world = flashy.distrib.world_size()
+        advice = memory_plan.what_fits(estimate, shape, budget, world)
+        message = (f"The training step at dataset.batch_size={shape.batch * world} x {duration:g} s needs an "
+                   f"estimated {memory_plan.describe(estimate, budget)} (lora.memory_budget_gib="
                    f"{settings.memory_budget_gib}) with activation checkpointing {memory_plan.plan_name(chosen)}.")
         if auto:
             raise OutOfMemory(f"{message} No checkpointing plan fits: rerun with {advice}, or more GPUs (the batch is "
                               "split across them), or lora.memory_budget_gib=none to try anyway.")
         self.logger.warning("%s It will likely run out of memory: lora.activation_checkpointing=auto picks the "
-                            "plan that fits, or lower the batch (%s).", message, advice)
+                            "plan that fits, or rerun with %s.", message, advice)
 
     def _leanest_on_any_rank(self, index: int) -> int:
         """With DDP, every rank takes the leanest plan any rank needs (their free memory may differ); the number of

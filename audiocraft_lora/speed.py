@@ -60,7 +60,8 @@ class SpeedSettings:
         'help': "torch's fused AdamW/Adam kernel for the adapter: auto (on CUDA) | true | false."})
     activation_checkpointing: str = field(default='auto', metadata={
         'help': "auto | none | selective | torch. auto: the first of none, none + dropout_replay, selective, half "
-                "torch + half selective, torch whose estimated peak memory fits memory_budget_gib (memory_plan). torch: recompute each transformer layer in backward (AudioCraft's "
+                "torch + half selective, torch whose estimated peak memory fits memory_budget_gib (memory_plan). "
+                "torch: recompute each transformer layer in backward (AudioCraft's "
                 "transformer_lm.checkpointing, non-reentrant so frozen inputs still give adapter gradients). "
                 "selective: keep matmul and attention outputs, recompute norms, activations and LoRA updates."})
     compile: str = field(default='none', metadata={

@@ -91,9 +91,10 @@ def memory_estimate_on_cuda(pkg):
     ce.backward()
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() / 2 ** 30
+    optimizer = (estimate.resident - sum(t.numel() * t.element_size() for t in lm.state_dict().values())) / 2 ** 30
     print(f"memory estimate on CUDA (debug LM, batch 8 x 1500 frames, bf16): estimated {estimate.peak_gib:.3f} GiB, "
           f"measured {measured:.3f} GiB (ratio {estimate.peak_gib / measured:.3f}; optimizer state not allocated "
-          f"here, {(estimate.resident - sum(t.numel() * t.element_size() for t in lm.state_dict().values())) / 2**30:.3f} GiB of the estimate)")
+          f"here, {optimizer:.3f} GiB of the estimate)")
 
 
 def checkpointing_on_cuda(pkg, codes):

@@ -1,4 +1,4 @@
-"""What `lora.activation_checkpointing=auto` would choose, at MusicGen's real sizes, on any machine (no GPU, no weights).
+"""What `lora.activation_checkpointing=auto` would choose at MusicGen's real sizes, on any machine (no GPU or weights).
 
 Builds a MusicGen-shaped LM (random weights on fake tensors: no memory) with our LoRA (fast path, frozen base in
 bf16) and MusicGen's EnCodec 32 kHz (SEANet encoder/decoder + 4-codebook RVQ), then runs the solver's own estimate
@@ -70,7 +70,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     chunk_encoder(encodec, SpeedSettings(encode_chunk=args.encode_chunk))
     shape = memory_plan.StepShape(batch=args.batch, frames=memory_plan.ceil_frames(args.seconds, 50),
                                   samples=None if args.cached else int(args.seconds * 32000))
-    print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank} dropout {args.dropout:g}, batch {args.batch} x "
+    print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank} dropout {args.dropout:g}, "
+          f"batch {args.batch} x "
           f"{args.seconds:g} s, bf16 autocast, "
           + ('token cache' if args.cached else f'EnCodec encode in the step (encode_chunk={args.encode_chunk})'))
     estimates = {}
@@ -85,8 +86,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         budget = int((size - args.context) * 2 ** 30)
         names = [name for name, e in estimates.items() if memory_plan.fits(e, budget)]
         picks[size] = names[0] if names else None
-        leanest = list(estimates.values())[-1]
-        fallback = f"none fits: dataset.batch_size={memory_plan.largest_batch(leanest, args.batch, budget)}"
+        fallback = f"none fits: {memory_plan.what_fits(list(estimates.values())[-1], shape, budget)}"
         print(f"  {size:g} GiB GPU: auto -> {names[0] if names else fallback}")
     return {'estimates': {k: v.peak_gib for k, v in estimates.items()}, 'picks': picks}
 

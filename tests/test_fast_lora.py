@@ -286,8 +286,9 @@ def test_deepcopy_of_a_fast_path_model_is_independent(debug_lm_pkg, codes):
 
 
 def test_dropout_mask_is_replayed_in_backward_not_saved():
-    """With `replay` (lora.dropout_replay) the fast path keeps no dropout mask: backward draws the forward's mask again from the generator
-    state, leaves the generator as the forward left it, and gives the gradients of the mask the forward used."""
+    """With `replay` (lora.dropout_replay) the fast path keeps no dropout mask: backward draws the forward's mask
+    again from the generator state, leaves the generator as the forward left it, and gives the gradients of the mask
+    the forward used. Without it (the default) the mask is kept."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 16, generator=gen, requires_grad=True)
     weight = torch.randn(12, 16, generator=gen)
