@@ -241,7 +241,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
             samples=None if cached else int(duration * self.compression_model.sample_rate),
             channels=self.compression_model.channels)
         autocast_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast else None
-        plans = memory_plan.plans_for(self.model) if auto else [
+        plans = [plan for plan in memory_plan.plans_for(self.model)  # lora.dropout_replay=true: the replay is kept
+                 if not (settings.dropout_replay and plan[0] == 'none' and not plan[3])] if auto else [
             (settings.activation_checkpointing, float(settings.checkpoint_fraction), settings.checkpoint_rest,
              bool(settings.dropout_replay))]
         start = time.time()
@@ -346,8 +347,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(out_of_memory_advice(
                 self.speed_settings, int(self.cfg.dataset.batch_size) * flashy.distrib.world_size(),  # per rank here
-                float(self.cfg.dataset.segment_duration),
-                str(exc))) from None
+                float(self.cfg.dataset.segment_duration), str(exc),
+                lora_dropout=self.lora_settings.dropout > 0)) from None
 
     def _compute_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
                                mask: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[torch.Tensor]]:

@@ -101,7 +101,7 @@ def test_estimate_counts_the_encode_and_changes_nothing(solver):
     assert all(torch.equal(p, params[name]) for name, p in solver.model.named_parameters())
 
 
-def _plan(solver, budget_gib, mode='auto'):
+def _plan(solver, budget_gib, mode='auto', replay=False):
     """Run the solver's planning again with these settings, batches as from a token cache (at this tiny scale the
     debug EnCodec's encode outweighs the LM's step; at MusicGen's the LM's does, up to whole-layer checkpointing)."""
     from omegaconf import open_dict
@@ -109,7 +109,7 @@ def _plan(solver, budget_gib, mode='auto'):
         solver.cfg.cache.path, solver.cfg.cache.write = 'tokens', False
     solver.speed_settings = dataclasses.replace(solver.speed_settings, activation_checkpointing=mode,
                                                 checkpoint_fraction=1.0, checkpoint_rest='none',
-                                                dropout_replay=False, memory_budget_gib=budget_gib)
+                                                dropout_replay=replay, memory_budget_gib=budget_gib)
     solver._plan_memory()
     return solver.speed_settings
 
@@ -219,3 +219,11 @@ def test_with_lora_dropout_auto_first_replays_the_masks(tmp_path_factory):
     assert linears and all(m._lora_replay_dropout for m in linears)
     settings = _plan(solver, 64)  # room enough: masks kept, no extra dropout pass
     assert settings.dropout_replay is False and not any(m._lora_replay_dropout for m in linears)
+
+
+def test_an_explicit_dropout_replay_is_kept_by_auto(tmp_path_factory):
+    from audiocraft_lora.fast_lora import FastLoraLinear
+    solver = _build(tmp_path_factory, 0.1)
+    settings = _plan(solver, 64, replay=True)  # room for `none`: but the user asked for the replay
+    assert (settings.activation_checkpointing, settings.dropout_replay) == ('none', True)
+    assert all(m._lora_replay_dropout for m in solver.model.modules() if isinstance(m, FastLoraLinear))

@@ -34,5 +34,16 @@ def test_an_out_of_memory_step_stops_the_run_with_the_advice(dora_dir, monkeypat
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = proc.stderr.split('error: ', 1)[1]
     assert 'ran out of memory in a training step (CUDA out of memory.' in error
-    assert 'Rerun the same command with `lora.activation_checkpointing=selective' in error
+    # the recipes' LoRA dropout (0.05) on the fast path: first keep no dropout masks
+    assert 'Rerun the same command with `lora.dropout_replay=True`' in error
     assert 'Traceback' not in proc.stderr
+
+
+def test_with_lora_dropout_the_first_rung_replays_the_masks():
+    error = 'CUDA out of memory. Tried to allocate 2 GiB'
+    advice = out_of_memory_advice(SpeedSettings(), 16, 30.0, error, lora_dropout=True)
+    assert advice.split('Rerun the same command with `', 1)[1].startswith('lora.dropout_replay=True`')
+    replayed = out_of_memory_advice(SpeedSettings(dropout_replay=True), 16, 30.0, error, lora_dropout=True)
+    assert 'Rerun the same command with `lora.activation_checkpointing=selective' in replayed
+    plain_path = out_of_memory_advice(SpeedSettings(fast_path=False), 16, 30.0, error, lora_dropout=True)
+    assert 'dropout_replay' not in plain_path  # the replay is the fast path's
