@@ -59,8 +59,8 @@ def plan_name(plan: Plan) -> str:
 
 def plans_for(model: nn.Module) -> tp.List[Plan]:
     """PLANS, without the dropout-replay rung where it would change nothing (no fast-path LoRA dropout)."""
-    from .speed import set_dropout_replay
-    with_dropout = set_dropout_replay(model, False) > 0
+    from .speed import has_fast_dropout
+    with_dropout = has_fast_dropout(model)
     return [plan for plan in PLANS if with_dropout or not plan[3]]
 
 

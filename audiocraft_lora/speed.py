@@ -219,15 +219,23 @@ def chunk_encoder(compression_model: nn.Module, settings: SpeedSettings) -> None
             compression_model), int(settings.encode_chunk))
 
 
+def _fast_linears_with_dropout(model: nn.Module) -> tp.Tuple[tp.List[nn.Module], int]:
+    from .fast_lora import FastLoraLinear
+    linears = [m for m in model.modules() if isinstance(m, FastLoraLinear)]
+    return linears, sum(any(isinstance(d, nn.Dropout) and d.p > 0 for d in m.lora_dropout.values()) for m in linears)
+
+
+def has_fast_dropout(model: nn.Module) -> bool:
+    """Whether any fast-path LoRA linear of `model` has dropout (what `dropout_replay` acts on)."""
+    return _fast_linears_with_dropout(model)[1] > 0
+
+
 def set_dropout_replay(model: nn.Module, replay: bool) -> int:
     """Fast-path LoRA linears of `model` keep no dropout mask (`replay`) or keep it; returns how many have dropout."""
-    from .fast_lora import FastLoraLinear
-    count = 0
-    for module in model.modules():
-        if isinstance(module, FastLoraLinear):
-            module._lora_replay_dropout = bool(replay)
-            count += int(any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()))
-    return count
+    linears, with_dropout = _fast_linears_with_dropout(model)
+    for module in linears:
+        module._lora_replay_dropout = bool(replay)
+    return with_dropout
 
 
 def eager_generation(settings: SpeedSettings):
