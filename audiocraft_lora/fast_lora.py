@@ -120,7 +120,7 @@ def _rng_state(x: torch.Tensor) -> tp.Optional[torch.Tensor]:
     saved instead."""
     if torch.compiler.is_compiling():
         return None
-    if isinstance(x, FakeTensor) or active_fake_mode() is not None:  # memory_plan's estimate: the same tensors
+    if isinstance(x, FakeTensor) or active_fake_mode() is not None:  # memory_estimate's fake step: the same tensors
         # kept, no data to draw, and the generators of the real run left alone
         return _FAKE_STATE
     if x.device.type == 'cuda':

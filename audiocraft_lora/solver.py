@@ -38,13 +38,13 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from . import checkpointing, faults
+from . import checkpointing, faults, memory_plan
 from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    chunk_encoder, out_of_memory_advice, pin_loaders)
+                    chunk_encoder, has_fast_dropout, out_of_memory_advice, pin_loaders)
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
                                           autocast_dtype=DTYPES[self.cfg.autocast_dtype])
         logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
         self.model = lm.to(self.device)
-        self._plan_memory()
+        self.memory_estimate = memory_plan.plan_training(self)  # may switch the LM's checkpointing (auto)
         assert self.cfg.transformer_lm.card == self.compression_model.cardinality
         assert self.cfg.transformer_lm.n_q == self.compression_model.num_codebooks
         if self.cfg.fsdp.use:
@@ -218,74 +218,6 @@ class LoRAMusicGenSolver(MusicGenSolver):
         if self.cfg.autocast and self.autocast_dtype is torch.float16:
             self.scaler = torch.amp.GradScaler('cuda')
             self.register_stateful('scaler')
-
-    def _plan_memory(self) -> None:
-        """Estimate the training step's peak memory before any step (memory_plan) and, with
-        `lora.activation_checkpointing=auto`, put the LM on the first checkpointing plan that fits the budget."""
-        import dataclasses
-        import time
-        from . import memory_plan
-        settings = self.speed_settings
-        auto = settings.activation_checkpointing == 'auto'
-        budget = memory_plan.device_budget(settings.memory_budget_gib, self.device)
-        if budget is None or self.cfg.get('execute_only') is not None:  # nothing to plan for, or no training
-            if auto:
-                self.speed_settings = dataclasses.replace(settings, activation_checkpointing='none')
-            return
-        cfg = self.cfg
-        cached = bool(cfg.get('cache') and cfg.cache.get('path') and not cfg.cache.get('write'))
-        duration = float(cfg.dataset.segment_duration)
-        shape = memory_plan.StepShape(
-            batch=int(cfg.dataset.batch_size),  # per rank here (train.get_solver)
-            frames=memory_plan.ceil_frames(duration, self.compression_model.frame_rate),
-            samples=None if cached else int(duration * self.compression_model.sample_rate),
-            channels=self.compression_model.channels)
-        autocast_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast else None
-        plans = [plan for plan in memory_plan.plans_for(self.model)  # lora.dropout_replay=true: the replay is kept
-                 if not (settings.dropout_replay and plan[0] == 'none' and not plan[3])] if auto else [
-            (settings.activation_checkpointing, float(settings.checkpoint_fraction), settings.checkpoint_rest,
-             bool(settings.dropout_replay))]
-        start = time.time()
-
-        def log(plan, estimate):
-            self.logger.info("Estimated peak memory per GPU, batch %d x %.1f s, checkpointing %s: %s", shape.batch,
-                             duration, memory_plan.plan_name(plan), memory_plan.describe(estimate, budget))
-        index, estimate = memory_plan.first_fit(self.model, self.compression_model, shape, autocast_dtype, budget,
-                                                plans, apply=auto, log=log)
-        index = self._leanest_on_any_rank(index) if auto else index
-        chosen = plans[min(index, len(plans) - 1)]
-        self.memory_estimate = {'plan': memory_plan.plan_name(chosen), 'peak_gib': round(estimate.peak_gib, 3),
-                                'budget_gib': round(budget / 2 ** 30, 3), 'seconds': round(time.time() - start, 1)}
-        if auto:
-            memory_plan.apply_plan(self.model, chosen)
-            mode, fraction, rest, replay = chosen
-            self.speed_settings = dataclasses.replace(settings, activation_checkpointing=mode,
-                                                      checkpoint_fraction=fraction, checkpoint_rest=rest,
-                                                      dropout_replay=replay)
-        if index < len(plans):
-            self.logger.info("Activation checkpointing: %s (estimated in %.1f s; this plan would fit up to "
-                             "dataset.batch_size=%d per GPU)", memory_plan.plan_name(chosen), time.time() - start,
-                             memory_plan.largest_batch(estimate, shape.batch, budget))
-            return
-        world = flashy.distrib.world_size()
-        advice = memory_plan.what_fits(estimate, shape, budget, world)
-        message = (f"The training step at dataset.batch_size={shape.batch * world} x {duration:g} s needs an "
-                   f"estimated {memory_plan.describe(estimate, budget)} (lora.memory_budget_gib="
-                   f"{settings.memory_budget_gib}) with activation checkpointing {memory_plan.plan_name(chosen)}.")
-        if auto:
-            raise OutOfMemory(f"{message} No checkpointing plan fits: rerun with {advice}, or more GPUs (the batch is "
-                              "split across them), or lora.memory_budget_gib=none to try anyway.")
-        self.logger.warning("%s It will likely run out of memory: lora.activation_checkpointing=auto picks the "
-                            "plan that fits, or rerun with %s.", message, advice)
-
-    def _leanest_on_any_rank(self, index: int) -> int:
-        """With DDP, every rank takes the leanest plan any rank needs (their free memory may differ); the number of
-        plans when one rank has none that fits (then every rank stops)."""
-        if not flashy.distrib.is_distributed():
-            return index
-        value = torch.tensor([float(index)], device=self.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return int(value.item())
 
     def _check_schedule(self) -> None:
         """A warmup as long as training divides by zero at the last step of AudioCraft's cosine/polynomial
@@ -348,7 +280,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
             raise OutOfMemory(out_of_memory_advice(
                 self.speed_settings, int(self.cfg.dataset.batch_size) * flashy.distrib.world_size(),  # per rank here
                 float(self.cfg.dataset.segment_duration), str(exc),
-                lora_dropout=self.lora_settings.dropout > 0)) from None
+                lora_dropout=has_fast_dropout(self.model))) from None
 
     def _compute_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
                                mask: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[torch.Tensor]]:

@@ -161,6 +161,7 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     info: tp.Dict[str, tp.Any] = {}
     transformer = getattr(model, 'transformer', None)
     if settings.activation_checkpointing not in ('none', 'auto'):  # auto: planned once the LM is on its device
+        from .recompute import set_checkpointing
         info.update(set_checkpointing(model, settings.activation_checkpointing, float(settings.checkpoint_fraction),
                                       settings.checkpoint_rest))
     if settings.dropout_replay:  # (auto may also turn it on, never off)
@@ -175,27 +176,6 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
         for layer in transformer.layers:
             layer.compile(backend=settings.compile)
         info['compile'] = settings.compile
-    return info
-
-
-def set_checkpointing(model: nn.Module, mode: str, fraction: float = 1.0, rest: str = 'none') -> dict:
-    """Put the LM's transformer on a checkpointing plan (replacing any earlier one); returns what was set."""
-    transformer = getattr(model, 'transformer', None)
-    if transformer is None or not hasattr(transformer, 'checkpointing'):
-        raise LoRAConfigError("lora.activation_checkpointing needs AudioCraft's StreamingTransformer LM.")
-    transformer.__dict__.pop('_apply_layer', None)  # back to AudioCraft's own hook
-    transformer.checkpointing = 'none'
-    for layer in transformer.layers:
-        layer.__dict__.pop('_lora_checkpointing', None)
-    if mode == 'none':
-        return {}
-    info: tp.Dict[str, tp.Any] = {'activation_checkpointing': mode}
-    if mode == 'torch':
-        transformer.checkpointing = 'torch'  # AudioCraft's own per-layer checkpointing
-    if mode != 'torch' or fraction < 1.0:
-        info['checkpointed_layers'] = checkpoint_layers(transformer, mode, fraction, _max_lora_rank(model), rest=rest)
-        if rest != 'none':
-            info['checkpoint_rest'] = rest
     return info
 
 
@@ -247,71 +227,6 @@ def eager_generation(settings: SpeedSettings):
     return torch.compiler.set_stance('force_eager')
 
 
-# ops whose outputs selective checkpointing keeps: attention kernels (by name: torch's and xformers' variants)
-_ATTENTION_MARKERS = ('attention', 'flash')
-_MATMULS = {'aten.mm.default': 0, 'aten.addmm.default': 1, 'aten.bmm.default': 0, 'aten.baddbmm.default': 1}
-
-
-@functools.lru_cache(maxsize=None)
-def _op_kind(op) -> tp.Tuple[str, int]:
-    """('matmul', index of the left operand) | ('attention', -1) | ('other', -1); once per op, not per call."""
-    name = str(op)
-    if name in _MATMULS:
-        return 'matmul', _MATMULS[name]
-    if any(marker in name for marker in _ATTENTION_MARKERS) and 'backward' not in name:
-        return 'attention', -1
-    return 'other', -1
-
-
-def _selective_policy(max_cheap_rank: int, ctx, op, *args, **kwargs):
-    """Keep large matmul outputs and attention outputs; recompute the rest (pointwise, norms, copies, and matmuls
-    contracting over at most `max_cheap_rank`, i.e. the LoRA up-projections)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-    kind, left = _op_kind(op)
-    if kind == 'matmul':
-        if args[left].shape[-1] > max_cheap_rank:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-    if kind == 'attention':
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _max_lora_rank(model: nn.Module) -> int:
-    ranks = [m.weight.shape[0] for name, m in model.named_modules()
-             if name.endswith('lora_A.default') and hasattr(m, 'weight')]
-    ranks += [p.shape[0] for name, p in model.named_parameters() if name.endswith('in_proj.lora_A.weight')]
-    return max(ranks, default=0)
-
-
-def _apply_layer_planned(selective_context: tp.Callable, layer: nn.Module, *args, **kwargs):
-    from torch.utils.checkpoint import checkpoint
-    mode = getattr(layer, '_lora_checkpointing', 'none')  # an attribute of the layer: survives deepcopy
-    if mode == 'none':
-        return layer(*args, **kwargs)
-    if mode == 'torch':
-        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
-    return checkpoint(layer, *args, use_reentrant=False, context_fn=selective_context, **kwargs)
-
-
-def checkpoint_layers(transformer: nn.Module, mode: str, fraction: float, max_cheap_rank: int,
-                      rest: str = 'none') -> tp.List[int]:
-    """Checkpoint `fraction` of AudioCraft's transformer layers (evenly spaced) with `mode` (`torch`: whole layer,
-    `selective`), the others with `rest` (`none` or `selective`); returns the indices of the first group. Replaces the
-    instance's `_apply_layer` hook (AudioCraft's own applies one method to every layer and only knows whole-layer
-    torch checkpointing or xformers-internal policies)."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-    layers = list(transformer.layers)
-    count = max(1, round(fraction * len(layers)))
-    indices = sorted({int(i * len(layers) / count) for i in range(count)})
-    for index, layer in enumerate(layers):
-        layer._lora_checkpointing = mode if index in indices else rest
-    selective_context = functools.partial(create_selective_checkpoint_contexts,
-                                          functools.partial(_selective_policy, max_cheap_rank))
-    transformer._apply_layer = functools.partial(_apply_layer_planned, selective_context)
-    return indices
-
-
 def pin_loaders(loaders: tp.Mapping[str, tp.Any], settings: SpeedSettings, device: tp.Any) -> tp.List[str]:
     """Turn on `pin_memory` of torch DataLoaders (read when iteration starts, so it can be set after AudioCraft built
     them); returns the names of the loaders changed. Other loaders (the token cache's) are left alone."""
@@ -326,35 +241,44 @@ def pin_loaders(loaders: tp.Mapping[str, tp.Any], settings: SpeedSettings, devic
     return pinned
 
 
-# leaner and leaner activation-checkpointing plans: (overrides, what it costs), tried in this order after an OOM
-MEMORY_LADDER = (
-    ({'activation_checkpointing': 'selective', 'checkpoint_fraction': 1.0, 'checkpoint_rest': 'none'},
-     'about 0.6x the activation memory for almost no extra compute'),
-    ({'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5, 'checkpoint_rest': 'selective'},
-     'about a third of the activation memory, ~+25% compute'),
-    ({'activation_checkpointing': 'torch', 'checkpoint_fraction': 1.0, 'checkpoint_rest': 'none'},
-     'layer inputs only, ~+50% compute'),
+# Leaner and leaner memory plans, least recompute first: what `activation_checkpointing=auto` tries (memory_plan) and
+# what a step that ran out of memory is told to try next. A plan: (checkpointing, fraction, rest, dropout_replay).
+Plan = tp.Tuple[str, float, str, bool]
+PLANS: tp.Tuple[Plan, ...] = (
+    ('none', 1.0, 'none', False),
+    ('none', 1.0, 'none', True),  # only where the fast path has LoRA dropout (else it equals the first)
+    ('selective', 1.0, 'none', False),
+    ('torch', 0.5, 'selective', False),
+    ('torch', 1.0, 'none', False),
 )
+PLAN_COSTS = {
+    PLANS[1]: 'keeps no LoRA dropout mask, ~-11% memory at dropout 0.05, one more dropout pass',
+    PLANS[2]: 'about 0.6x the activation memory for almost no extra compute',
+    PLANS[3]: 'about a third of the activation memory, ~+25% compute',
+    PLANS[4]: 'layer inputs only, ~+50% compute',
+}
 
 
-# before the ladder, where the fast path has LoRA dropout: its masks drawn again in backward instead of kept
-REPLAY_RUNG = ({'dropout_replay': True}, 'keeps no LoRA dropout mask, ~-11% memory at dropout 0.05, one more '
-                                         'dropout pass')
+def plan_overrides(plan: Plan) -> str:
+    """The `lora.*` keys that select `plan` on the command line."""
+    mode, fraction, rest, replay = plan
+    if mode == 'none':
+        return f'lora.dropout_replay={replay}'
+    return f'lora.activation_checkpointing={mode} lora.checkpoint_fraction={fraction} lora.checkpoint_rest={rest}'
 
 
-def _memory_level(settings: SpeedSettings) -> float:
-    """Where `settings` sit on MEMORY_LADDER (-2: no checkpointing, -1: no checkpointing with dropout masks replayed;
-    a half-way plan counts as the rung below)."""
+def _plan_position(settings: SpeedSettings) -> float:
+    """Where `settings` sit among PLANS (an index; a half-way plan sits between its neighbours)."""
     mode, fraction = settings.activation_checkpointing, float(settings.checkpoint_fraction)
     if mode in ('none', 'auto'):
-        return -1 if settings.dropout_replay else -2
+        return 1 if settings.dropout_replay else 0
     if mode == 'selective':
-        return 0 if fraction >= 1.0 else -0.5
+        return 2 if fraction >= 1.0 else 1.5
     if fraction >= 1.0:
-        return 2
+        return 4
     if settings.checkpoint_rest == 'selective' and fraction >= 0.5:
-        return 1
-    return 0.5
+        return 3
+    return 2.5
 
 
 def out_of_memory_advice(settings: SpeedSettings, batch_size: int, segment_duration: float, error: str,
@@ -362,17 +286,16 @@ def out_of_memory_advice(settings: SpeedSettings, batch_size: int, segment_durat
     """What to change after a training step ran out of GPU memory: the next leaner plan (replayed dropout masks first
     when the fast path has `lora_dropout`), then batch size / segment length. Speed settings are outside the XP
     signature, so rerunning resumes the same XP."""
-    level = _memory_level(settings)
+    position = _plan_position(settings)
     lines = [f"The GPU ran out of memory in a training step ({error.splitlines()[0] if error else 'OutOfMemoryError'}) "
              f"with dataset.batch_size={batch_size}, dataset.segment_duration={segment_duration}, "
              f"lora.activation_checkpointing={settings.activation_checkpointing} "
              f"(checkpoint_fraction={settings.checkpoint_fraction}, checkpoint_rest={settings.checkpoint_rest})."]
-    rungs = ([(-1, REPLAY_RUNG)] if lora_dropout and settings.fast_path else []) + list(enumerate(MEMORY_LADDER))
-    for rung, (overrides, cost) in rungs:
-        if rung > level:
-            keys = ' '.join(f'lora.{k}={v}' for k, v in overrides.items())
-            lines.append(f"Rerun the same command with `{keys}` ({cost}): these keys are outside the XP signature, "
-                         "so it resumes from the last checkpoint.")
+    replay_helps = lora_dropout and settings.fast_path
+    for index, plan in enumerate(PLANS):
+        if index > position and (replay_helps or not plan[3]):
+            lines.append(f"Rerun the same command with `{plan_overrides(plan)}` ({PLAN_COSTS[plan]}): these keys are "
+                         "outside the XP signature, so it resumes from the last checkpoint.")
             break
     lines.append(f"Or lower dataset.batch_size (now {batch_size}; keep the effective batch with more GPUs) or "
                  f"dataset.segment_duration (now {segment_duration} s). If other processes use this GPU, give "

@@ -59,7 +59,7 @@ def dropout_replay_on_cuda():
     b = torch.randn(128, 8, device='cuda', generator=gen, requires_grad=True)
     grad = torch.randn(64, 128, device='cuda', generator=gen)
     before = torch.cuda.get_rng_state()
-    y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5)
+    y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5, replay=True)
     after_forward = torch.cuda.get_rng_state()
     y.backward(grad)
     left_alone = torch.equal(torch.cuda.get_rng_state(), after_forward)
@@ -75,7 +75,7 @@ def dropout_replay_on_cuda():
 
 def memory_estimate_on_cuda(pkg):
     """memory_plan's estimate (fake tensors, CUDA autocast) of a LoRA step vs torch.cuda.max_memory_allocated."""
-    from audiocraft_lora.memory_plan import StepShape, estimate_step
+    from audiocraft_lora.memory_estimate import StepShape, estimate_step
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     lm = base_models.build_lm(pkg)
     inject_lora(lm, LoRASettings(rank=8, alpha=16, dropout=0.05))

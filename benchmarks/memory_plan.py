@@ -2,7 +2,7 @@
 
 Builds a MusicGen-shaped LM (random weights on fake tensors: no memory) with our LoRA (fast path, frozen base in
 bf16) and MusicGen's EnCodec 32 kHz (SEANet encoder/decoder + 4-codebook RVQ), then runs the solver's own estimate
-(audiocraft_lora.memory_plan.estimate_step) for every plan auto tries, and says which plan auto takes on GPUs of
+(audiocraft_lora.memory_estimate.estimate_step) for every plan auto tries, and says which plan auto takes on GPUs of
 the given sizes (budget: the card's memory less `--context` GiB for the CUDA context, as `memory_budget_gib: auto`
 reads it from a fresh GPU).
 
@@ -46,7 +46,7 @@ from audiocraft_lora.speed import SpeedSettings, apply_to_model, chunk_encoder  
 def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from audiocraft.modules.transformer import set_efficient_attention_backend
-    from audiocraft_lora import memory_plan
+    from audiocraft_lora import memory_estimate, memory_plan
     from audiocraft_lora.lora import LoRASettings, inject_lora
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--scale', default='small', choices=sorted(step_time.SCALES))
@@ -68,7 +68,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         apply_to_model(lm, SpeedSettings(activation_checkpointing='none'), autocast=True, autocast_dtype=bf16)
         encodec = build_encodec('cpu')
     chunk_encoder(encodec, SpeedSettings(encode_chunk=args.encode_chunk))
-    shape = memory_plan.StepShape(batch=args.batch, frames=memory_plan.ceil_frames(args.seconds, 50),
+    shape = memory_estimate.StepShape(batch=args.batch, frames=memory_plan.ceil_frames(args.seconds, 50),
                                   samples=None if args.cached else int(args.seconds * 32000))
     print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank} dropout {args.dropout:g}, "
           f"batch {args.batch} x "
@@ -77,7 +77,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     estimates = {}
     for plan in memory_plan.plans_for(lm):
         memory_plan.apply_plan(lm, plan)
-        estimate = memory_plan.estimate_step(lm, encodec, shape, bf16)
+        estimate = memory_estimate.estimate_step(lm, encodec, shape, bf16)
         estimates[memory_plan.plan_name(plan)] = estimate
         print(f"  {memory_plan.plan_name(plan):<48} {estimate.peak_gib:6.2f} GiB, needs "
               f"{memory_plan.needed(estimate) / 2 ** 30:6.2f} GiB with the margin", flush=True)

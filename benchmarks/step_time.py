@@ -27,7 +27,7 @@ cross-attention; HF: q,k,v,o,fc1,fc2), dropout 0 (`--lora-dropout`). Weights are
 Memory: `saved_MiB` is the bytes of tensors autograd saves for backward in one step (deduplicated by storage,
 parameters excluded), a deterministic proxy for activation memory that works on CPU; `state_MiB` is parameters +
 gradients + optimizer state; on CUDA `peak_GiB` is `torch.cuda.max_memory_allocated`, with --count-only the
-estimate of it by audiocraft_lora.memory_plan.PeakTracker (every tensor the step creates, followed until freed, on
+estimate of it by audiocraft_lora.memory_estimate.PeakTracker (every tensor the step creates, followed until freed, on
 top of the resident parameters) that `lora.activation_checkpointing=auto` plans with.
 
     python benchmarks/step_time.py --device cpu                                # tiny CPU smoke run
@@ -44,6 +44,9 @@ import time
 import typing as tp
 
 import torch
+
+from audiocraft_lora.memory_estimate import (PeakTracker, cross_entropy_at, patterns_on_real_tensors, real_tensors,
+                                             valid_positions)
 
 SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'tiny': (64, 4, 2),
@@ -193,10 +196,11 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               else 'none')
         apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
-    with _real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
+    with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
 
-    valid = _valid_positions(lm, args) if getattr(args, 'count_only', False) else None
+    # --count-only: the solver's CE positions, known without data (a boolean mask's size needs data)
+    valid = valid_positions(lm, args.batch, args.frames) if getattr(args, 'count_only', False) else None
 
     def ac_loss():
         with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -205,20 +209,9 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
             if valid is None:
                 ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
             else:
-                ce = _cross_entropy_at(out.logits, codes, valid)
+                ce = cross_entropy_at(out.logits, codes, valid)
         return ce
     return lm, ac_loss
-
-
-def _valid_positions(lm, args) -> tp.List[torch.Tensor]:
-    """--count-only: the solver's CE positions, known without data (memory_plan.valid_positions)."""
-    from audiocraft_lora.memory_plan import valid_positions
-    return valid_positions(lm, args.batch, args.frames)
-
-
-def _cross_entropy_at(logits: torch.Tensor, codes: torch.Tensor, valid: tp.List[torch.Tensor]) -> torch.Tensor:
-    from audiocraft_lora.memory_plan import cross_entropy_at
-    return cross_entropy_at(logits, codes, valid)
 
 
 def _optimizer(params: tp.List[torch.Tensor], **kwargs) -> torch.optim.Optimizer:
@@ -233,17 +226,6 @@ def state_bytes(model: torch.nn.Module, params: tp.List[torch.Tensor], optimizer
     total += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                  if isinstance(t, torch.Tensor))
     return total
-
-
-def _real_tensors():
-    """Where a fake tensor mode is active (--count-only): suspend it; elsewhere nothing."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    return unset_fake_temporarily()
-
-
-def _patterns_on_real_tensors():
-    from audiocraft_lora.memory_plan import patterns_on_real_tensors
-    return patterns_on_real_tensors()
 
 
 @contextlib.contextmanager
@@ -272,10 +254,9 @@ def count(case: str, args) -> dict:
     float32 (their outputs are not saved, so saved bytes barely differ)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    from audiocraft_lora.memory_plan import PeakTracker
     if case == 'lora_compile':
         raise RuntimeError('torch.compile is not counted on fake tensors; measure it on a GPU')
-    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_moves_are_noops(), _patterns_on_real_tensors():
+    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_moves_are_noops(), patterns_on_real_tensors():
         model, loss_fn = make_case(case, args)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -351,7 +332,7 @@ def measure(case: str, args) -> dict:
     estimate = None
     if getattr(args, 'estimate', False) and not case.startswith('hf_') and case != 'encode':
         # what `lora.activation_checkpointing=auto` would plan with, for this very model (compare with peak_GiB)
-        from audiocraft_lora.memory_plan import StepShape, estimate_step
+        from audiocraft_lora.memory_estimate import StepShape, estimate_step
         estimate = estimate_step(model, None, StepShape(args.batch, args.frames), args.autocast_dtype).peak_gib
     result = {'case': case, 'step_s': step_s, 'frames_per_s': args.batch * args.frames / step_s,
               'est_GiB': estimate,

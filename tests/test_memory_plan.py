@@ -1,18 +1,18 @@
-"""Peak-memory estimate before training (memory_plan) and `lora.activation_checkpointing=auto`."""
+"""Peak-memory estimate before training (memory_estimate) and `lora.activation_checkpointing=auto`."""
 import dataclasses
 import logging
 
 import pytest
 import torch
 
-from audiocraft_lora import memory_plan
+from audiocraft_lora import memory_estimate, memory_plan
 from audiocraft_lora.errors import LoRAConfigError, OutOfMemory
 from audiocraft_lora.speed import SpeedSettings
 
 
 def test_peak_tracker_counts_each_storage_while_it_lives():
     x = torch.ones(1000)  # made outside: not counted
-    with memory_plan.PeakTracker() as tracker:
+    with memory_estimate.PeakTracker() as tracker:
         a = x * 2                      # 4000 B
         view = a.view(10, 100)         # same storage: nothing more
         b = a + 1                      # 8000 B live
@@ -22,15 +22,15 @@ def test_peak_tracker_counts_each_storage_while_it_lives():
         c = torch.empty(3000)          # 4000 + 12000
         del b, c
     assert (tracker.current, tracker.peak) == (0, 16000)
-    with memory_plan.PeakTracker(round_to=512) as rounded:
+    with memory_estimate.PeakTracker(round_to=512) as rounded:
         _ = torch.empty(10)            # 40 B is a 512 B block for CUDA's allocator
     assert rounded.peak == 512
 
 
-def _shape(solver, cached: bool) -> memory_plan.StepShape:
+def _shape(solver, cached: bool) -> memory_estimate.StepShape:
     duration = float(solver.cfg.dataset.segment_duration)
     cm = solver.compression_model
-    return memory_plan.StepShape(batch=int(solver.cfg.dataset.batch_size),
+    return memory_estimate.StepShape(batch=int(solver.cfg.dataset.batch_size),
                                  frames=memory_plan.ceil_frames(duration, cm.frame_rate),
                                  samples=None if cached else int(duration * cm.sample_rate), channels=cm.channels)
 
@@ -41,11 +41,11 @@ def _real_lm_step_peak(solver) -> int:
     from audiocraft.solvers.musicgen import MusicGenSolver
     lm, shape = solver.model, _shape(solver, cached=True)
     codes = torch.randint(0, lm.card, (shape.batch, lm.num_codebooks, shape.frames))
-    attributes = [ConditioningAttributes(text={'description': memory_plan.DESCRIPTION}) for _ in range(shape.batch)]
+    attributes = [ConditioningAttributes(text={'description': memory_estimate.DESCRIPTION}) for _ in range(shape.batch)]
     tokenized = lm.condition_provider.tokenize(attributes)
     trainable = [p for p in lm.parameters() if p.requires_grad]
     lm.train()
-    with memory_plan.PeakTracker() as tracker:
+    with memory_estimate.PeakTracker() as tracker:
         out = lm.compute_predictions(codes, [], lm.condition_provider(tokenized))
         ce, _ = MusicGenSolver._compute_cross_entropy(solver, out.logits, codes, out.mask)  # AudioCraft's CE
         del out
@@ -79,7 +79,7 @@ def test_estimate_equals_a_real_step_for_every_plan(solver):
     estimates = {}
     for plan in memory_plan.plans_for(solver.model):
         memory_plan.apply_plan(solver.model, plan)
-        estimate = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True),
+        estimate = memory_estimate.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True),
                                              None)
         real = _real_lm_step_peak(solver)
         assert abs(estimate.step - real) <= 0.02 * real, (plan, estimate.step, real)
@@ -92,8 +92,8 @@ def test_estimate_equals_a_real_step_for_every_plan(solver):
 def test_estimate_counts_the_encode_and_changes_nothing(solver):
     params = {name: p.detach().clone() for name, p in solver.model.named_parameters()}
     rng = torch.get_rng_state()
-    cached = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True), None)
-    encoded = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=False), None)
+    cached = memory_estimate.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True), None)
+    encoded = memory_estimate.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=False), None)
     assert encoded.step > cached.step  # EnCodec's encode of the batch (no token cache) is part of the step
     assert cached.resident == encoded.resident > sum(p.numel() * 4 for p in params.values())
     assert torch.equal(torch.get_rng_state(), rng)
@@ -110,7 +110,7 @@ def _plan(solver, budget_gib, mode='auto', replay=False):
     solver.speed_settings = dataclasses.replace(solver.speed_settings, activation_checkpointing=mode,
                                                 checkpoint_fraction=1.0, checkpoint_rest='none',
                                                 dropout_replay=replay, memory_budget_gib=budget_gib)
-    solver._plan_memory()
+    solver.memory_estimate = memory_plan.plan_training(solver)  # what build_model does
     return solver.speed_settings
 
 
@@ -119,7 +119,7 @@ def test_auto_takes_the_least_recompute_that_fits(solver):
     peaks = []
     for plan in memory_plan.plans_for(solver.model):
         memory_plan.apply_plan(solver.model, plan)
-        peaks.append(memory_plan.estimate_step(solver.model, solver.compression_model, shape, None))
+        peaks.append(memory_estimate.estimate_step(solver.model, solver.compression_model, shape, None))
     plans = memory_plan.plans_for(solver.model)
     assert len(plans) == 4  # no LoRA dropout (lora.dropout=0): no replay rung
     for index, plan in enumerate(plans):
@@ -139,7 +139,7 @@ def test_auto_takes_the_least_recompute_that_fits(solver):
 
 def test_no_plan_fits_stops_before_training_with_the_batch_that_fits(solver):
     memory_plan.apply_plan(solver.model, memory_plan.PLANS[-1])
-    leanest = memory_plan.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True), None)
+    leanest = memory_estimate.estimate_step(solver.model, solver.compression_model, _shape(solver, cached=True), None)
     budget_gib = memory_plan.needed(leanest) / 2 ** 30 * 0.999  # just short
     with pytest.raises(OutOfMemory, match=r'No checkpointing plan fits: rerun with dataset.batch_size=3 '):
         _plan(solver, budget_gib)
@@ -183,7 +183,7 @@ def test_encoding_in_chunks_gives_the_same_tokens_at_a_fraction_of_the_peak(solv
     peaks = {}
     for chunk in (0, 1):
         chunk_encoder(model, SpeedSettings(encode_chunk=chunk))
-        peaks[chunk] = memory_plan.estimate_step(solver.model, model, _shape(solver, cached=False), None).step
+        peaks[chunk] = memory_estimate.estimate_step(solver.model, model, _shape(solver, cached=False), None).step
     chunk_encoder(model, SpeedSettings())
     assert peaks[1] < 0.5 * peaks[0], peaks  # batch 4 encoded one item at a time; the encode made the peak
     with pytest.raises(LoRAConfigError, match='lora.encode_chunk must be a whole number'):
@@ -211,7 +211,7 @@ def test_with_lora_dropout_auto_first_replays_the_masks(tmp_path_factory):
     estimates = []
     for plan in plans[:3]:
         memory_plan.apply_plan(solver.model, plan)
-        estimates.append(memory_plan.estimate_step(solver.model, solver.compression_model, shape, None))
+        estimates.append(memory_estimate.estimate_step(solver.model, solver.compression_model, shape, None))
     assert estimates[0].peak > estimates[1].peak > estimates[2].peak
     settings = _plan(solver, memory_plan.needed(estimates[1]) / 2 ** 30 * 1.0001)
     assert (settings.activation_checkpointing, settings.dropout_replay) == ('none', True)

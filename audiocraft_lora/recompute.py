@@ -1,0 +1,100 @@
+"""Activation checkpointing of AudioCraft's transformer layers: which layers recompute what in backward.
+
+`torch` recomputes a whole layer (AudioCraft's own `transformer_lm.checkpointing`, non-reentrant so frozen inputs
+still give adapter gradients). `selective` runs a layer under torch's selective checkpointing with a policy that keeps
+the outputs of large matmuls (contraction > the LoRA rank) and of attention kernels and recomputes layer norms, GELU,
+copies and the rank-r LoRA updates. A plan may mix them: `mode` on `fraction` of the layers (evenly spaced), `rest`
+(`none` or `selective`) on the others. The plan of each layer is an attribute of the layer, so a deepcopy keeps it.
+"""
+import functools
+import typing as tp
+
+from torch import nn
+
+from .errors import LoRAConfigError
+
+
+def set_checkpointing(model: nn.Module, mode: str, fraction: float = 1.0, rest: str = 'none') -> dict:
+    """Put the LM's transformer on a checkpointing plan (replacing any earlier one); returns what was set."""
+    transformer = getattr(model, 'transformer', None)
+    if transformer is None or not hasattr(transformer, 'checkpointing'):
+        raise LoRAConfigError("lora.activation_checkpointing needs AudioCraft's StreamingTransformer LM.")
+    transformer.__dict__.pop('_apply_layer', None)  # back to AudioCraft's own hook
+    transformer.checkpointing = 'none'
+    for layer in transformer.layers:
+        layer.__dict__.pop('_lora_checkpointing', None)
+    if mode == 'none':
+        return {}
+    info: tp.Dict[str, tp.Any] = {'activation_checkpointing': mode}
+    if mode == 'torch':
+        transformer.checkpointing = 'torch'  # AudioCraft's own per-layer checkpointing
+    if mode != 'torch' or fraction < 1.0:
+        info['checkpointed_layers'] = checkpoint_layers(transformer, mode, fraction, _max_lora_rank(model), rest=rest)
+        if rest != 'none':
+            info['checkpoint_rest'] = rest
+    return info
+
+
+# ops whose outputs selective checkpointing keeps: attention kernels (by name: torch's and xformers' variants)
+_ATTENTION_MARKERS = ('attention', 'flash')
+_MATMULS = {'aten.mm.default': 0, 'aten.addmm.default': 1, 'aten.bmm.default': 0, 'aten.baddbmm.default': 1}
+
+
+@functools.lru_cache(maxsize=None)
+def _op_kind(op) -> tp.Tuple[str, int]:
+    """('matmul', index of the left operand) | ('attention', -1) | ('other', -1); once per op, not per call."""
+    name = str(op)
+    if name in _MATMULS:
+        return 'matmul', _MATMULS[name]
+    if any(marker in name for marker in _ATTENTION_MARKERS) and 'backward' not in name:
+        return 'attention', -1
+    return 'other', -1
+
+
+def _selective_policy(max_cheap_rank: int, ctx, op, *args, **kwargs):
+    """Keep large matmul outputs and attention outputs; recompute the rest (pointwise, norms, copies, and matmuls
+    contracting over at most `max_cheap_rank`, i.e. the LoRA up-projections)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    kind, left = _op_kind(op)
+    if kind == 'matmul':
+        if args[left].shape[-1] > max_cheap_rank:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if kind == 'attention':
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _max_lora_rank(model: nn.Module) -> int:
+    ranks = [m.weight.shape[0] for name, m in model.named_modules()
+             if name.endswith('lora_A.default') and hasattr(m, 'weight')]
+    ranks += [p.shape[0] for name, p in model.named_parameters() if name.endswith('in_proj.lora_A.weight')]
+    return max(ranks, default=0)
+
+
+def _apply_layer_planned(selective_context: tp.Callable, layer: nn.Module, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+    mode = getattr(layer, '_lora_checkpointing', 'none')  # an attribute of the layer: survives deepcopy
+    if mode == 'none':
+        return layer(*args, **kwargs)
+    if mode == 'torch':
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return checkpoint(layer, *args, use_reentrant=False, context_fn=selective_context, **kwargs)
+
+
+def checkpoint_layers(transformer: nn.Module, mode: str, fraction: float, max_cheap_rank: int,
+                      rest: str = 'none') -> tp.List[int]:
+    """Checkpoint `fraction` of AudioCraft's transformer layers (evenly spaced) with `mode` (`torch`: whole layer,
+    `selective`), the others with `rest` (`none` or `selective`); returns the indices of the first group. Replaces the
+    instance's `_apply_layer` hook (AudioCraft's own applies one method to every layer and only knows whole-layer
+    torch checkpointing or xformers-internal policies)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    layers = list(transformer.layers)
+    count = max(1, round(fraction * len(layers)))
+    indices = sorted({int(i * len(layers) / count) for i in range(count)})
+    for index, layer in enumerate(layers):
+        layer._lora_checkpointing = mode if index in indices else rest
+    selective_context = functools.partial(create_selective_checkpoint_contexts,
+                                          functools.partial(_selective_policy, max_cheap_rank))
+    transformer._apply_layer = functools.partial(_apply_layer_planned, selective_context)
+    return indices
