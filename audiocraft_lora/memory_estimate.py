@@ -133,6 +133,29 @@ def patterns_on_real_tensors():
             setattr(Pattern, name, original)
 
 
+@contextlib.contextmanager
+def fake_wrapped_parameters(lm: nn.Module, fake_mode: tp.Any):
+    """peft's plain path (`ParamWrapper`, the fused q/k/v with `lora.fast_path=false`) re-parametrizes the wrapped
+    parameter in place (`set_`) at every forward, which fake tensors refuse on a real parameter: for the estimate, the
+    wrapped parameters are fake copies (same shape, dtype, device; no data), put back afterwards."""
+    from peft.tuners.lora.layer import ParamWrapper
+    from torch._subclasses.fake_tensor import FakeTensor
+    swapped = []
+    for module in lm.modules():
+        if isinstance(module, ParamWrapper):
+            base = module.get_base_layer()
+            real = base._parameters.get(module.parameter_name)
+            if real is not None and not isinstance(real, FakeTensor):
+                swapped.append((base, module.parameter_name, real))
+                base._parameters[module.parameter_name] = nn.Parameter(fake_mode.from_tensor(real),
+                                                                      requires_grad=real.requires_grad)
+    try:
+        yield
+    finally:
+        for base, name, real in swapped:
+            base._parameters[name] = real
+
+
 def valid_positions(lm: nn.Module, batch: int, frames: int, device: tp.Any = 'cpu') -> tp.List[torch.Tensor]:
     """Per codebook, the flat [B x T] indexes of the targets the solver's cross-entropy keeps (the delay pattern's
     valid steps; all frames valid), computed on real tensors: fake tensors can't give a boolean mask's size."""
@@ -193,7 +216,7 @@ def estimate_step(lm: nn.Module, compression_model: tp.Optional[nn.Module], shap
     lm.train()
     try:
         with warnings.catch_warnings(), torch.compiler.set_stance('force_eager'), \
-                fake_mode, patterns_on_real_tensors(), tracker:
+                fake_wrapped_parameters(lm, fake_mode), fake_mode, patterns_on_real_tensors(), tracker:
             warnings.simplefilter('ignore')  # xformers reads fake tensors' data pointers (deprecation warning)
             codes = None
             if shape.samples is not None and compression_model is not None:

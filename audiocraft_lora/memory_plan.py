@@ -157,7 +157,10 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     def log(plan, estimate):
         solver.logger.info("Estimated peak memory per GPU, batch %d x %.1f s, checkpointing %s: %s", shape.batch,
                            duration, plan_name(plan), describe(estimate, budget))
-    index, estimate = first_fit(solver.model, cm, shape, autocast_dtype, budget, plans, apply=auto, log=log)
+    try:
+        index, estimate = first_fit(solver.model, cm, shape, autocast_dtype, budget, plans, apply=auto, log=log)
+    except Exception as error:  # an op fake tensors can't run must not stop a training that would run
+        return _unplanned(solver, auto, error)
     index = _leanest_on_any_rank(index, solver.device) if auto else index
     chosen = plans[min(index, len(plans) - 1)]
     summary = {'plan': plan_name(chosen), 'peak_gib': round(estimate.peak_gib, 3),
@@ -184,6 +187,20 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     solver.logger.warning("%s It will likely run out of memory: lora.activation_checkpointing=auto picks the plan "
                           "that fits, or rerun with %s.", message, advice)
     return summary
+
+
+def _unplanned(solver: tp.Any, auto: bool, error: Exception) -> None:
+    """The estimate failed: warn, and train with no checkpointing (auto) or the explicit plan, as without a budget."""
+    settings: SpeedSettings = solver.speed_settings
+    plan = 'none' if auto else settings.activation_checkpointing
+    solver.logger.warning("Could not estimate the training step's peak memory (%s: %s); activation checkpointing: %s. "
+                          "Set lora.activation_checkpointing=selective|torch yourself if the GPU runs out of memory, "
+                          "or lora.memory_budget_gib=none to skip the estimate.", type(error).__name__, error, plan)
+    if auto:
+        apply_plan(solver.model, ('none', 1.0, 'none', bool(settings.dropout_replay)))
+        solver.speed_settings = dataclasses.replace(settings, activation_checkpointing='none', checkpoint_fraction=1.0,
+                                                    checkpoint_rest='none')
+    return None
 
 
 def _leanest_on_any_rank(index: int, device: tp.Any) -> int:

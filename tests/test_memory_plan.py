@@ -54,7 +54,7 @@ def _real_lm_step_peak(solver) -> int:
     return tracker.peak
 
 
-def _build(tmp_path_factory, dropout: float):
+def _build(tmp_path_factory, dropout: float, *extra: str):
     from helpers import DEBUG_ARGS, build_solver
     from audiocraft_lora import train
     folder = tmp_path_factory.mktemp('outputs')
@@ -63,7 +63,7 @@ def _build(tmp_path_factory, dropout: float):
     try:
         # long enough segments that the LM's activations, not EnCodec's encode, make the peak
         solver, _ = build_solver(DEBUG_ARGS + ['lora.memory_budget_gib=64', 'dataset.segment_duration=12',
-                                               f'lora.dropout={dropout}'])
+                                               f'lora.dropout={dropout}', *extra])
     finally:
         train.main.dora.dir = old
     return solver
@@ -87,6 +87,18 @@ def test_estimate_equals_a_real_step_for_every_plan(solver):
     peaks = [estimates[plan] for plan in memory_plan.plans_for(solver.model)]
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks), peaks  # leaner and leaner
     memory_plan.apply_plan(solver.model, memory_plan.PLANS[0])
+
+
+def test_the_plain_peft_path_is_estimated_too(tmp_path_factory):
+    """lora.fast_path=false: peft re-parametrizes the fused q/k/v at every forward (in place, refused on fake tensors
+    unless the estimate swaps it), and materialises W + BA, so it needs more than the fast path."""
+    plain = _build(tmp_path_factory, 0.0, 'lora.fast_path=false')
+    wrapped = dict(plain.model.named_parameters())
+    estimate = memory_estimate.estimate_step(plain.model, None, _shape(plain, cached=True), None)
+    real = _real_lm_step_peak(plain)
+    assert abs(estimate.step - real) <= 0.02 * real, (estimate.step, real)
+    assert all(p is wrapped[name] for name, p in plain.model.named_parameters())  # the real parameters are back
+    assert not any(isinstance(p, torch._subclasses.fake_tensor.FakeTensor) for p in plain.model.parameters())
 
 
 def test_estimate_counts_the_encode_and_changes_nothing(solver):
@@ -151,6 +163,25 @@ def test_an_explicit_plan_over_budget_is_warned_about(solver, caplog):
         settings = _plan(solver, 1e-4, mode='selective')
     assert settings.activation_checkpointing == 'selective'  # the user's choice stays
     assert 'will likely run out of memory: lora.activation_checkpointing=auto' in caplog.text
+    _plan(solver, 64)
+
+
+def test_an_estimate_that_fails_leaves_training_unplanned_with_a_warning(solver, caplog, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError('aten.some_op has no fake implementation')
+    memory_plan.apply_plan(solver.model, memory_plan.PLANS[-1])  # a plan applied before the estimate broke
+    monkeypatch.setattr(memory_plan, 'estimate_step', broken)
+    with caplog.at_level(logging.WARNING):
+        settings = _plan(solver, 1e-4)  # would stop with OutOfMemory if the estimate had run
+    assert "Could not estimate the training step's peak memory (RuntimeError: aten.some_op" in caplog.text
+    assert (settings.activation_checkpointing, settings.checkpoint_fraction, settings.checkpoint_rest) == \
+        ('none', 1.0, 'none')
+    assert solver.model.transformer.checkpointing == 'none'
+    assert all(getattr(layer, '_lora_checkpointing', 'none') == 'none' for layer in solver.model.transformer.layers)
+    assert solver.memory_estimate is None
+    with caplog.at_level(logging.WARNING):
+        assert _plan(solver, 1e-4, mode='selective').activation_checkpointing == 'selective'  # explicit: kept
+    monkeypatch.undo()
     _plan(solver, 64)
 
 
