@@ -114,23 +114,39 @@ def real_tensors():
 
 @contextlib.contextmanager
 def patterns_on_real_tensors():
-    """AudioCraft builds the delay pattern's scatter indexes with numpy, which fake tensors can't: build them real."""
-    from audiocraft.modules.codebooks_patterns import Pattern
-    names = ('_build_pattern_sequence_scatter_indexes', '_build_reverted_sequence_scatter_indexes')
-    originals = {name: getattr(Pattern, name) for name in names}
+    """AudioCraft builds the delay pattern's scatter indexes with numpy, which fake tensors can't: build them real.
 
-    def real(original):
-        def build(self, *args, **kwargs):
+    Each `Pattern` binds its two (lru-cached) index builders to the instance when it is created, often before this
+    context (`valid_positions`, an earlier step): so the builders are swapped per instance, for the duration of each
+    call of the methods that use them."""
+    from audiocraft.modules.codebooks_patterns import Pattern
+    builders = ('_build_pattern_sequence_scatter_indexes', '_build_reverted_sequence_scatter_indexes')
+    users = ('build_pattern_sequence', 'revert_pattern_sequence', 'revert_pattern_logits')
+    originals = {name: getattr(Pattern, name) for name in users}
+
+    def on_real(build):
+        def real_build(*args, **kwargs):
             with real_tensors():
-                return original(self, *args, **kwargs)
-        return build
-    for name, original in originals.items():
-        setattr(Pattern, name, real(original))
+                return build(*args, **kwargs)
+        return real_build
+
+    def with_real_builders(method):
+        def call(self, *args, **kwargs):
+            bound = {name: self.__dict__[name] for name in builders if name in self.__dict__}
+            for name, build in bound.items():
+                self.__dict__[name] = on_real(build)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self.__dict__.update(bound)
+        return call
+    for name, method in originals.items():
+        setattr(Pattern, name, with_real_builders(method))
     try:
         yield
     finally:
-        for name, original in originals.items():
-            setattr(Pattern, name, original)
+        for name, method in originals.items():
+            setattr(Pattern, name, method)
 
 
 @contextlib.contextmanager

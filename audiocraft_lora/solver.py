@@ -44,7 +44,7 @@ from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    chunk_encoder, has_fast_dropout, out_of_memory_advice, pin_loaders)
+                    chunk_encoder, has_fast_dropout, out_of_memory_advice, pin_loaders, store_frozen_base)
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +127,17 @@ class LoRAMusicGenSolver(MusicGenSolver):
         if cfg.get('validate_data', True) and cfg.get('execute_only') is None:
             self._validate_data(cfg)
         super().__init__(cfg)
+        self._finish_model()
         self.nonfinite_guard = NonFiniteGuard.from_config(cfg.get('nonfinite'))
         self.stateful.register('nonfinite', self.nonfinite_guard)  # running count of skipped steps
+
+    def _finish_model(self) -> None:
+        """After AudioCraft's __init__ (which hashes the weights with numpy): frozen base in its storage dtype, then
+        the memory plan for that model (auto may switch its checkpointing)."""
+        self._speed_info.update(store_frozen_base(self.model, self.speed_settings, autocast=bool(self.cfg.autocast),
+                                                  autocast_dtype=DTYPES[self.cfg.autocast_dtype]))
+        logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, self._speed_info)
+        self.memory_estimate = memory_plan.plan_training(self)
 
     # ---------------------------------------------------------------- configuration from the base checkpoint
     def _adopt_base_config(self, cfg: omegaconf.DictConfig) -> None:
@@ -188,11 +197,10 @@ class LoRAMusicGenSolver(MusicGenSolver):
         lm = base_models.build_lm(self._lm_pkg, device='cpu', overrides=self.cfg.get('base_overrides'))
         self._lm_pkg = {}  # base weights live in the model now; keep no second copy
         self.lora_targets = inject_lora(lm, self.lora_settings, fast_path=self.speed_settings.fast_path)
-        speed_info = apply_speed_settings(lm, self.speed_settings, autocast=bool(self.cfg.autocast),
-                                          autocast_dtype=DTYPES[self.cfg.autocast_dtype])
-        logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
+        # frozen weights stay float32 until AudioCraft's __init__ has hashed the model (numpy has no bfloat16)
+        self._speed_info = apply_speed_settings(lm, self.speed_settings, autocast=bool(self.cfg.autocast),
+                                                autocast_dtype=DTYPES[self.cfg.autocast_dtype], cast_base=False)
         self.model = lm.to(self.device)
-        self.memory_estimate = memory_plan.plan_training(self)  # may switch the LM's checkpointing (auto)
         assert self.cfg.transformer_lm.card == self.compression_model.cardinality
         assert self.cfg.transformer_lm.n_q == self.compression_model.num_codebooks
         if self.cfg.fsdp.use:

@@ -155,9 +155,10 @@ class SpeedSettings:
         return dtype
 
 
-def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, autocast_dtype: torch.dtype) -> dict:
-    """Activation checkpointing and frozen-base storage dtype, on an LM that already has LoRA injected."""
-    from .fast_lora import cast_frozen_base
+def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, autocast_dtype: torch.dtype,
+                   cast_base: bool = True) -> dict:
+    """Activation checkpointing and frozen-base storage dtype, on an LM that already has LoRA injected. With
+    `cast_base=False` the storage dtype is only checked (the solver casts later: `store_frozen_base`)."""
     info: tp.Dict[str, tp.Any] = {}
     transformer = getattr(model, 'transformer', None)
     if settings.activation_checkpointing not in ('none', 'auto'):  # auto: planned once the LM is on its device
@@ -166,16 +167,27 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
                                       settings.checkpoint_rest))
     if settings.dropout_replay:  # (auto may also turn it on, never off)
         info['dropout_replay'] = set_dropout_replay(model, True)
-    dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
-    if dtype is not torch.float32:
-        info['base_tensors_cast'] = cast_frozen_base(model, dtype)
-    info['base_dtype'] = str(dtype).replace('torch.', '')
+    if cast_base:
+        info.update(store_frozen_base(model, settings, autocast, autocast_dtype))
+    else:
+        settings.resolve_base_dtype(autocast, autocast_dtype)  # refuse a bad setting now
     if settings.compile != 'none':
         if transformer is None or not hasattr(transformer, 'layers'):
             raise LoRAConfigError("lora.compile needs AudioCraft's StreamingTransformer LM.")
         for layer in transformer.layers:
             layer.compile(backend=settings.compile)
         info['compile'] = settings.compile
+    return info
+
+
+def store_frozen_base(model: nn.Module, settings: SpeedSettings, autocast: bool, autocast_dtype: torch.dtype) -> dict:
+    """Store the LM's frozen projections in `lora.base_dtype` (auto: the autocast dtype on the fast path)."""
+    from .fast_lora import cast_frozen_base
+    info: tp.Dict[str, tp.Any] = {}
+    dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
+    if dtype is not torch.float32:
+        info['base_tensors_cast'] = cast_frozen_base(model, dtype)
+    info['base_dtype'] = str(dtype).replace('torch.', '')
     return info
 
 

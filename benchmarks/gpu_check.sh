@@ -37,6 +37,6 @@ for args in "--scale small --batch 16 --cases full,lora_plain,lora_fast,lora_sac
   limit=100; case "$args" in *lora_compile*) limit=150;; *"--batch 16 --cases lora_mixed"*) limit=115;; esac
   echo "-- $args [$((SECONDS-START)) s]"
   timeout $(left $limit) python3 benchmarks/step_time.py $args --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
-    --iters 5 --json "$OUT/bench_$name.json" 2>&1 | grep -v -i "xformers\|warn\|^ \|transformers\]" | tail -40
+    --iters 5 --json "$OUT/bench_$name.json" 2>&1 | grep -v -i "xformers\|warn\|transformers\]\|PyTorch 2\|Python  3\|Memory-efficient" | tail -60
 done
 echo "== done [$((SECONDS-START)) s]"

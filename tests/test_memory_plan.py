@@ -27,6 +27,29 @@ def test_peak_tracker_counts_each_storage_while_it_lives():
     assert rounded.peak == 512
 
 
+def test_patterns_built_before_the_estimate_still_build_their_indexes_on_real_tensors(monkeypatch):
+    """AudioCraft's patterns bind their (cached) numpy index builders when created, here by valid_positions before the
+    fake step. On CUDA the step then asks for indexes on 'cuda:0', not cached: they must still be built on real
+    tensors (this failed on an H100). Emptying the caches after valid_positions gives the same miss on the CPU."""
+    from audiocraft_lora import base_models
+    lm = base_models.build_lm(base_models.load_lm_package(base_models.resolve_base('debug')))
+    real_valid_positions = memory_estimate.valid_positions
+
+    def valid_positions_then_miss(lm, batch, frames, device='cpu'):
+        valid = real_valid_positions(lm, batch, frames, device)
+        pattern = lm.pattern_provider.get_pattern(frames)
+        pattern._build_pattern_sequence_scatter_indexes.cache_clear()
+        pattern._build_reverted_sequence_scatter_indexes.cache_clear()
+        return valid
+    monkeypatch.setattr(memory_estimate, 'valid_positions', valid_positions_then_miss)
+    estimate = memory_estimate.estimate_step(lm, None, memory_estimate.StepShape(2, 40), None)
+    assert estimate.step > 0
+    pattern = lm.pattern_provider.get_pattern(40)
+    assert 'build_pattern_sequence' not in vars(pattern)  # nothing left patched on the instance or the class
+    assert type(pattern).build_pattern_sequence.__qualname__ == 'Pattern.build_pattern_sequence'
+    assert hasattr(pattern._build_pattern_sequence_scatter_indexes, 'cache_clear')  # its own cached builder back
+
+
 def _shape(solver, cached: bool) -> memory_estimate.StepShape:
     duration = float(solver.cfg.dataset.segment_duration)
     cm = solver.compression_model

@@ -43,6 +43,23 @@ def test_three_steps_change_only_the_adapter(dora_dir):
     assert optimized == {id(p) for p in solver.adapter.parameters()}
 
 
+def test_bf16_autocast_stores_the_frozen_base_in_bf16_and_trains(dora_dir, caplog):
+    """autocast_dtype=bfloat16 (every GPU recipe): the frozen base is stored in bf16 (lora.base_dtype=auto) only after
+    AudioCraft's __init__ has logged the model hash, which numpy can't compute on bf16 (this crashed on a GPU)."""
+    import logging
+    with caplog.at_level(logging.INFO):
+        solver, _ = build_solver(DEBUG_ARGS + ['autocast=true', 'autocast_dtype=bfloat16'])
+    assert 'Model hash: ' in caplog.text
+    frozen = {name: p.dtype for name, p in solver.model.transformer.named_parameters() if not p.requires_grad
+              and p.ndim == 2}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+    assert all(p.dtype == torch.float32 for p in solver.adapter.parameters())
+    before = copy.deepcopy(solver.model.state_dict())
+    _train_steps(solver, 2)
+    changed = {k for k, v in solver.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all('.lora_A.' in k or '.lora_B.' in k for k in changed)
+
+
 def test_checkpoint_holds_no_base_weight_and_loads_weights_only(dora_dir):
     solver, _ = build_solver(DEBUG_ARGS + ['lora.rank=2', 'lora.alpha=4'])
     _train_steps(solver, 1)
