@@ -7,7 +7,10 @@ Every adapted projection computes, in one autograd node (`LowRankLinear`)::
 Backward gives `dx = g @ W + s * ((g @ B) @ A) * mask`, `dA = s * (g @ B)^T @ dropout(x)`, `dB = s * g^T @ (x A^T)`:
 the `[out, in]` weight-gradient GEMM of the frozen base, a third of a full fine-tune's matmul FLOPs, is skipped, and
 saved activations are the (cast) input (with dropout: dropout(x) and its mask), the `[N, r]` product, nothing
-`[out, in]`-sized. With `replay` (`lora.dropout_replay`, which `activation_checkpointing=auto` turns on when memory
+`[out, in]`-sized. Without dropout (lora.dropout=0, and always in eval) `y = x @ (W + s B A)^T` and
+`dx = g @ (W + s B A)`: the merged weight is rebuilt in forward and backward (an r-deep product at `[out, in]`, not
+kept), which saves the two passes over `[N, out]` and `[N, in]` that adding the rank-r update costs; on an H100 at
+musicgen-small's shapes each of those passes takes about as long as the base GEMM (`benchmarks/lora_gemms.py`). With `replay` (`lora.dropout_replay`, which `activation_checkpointing=auto` turns on when memory
 is short) the mask is not kept but drawn again in backward from the forward's generator state (`_replay_dropout`, as
 torch's activation checkpointing replays dropout): a byte less per input element of every adapted projection, for
 one more dropout pass. Under
@@ -56,20 +59,26 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],  # type: ignore
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float,
                 replay: bool = False) -> torch.Tensor:
+        # every operand is cast to the compute dtype here, so autocast (if on) has nothing left to cast: no context
+        # manager needed to turn it off (a Python-level cost paid by every projection, twice per step)
         dtype = _compute_dtype(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            xc = x.to(dtype)
-            w = weight.to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            y = F.linear(xc, w, None if bias is None else bias.to(dtype))
-            mask = None
-            xd = xc
-            ctx.rng = _rng_state(xc) if dropout > 0 and replay else None
-            if dropout > 0:
-                xd, mask = torch.native_dropout(xc, dropout, True)
+        xc, w, a, b = _cast(x, dtype), _cast(weight, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
+        bias = None if bias is None else _cast(bias, dtype)
+        mask = None
+        xd = xc
+        ctx.rng = _rng_state(xc) if dropout > 0 and replay else None
+        ctx.merged = dropout == 0
+        if ctx.merged:
+            # no dropout: one GEMM with `W + s B A` (built at [out, in], r-deep: cheap) instead of a second pass
+            # over the [N, out] output (`y + s u B^T` costs about as much as the base GEMM itself)
+            y = F.linear(xc, torch.addmm(w, b, a, alpha=scaling), bias)
+            u = F.linear(xc, a)
+        else:
+            y = F.linear(xc, w, bias)
+            xd, mask = torch.native_dropout(xc, dropout, True)
             u = F.linear(xd, a)
-            # out of place: selective activation checkpointing (speed.py) keeps the base product `y` and recomputes
-            # this cheap rank-r update; an in-place add would change the tensor it keeps
+            # out of place: selective activation checkpointing (recompute.py) keeps the base product `y` and
+            # recomputes this cheap rank-r update; an in-place add would change the tensor it keeps
             y = torch.addmm(y.view(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling).view(y.shape)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.has_bias = scaling, dropout, dtype, bias is not None
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -87,28 +96,31 @@ class LowRankLinear(torch.autograd.Function):
         dtype, s = ctx.dtype, ctx.scaling
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         out_features = grad.shape[-1]
-        with torch.autocast(device_type=grad.device.type, enabled=False):
-            g = grad.to(dtype).reshape(-1, out_features)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            gb = torch.mm(g, b).mul_(s)  # [N, r]: s * g @ B
-            grad_x = grad_w = grad_bias = grad_a = grad_b = None
-            if need_x:
-                w = weight.to(dtype)
-                if mask is None:
-                    grad_x = torch.addmm(torch.mm(g, w), gb, a)
-                else:
-                    lora_x = torch.mm(gb, a).mul_(mask.reshape(-1, mask.shape[-1])).mul_(1.0 / (1.0 - ctx.dropout))
-                    grad_x = torch.mm(g, w).add_(lora_x)
-                grad_x = grad_x.view(*grad.shape[:-1], -1).to(ctx.x_dtype)
-            if need_w:  # only when the base weight itself is trainable: never in LoRA training
-                grad_w = torch.mm(g.t(), _recompute_input(xd, mask, ctx.dropout)).to(ctx.w_dtype)
-            if need_bias and ctx.has_bias:
-                grad_bias = g.sum(0)
-            if need_a:
-                grad_a = torch.mm(gb.t(), xd.reshape(-1, xd.shape[-1])).to(lora_a.dtype)
-            if need_b:
-                grad_b = torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s).to(lora_b.dtype)
+        g = _cast(grad, dtype).reshape(-1, out_features)  # (all operands in the compute dtype, as in forward)
+        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
+        gb = torch.mm(g, b).mul_(s)  # [N, r]: s * g @ B
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_x:
+            w = _cast(weight, dtype)
+            if ctx.merged:
+                grad_x = torch.mm(g, torch.addmm(w, b, a, alpha=s))  # g (W + s B A), as in forward
+            else:
+                lora_x = torch.mm(gb, a).mul_(mask.reshape(-1, mask.shape[-1])).mul_(1.0 / (1.0 - ctx.dropout))
+                grad_x = torch.mm(g, w).add_(lora_x)
+            grad_x = _cast(grad_x.view(*grad.shape[:-1], -1), ctx.x_dtype)
+        if need_w:  # only when the base weight itself is trainable: never in LoRA training
+            grad_w = _cast(torch.mm(g.t(), _recompute_input(xd, mask, ctx.dropout)), ctx.w_dtype)
+        if need_bias and ctx.has_bias:
+            grad_bias = g.sum(0)
+        if need_a:
+            grad_a = _cast(torch.mm(gb.t(), xd.reshape(-1, xd.shape[-1])), lora_a.dtype)
+        if need_b:
+            grad_b = _cast(torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s), lora_b.dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 _FAKE_STATE = torch.empty(0, dtype=torch.uint8)

@@ -122,7 +122,12 @@ def patterns_on_real_tensors():
     from audiocraft.modules.codebooks_patterns import Pattern
     builders = ('_build_pattern_sequence_scatter_indexes', '_build_reverted_sequence_scatter_indexes')
     users = ('build_pattern_sequence', 'revert_pattern_sequence', 'revert_pattern_logits')
-    originals = {name: getattr(Pattern, name) for name in users}
+    classes, todo = [], [Pattern]
+    while todo:  # Pattern and its subclasses (patterns.IndexSelectPattern): each method where it is defined
+        cls = todo.pop()
+        classes.append(cls)
+        todo.extend(cls.__subclasses__())
+    originals = {(cls, name): cls.__dict__[name] for cls in classes for name in users if name in cls.__dict__}
 
     def on_real(build):
         def real_build(*args, **kwargs):
@@ -140,13 +145,13 @@ def patterns_on_real_tensors():
             finally:
                 self.__dict__.update(bound)
         return call
-    for name, method in originals.items():
-        setattr(Pattern, name, with_real_builders(method))
+    for (cls, name), method in originals.items():
+        setattr(cls, name, with_real_builders(method))
     try:
         yield
     finally:
-        for name, method in originals.items():
-            setattr(Pattern, name, method)
+        for (cls, name), method in originals.items():
+            setattr(cls, name, method)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
     lora.activation_checkpointing: auto   # the first plan of speed.PLANS whose estimated peak fits the budget
     lora.memory_budget_gib: auto          # auto: what the GPU has for this process | a number of GiB | none
 
-`plan_training` runs before the first step (end of the solver's `__init__`): it estimates the step's peak memory for
+`plan_training` runs before the first step (the solver's `build_model`): it estimates the step's peak memory for
 each plan in turn (`memory_estimate.estimate_step`, on fake tensors) and keeps the first that fits, or stops with
 the batch that would fit.
 

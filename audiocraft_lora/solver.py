@@ -25,6 +25,7 @@ Raises (before any training step): `LoRAConfigError` (rank <= 0, unknown target,
 During training: `TrainingDivergedError` (too many non-finite steps in a row), `CheckpointError` (unreadable
 `checkpoint.th` with no complete epoch checkpoint to fall back on).
 """
+import contextlib
 import logging
 from pathlib import Path
 import typing as tp
@@ -44,7 +45,7 @@ from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    chunk_encoder, has_fast_dropout, out_of_memory_advice, pin_loaders, store_frozen_base)
+                    chunk_encoder, has_fast_dropout, out_of_memory_advice, pin_loaders)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,28 @@ class _RandomState:
             torch.cuda.set_rng_state_all(state['cuda'])
 
 
+@contextlib.contextmanager
+def _model_hash_reads_16_bit():
+    """AudioCraft logs a hash of the model's bytes (`utils.model_hash`, in `__init__` and `restore`) read through
+    numpy, which has no bfloat16, the storage dtype of the frozen base under bf16 autocast (`lora.base_dtype=auto`):
+    meanwhile its solver module hashes 16-bit tensors through an int16 view of the same bytes (float32 ones as ever)."""
+    from audiocraft.solvers import base
+    original = base.model_hash
+
+    class _Bytes:
+        def __init__(self, model: torch.nn.Module):
+            self.model = model
+
+        def parameters(self):
+            return (p.view(torch.int16) if p.dtype in (torch.bfloat16, torch.float16) else p
+                    for p in self.model.parameters())
+    base.model_hash = lambda model: original(_Bytes(model))
+    try:
+        yield
+    finally:
+        base.model_hash = original
+
+
 class LoRAMusicGenSolver(MusicGenSolver):
     """MusicGen solver that trains a LoRA adapter; see the module docstring."""
 
@@ -126,18 +149,10 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self._adopt_base_config(cfg)
         if cfg.get('validate_data', True) and cfg.get('execute_only') is None:
             self._validate_data(cfg)
-        super().__init__(cfg)
-        self._finish_model()
+        with _model_hash_reads_16_bit():
+            super().__init__(cfg)
         self.nonfinite_guard = NonFiniteGuard.from_config(cfg.get('nonfinite'))
         self.stateful.register('nonfinite', self.nonfinite_guard)  # running count of skipped steps
-
-    def _finish_model(self) -> None:
-        """After AudioCraft's __init__ (which hashes the weights with numpy): frozen base in its storage dtype, then
-        the memory plan for that model (auto may switch its checkpointing)."""
-        self._speed_info.update(store_frozen_base(self.model, self.speed_settings, autocast=bool(self.cfg.autocast),
-                                                  autocast_dtype=DTYPES[self.cfg.autocast_dtype]))
-        logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, self._speed_info)
-        self.memory_estimate = memory_plan.plan_training(self)
 
     # ---------------------------------------------------------------- configuration from the base checkpoint
     def _adopt_base_config(self, cfg: omegaconf.DictConfig) -> None:
@@ -197,10 +212,11 @@ class LoRAMusicGenSolver(MusicGenSolver):
         lm = base_models.build_lm(self._lm_pkg, device='cpu', overrides=self.cfg.get('base_overrides'))
         self._lm_pkg = {}  # base weights live in the model now; keep no second copy
         self.lora_targets = inject_lora(lm, self.lora_settings, fast_path=self.speed_settings.fast_path)
-        # frozen weights stay float32 until AudioCraft's __init__ has hashed the model (numpy has no bfloat16)
-        self._speed_info = apply_speed_settings(lm, self.speed_settings, autocast=bool(self.cfg.autocast),
-                                                autocast_dtype=DTYPES[self.cfg.autocast_dtype], cast_base=False)
+        speed_info = apply_speed_settings(lm, self.speed_settings, autocast=bool(self.cfg.autocast),
+                                          autocast_dtype=DTYPES[self.cfg.autocast_dtype])
+        logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
         self.model = lm.to(self.device)
+        self.memory_estimate = memory_plan.plan_training(self)  # may switch the LM's checkpointing (auto)
         assert self.cfg.transformer_lm.card == self.compression_model.cardinality
         assert self.cfg.transformer_lm.n_q == self.compression_model.num_codebooks
         if self.cfg.fsdp.use:
@@ -383,6 +399,12 @@ class LoRAMusicGenSolver(MusicGenSolver):
         """AudioCraft's rule, plus `stop_at_epoch` (not part of the XP signature) to stop early and resume later."""
         stop_at = self.cfg.get('stop_at_epoch')
         return super().should_stop_training() or (stop_at is not None and self.epoch > stop_at)
+
+    def restore(self, load_best: bool = False, replay_metrics: bool = False,
+                ignore_state_keys: tp.List[str] = []) -> bool:
+        """AudioCraft's (which logs the model hash)."""
+        with _model_hash_reads_16_bit():
+            return super().restore(load_best, replay_metrics, ignore_state_keys)
 
     def run(self):
         super().run()

@@ -45,7 +45,7 @@ def profile_case(case: str, args) -> dict:
     sync()
     plain_s = (time.perf_counter() - start) / args.steps  # without the profiler's own overhead
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=True) as prof:
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
@@ -55,8 +55,8 @@ def profile_case(case: str, args) -> dict:
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / args.steps
     sort = 'self_device_time_total' if cuda else 'self_cpu_time_total'
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=args.top, max_name_column_width=60,
-                                                               max_shapes_column_width=70)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=sort, row_limit=args.top, max_name_column_width=60, max_shapes_column_width=70) if args.shapes else ''
     kernel_table = prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=90)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -85,6 +85,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> tp.List[dict]:
     parser.add_argument('--top', type=int, default=25, help='rows of each table')
     parser.add_argument('--print-top', type=int, default=12, help='rows of the kernel table printed per case')
     parser.add_argument('--lora-dropout', type=float, default=0.0)
+    parser.add_argument('--no-shapes', dest='shapes', action='store_false',
+                        help='no table by input shapes (recording and grouping shapes takes a while at full size)')
     parser.add_argument('--out', default=None, help='folder for the full tables')
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ('bfloat16' if args.device == 'cuda' else 'float32')

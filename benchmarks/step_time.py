@@ -55,8 +55,8 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
-CASES = ('full', 'lora_plain', 'lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
-         'hf_lora', 'hf_full', 'encode')
+CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed',
+         'lora_compile', 'hf_lora', 'hf_full', 'encode')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -187,7 +187,9 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         fast = case != 'lora_plain'
         dropout = getattr(args, 'lora_dropout', 0.0)
         inject_lora(lm, LoRASettings(rank=RANK, alpha=2 * RANK, dropout=dropout), fast_path=fast)
+        # lora_plain: peft + AudioCraft as they are; lora_fast_ac: the fast path with AudioCraft's logits revert
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
+                              index_select_logits=case not in ('lora_plain', 'lora_fast_ac'),
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
                               else 'selective' if case == 'lora_sac' else 'none',
                               checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
@@ -359,7 +361,7 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
             if a['step_s'] is not None:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
-    for case in ('lora_fast', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile'):
+    for case in ('lora_fast', 'lora_fast_ac', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full'):
             if case in results and ref in results:
                 a, b = results[case], results[ref]
@@ -427,7 +429,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         print(f"{case:<14} {timing} {r['gflop']:>9.1f} {peak:>9} "
               f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f}{est}", flush=True)
     rat = ratios(results)
-    print('ratios:\n  ' + '\n  '.join(f'{k:<28} {v:.3f}' for k, v in rat.items()), flush=True)
+    print('ratios:\n' + '\n'.join(f'{k:<30} {v:.3f}' for k, v in rat.items() if ' step' in k or ' peak' in k),
+          flush=True)
     out = {'args': {k: v for k, v in vars(args).items() if k != 'autocast_dtype'}, 'results': results,
            'ratios': rat}
     if args.json:

@@ -54,6 +54,31 @@ def test_low_rank_linear_matches_the_merged_weight_in_double():
     torch.testing.assert_close(low_rank_linear(x, w, bias, a, b, 0.7), F.linear(x, w + 0.7 * b @ a, bias))
 
 
+def test_without_dropout_the_merged_product_equals_the_rank_r_update_and_keeps_no_merged_weight():
+    """dropout 0 takes one GEMM with W + s B A (rebuilt in backward); dropout > 0 adds s (x A^T) B^T: same function."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 6, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(24, 16, dtype=torch.float64, generator=gen)
+    a = torch.randn(3, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(24, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    grad = torch.randn(4, 6, 24, dtype=torch.float64, generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        merged = low_rank_linear(x, w, None, a, b, 0.7, 0.0)
+    assert not any(t.shape == w.shape and t is not w for t in saved)  # W + s B A is not kept for backward
+    got = torch.autograd.grad(merged, (x, a, b), grad)
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    update = F.linear(x2, w) + 0.7 * F.linear(F.linear(x2, a2), b2)
+    expected = torch.autograd.grad(update, (x2, a2, b2), grad)
+    torch.testing.assert_close(merged, update, rtol=1e-12, atol=1e-12)
+    for g1, g2 in zip(got, expected):
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # bf16: the same within bf16 rounding
+        low = low_rank_linear(x.float(), w.float(), None, a.float(), b.float(), 0.7, 0.0)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), update.detach(), rtol=2e-2, atol=5e-2)
+
+
 def test_low_rank_weight_slices_rows_like_the_merged_weight():
     gen = torch.Generator().manual_seed(1)
     w, a, b = torch.randn(12, 4, generator=gen), torch.randn(2, 4, generator=gen), torch.randn(12, 2, generator=gen)
