@@ -104,9 +104,9 @@ class LowRankLinear(torch.autograd.Function):
             w = _cast(weight, dtype)
             if ctx.merged:
                 grad_x = torch.mm(g, torch.addmm(w, b, a, alpha=s))  # g (W + s B A), as in forward
-            else:
-                lora_x = torch.mm(gb, a).mul_(mask.reshape(-1, mask.shape[-1])).mul_(1.0 / (1.0 - ctx.dropout))
-                grad_x = torch.mm(g, w).add_(lora_x)
+            else:  # g W + ((s g B / (1 - p)) A) * mask: the dropout scale on the [N, r] factor, mask and add fused
+                lora_x = torch.mm(gb * (1.0 / (1.0 - ctx.dropout)), a)
+                grad_x = torch.mm(g, w).addcmul_(lora_x, mask.reshape(-1, mask.shape[-1]))
             grad_x = _cast(grad_x.view(*grad.shape[:-1], -1), ctx.x_dtype)
         if need_w:  # only when the base weight itself is trainable: never in LoRA training
             grad_w = _cast(torch.mm(g.t(), _recompute_input(xd, mask, ctx.dropout)), ctx.w_dtype)
