@@ -1,4 +1,4 @@
-"""Fast LoRA path: low-rank products that never build `W + s * B @ A` and never compute a frozen weight's gradient.
+"""Fast LoRA path: one autograd node per adapted projection, no frozen weight's gradient, no `W + s * B @ A` kept.
 
 Every adapted projection computes, in one autograd node (`LowRankLinear`)::
 
@@ -10,12 +10,13 @@ saved activations are the (cast) input (with dropout: dropout(x) and its mask), 
 `[out, in]`-sized. Without dropout (lora.dropout=0, and always in eval) `y = x @ (W + s B A)^T` and
 `dx = g @ (W + s B A)`: the merged weight is rebuilt in forward and backward (an r-deep product at `[out, in]`, not
 kept), which saves the two passes over `[N, out]` and `[N, in]` that adding the rank-r update costs; on an H100 at
-musicgen-small's shapes each of those passes takes about as long as the base GEMM (`benchmarks/lora_gemms.py`). With `replay` (`lora.dropout_replay`, which `activation_checkpointing=auto` turns on when memory
-is short) the mask is not kept but drawn again in backward from the forward's generator state (`_replay_dropout`, as
-torch's activation checkpointing replays dropout): a byte less per input element of every adapted projection, for
-one more dropout pass. Under
-autocast everything is cast to the autocast dtype exactly as `F.linear` would cast it (so frozen base weights may
-be stored in that dtype: `cast_frozen_base`).
+musicgen-small's shapes each of those passes takes about as long as the base GEMM (`benchmarks/lora_gemms.py`).
+
+With `replay` (`lora.dropout_replay`, which `activation_checkpointing=auto` turns on when memory is short) the mask
+is not kept but drawn again in backward from the forward's generator state (`_replay_dropout`, as torch's activation
+checkpointing replays dropout): a byte less per input element of every adapted projection, for one more dropout
+pass. Under autocast everything is cast to the autocast dtype exactly as `F.linear` would cast it (so frozen base
+weights may be stored in that dtype: `cast_frozen_base`).
 
 Where it is used:
 

@@ -4,9 +4,10 @@ and small-output, K = batch x frames) cheap next to the base GEMM that LoRA save
     python benchmarks/lora_gemms.py --dim 1024 --tokens 6000,24000      (GPU; on a CPU use small --tokens)
 
 Per projection (in_proj d->3d, out_proj d->d, linear1 d->4d, linear2 4d->d) it prints microseconds per product:
-base forward, base input gradient, the weight gradient full fine-tuning pays and LoRA skips, and LoRA's five
-products (`x A^T`, `y + u B^T`, `g B`, `g W + gb A`, `dA = gb^T x`, `dB = g^T u`) with a transposed variant of each
-weight gradient, then LoRA's extra time as a share of the skipped weight gradient.
+base forward, base input gradient, the weight gradient full fine-tuning pays and LoRA skips, and LoRA's products
+(`x A^T`, `g B`, `dA = gb^T x`, `dB = g^T u`; with dropout `y + u B^T` and `g W + gb A`; without, the merged weight
+`W + s B A` built twice), then LoRA's extra time as a share of the skipped weight gradient. `--variants` times other
+formulations of the same products (rank padding, split-K, `x [W; A]^T`).
 """
 import argparse
 import typing as tp
@@ -37,14 +38,19 @@ def timed(fn: tp.Callable[[], tp.Any], iters: int, cuda: bool) -> float:
     return times[len(times) // 2]
 
 
+def operands(n: int, fan_in: int, fan_out: int, rank: int, dtype: torch.dtype,
+             device: str) -> tp.Tuple[torch.Tensor, ...]:
+    """Input x [n, in], output gradient g [n, out], frozen W [out, in], LoRA A [r, in] and B [out, r]."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    shapes = ((n, fan_in, 1.0), (n, fan_out, 1.0), (fan_out, fan_in, fan_in ** -0.5), (rank, fan_in, fan_in ** -0.5),
+              (fan_out, rank, rank ** -0.5))
+    return tuple(torch.randn(rows, cols, device=device, dtype=dtype, generator=gen) * scale
+                 for rows, cols, scale in shapes)
+
+
 def products(n: int, fan_in: int, fan_out: int, rank: int, dtype: torch.dtype, device: str, iters: int) -> dict:
     cuda = device == 'cuda'
-    g_ = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, fan_in, device=device, dtype=dtype, generator=g_)
-    g = torch.randn(n, fan_out, device=device, dtype=dtype, generator=g_)
-    w = torch.randn(fan_out, fan_in, device=device, dtype=dtype, generator=g_) / fan_in ** 0.5
-    a = torch.randn(rank, fan_in, device=device, dtype=dtype, generator=g_) / fan_in ** 0.5
-    b = torch.randn(fan_out, rank, device=device, dtype=dtype, generator=g_) / rank ** 0.5
+    x, g, w, a, b = operands(n, fan_in, fan_out, rank, dtype, device)
     y = F.linear(x, w)
     u = F.linear(x, a)
     gb = torch.mm(g, b)
@@ -62,6 +68,37 @@ def products(n: int, fan_in: int, fan_out: int, rank: int, dtype: torch.dtype, d
         'lora dA fp32 out': timed(lambda: torch.mm(gb.t().float(), x.float()), iters, cuda),
         'lora dB g^T u': timed(lambda: torch.mm(g.t(), u), iters, cuda),
         'lora dB (u^T g)^T': timed(lambda: torch.mm(u.t(), g).t(), iters, cuda),
+        'merge W + s B A': timed(lambda: torch.addmm(w, b, a, alpha=2.0), iters, cuda),
+    }
+
+
+def variants(n: int, fan_in: int, fan_out: int, rank: int, dtype: torch.dtype, device: str, iters: int) -> dict:
+    """Other ways to compute the rank-r products (the same values): which kernels does the GPU run best?"""
+    cuda = device == 'cuda'
+    x, g, w, a, b = operands(n, fan_in, fan_out, rank, dtype, device)
+    a64 = torch.cat([a, torch.zeros(64 - rank, fan_in, device=device, dtype=dtype)]) if rank < 64 else a
+    b64 = torch.cat([b, torch.zeros(fan_out, 64 - rank, device=device, dtype=dtype)], 1) if rank < 64 else b
+    u = F.linear(x, a)
+    gb = torch.mm(g, b)
+    wa = torch.cat([w, a])
+    chunks = 8 if n % 8 == 0 else 1
+
+    def split_k(left_t: torch.Tensor, right: torch.Tensor) -> torch.Tensor:  # sum over chunks of the long dim
+        k = left_t.shape[0] // chunks
+        return torch.bmm(left_t.view(chunks, k, -1).transpose(1, 2), right.view(chunks, k, -1)).sum(0)
+    return {
+        'u: x A^T': timed(lambda: F.linear(x, a), iters, cuda),
+        'u: (A x^T)^T': timed(lambda: torch.mm(a, x.t()).t(), iters, cuda),
+        'u: rank padded to 64': timed(lambda: F.linear(x, a64), iters, cuda),
+        'y,u: x [W; A]^T': timed(lambda: F.linear(x, wa), iters, cuda),
+        'y: x W^T (same, alone)': timed(lambda: F.linear(x, w), iters, cuda),
+        'gb: g B': timed(lambda: torch.mm(g, b), iters, cuda),
+        'gb: rank padded to 64': timed(lambda: torch.mm(g, b64), iters, cuda),
+        'dA: gb^T x': timed(lambda: torch.mm(gb.t(), x), iters, cuda),
+        'dA: 8-way split-K bmm': timed(lambda: split_k(gb, x), iters, cuda),
+        'dB: g^T u': timed(lambda: torch.mm(g.t(), u), iters, cuda),
+        'dB: 8-way split-K bmm': timed(lambda: split_k(g, u), iters, cuda),
+        'merge: W + s B A': timed(lambda: torch.addmm(w, b, a, alpha=2.0), iters, cuda),
     }
 
 
@@ -72,6 +109,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--rank', type=int, default=16)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--iters', type=int, default=20)
+    parser.add_argument('--variants', action='store_true',
+                        help='also time other formulations of the rank-r products (rank padding, split-K, [W; A])')
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device == 'cuda' else torch.float32
     d = args.dim
@@ -79,17 +118,27 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     out = {}
     for n in (int(t) for t in args.tokens.split(',')):
         print(f"dim {d}, tokens {n}, rank {args.rank}, {dtype}, {args.device}: microseconds per product")
-        rows = {name: products(n, fi, fo, args.rank, dtype, args.device, args.iters) for name, (fi, fo) in shapes.items()}
+        rows = {name: products(n, fi, fo, args.rank, dtype, args.device, args.iters)
+                for name, (fi, fo) in shapes.items()}
         keys = list(next(iter(rows.values())))
         print(f"{'product':<20}" + ''.join(f"{name:>10}" for name in rows))
         for key in keys:
             print(f"{key:<20}" + ''.join(f"{rows[name][key]:>10.1f}" for name in rows))
         for name, r in rows.items():
-            extra = (r['lora u = x A^T'] + r['lora y + u B^T'] + r['lora gb = g B'] + r['lora dx += gb A']
-                     + r['lora dA gb^T x'] + r['lora dB g^T u'])
-            print(f"  {name}: LoRA's extra {extra:.1f} us = {extra / r['SKIPPED dW g^T x']:.2f} of the skipped dW "
-                  f"({r['SKIPPED dW g^T x']:.1f} us)")
+            shared = r['lora u = x A^T'] + r['lora gb = g B'] + r['lora dA gb^T x'] + r['lora dB g^T u']
+            merged = shared + 2 * r['merge W + s B A']
+            added = shared + r['lora y + u B^T'] + r['lora dx += gb A']
+            print(f"  {name}: LoRA's extra {merged:.1f} us without dropout (merged W + sBA), {added:.1f} us with "
+                  f"(update added to the activations), against {r['SKIPPED dW g^T x']:.1f} us of skipped dW: "
+                  f"{merged / r['SKIPPED dW g^T x']:.2f} / {added / r['SKIPPED dW g^T x']:.2f}")
         out[n] = rows
+        if args.variants:
+            alt = {name: variants(n, fi, fo, args.rank, dtype, args.device, args.iters)
+                   for name, (fi, fo) in shapes.items()}
+            print(f"{'variant':<24}" + ''.join(f"{name:>10}" for name in alt))
+            for key in next(iter(alt.values())):
+                print(f"{key:<24}" + ''.join(f"{alt[name][key]:>10.1f}" for name in alt))
+            out[f'{n}_variants'] = alt
     return out
 
 

@@ -1,0 +1,23 @@
+# Sourced by gpu_check.sh / gpu_quick.sh / gpu_profile.sh: wheels from .whl/ (see README.md), environment, $OUT, and
+# `left N` = N seconds or what is left of $DEADLINE (counted from here), so each part is cut to fit the run.
+OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+START=$SECONDS
+left() { local l=$(( DEADLINE - (SECONDS - START) )); [ "$1" -lt "$l" ] && echo "$1" || echo $(( l > 5 ? l : 5 )); }
+quiet() { grep -v -i "xformers\|warn\|transformers\]\|PyTorch 2\|Python  3\|Memory-efficient\|gpuGetDeviceCount"; }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AUDIOCRAFT_LORA_CACHE=/tmp/alcache AUDIOCRAFT_LORA_DORA_DIR=/tmp/alxps
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PWD" || exit 1
+fi
+export PYTHONPATH="${PYTHONPATH:-}:$PWD"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+dora_on_cuda() {  # `dora_on_cuda SECONDS`: the demo recipe trained on the GPU, bf16 autocast (bf16 frozen base, auto plan)
+  local gen=""
+  command -v ffmpeg >/dev/null || gen="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
+  timeout $(left "$1") python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
+    autocast_dtype=bfloat16 dataset.num_workers=0 $gen > "$OUT/cuda_dora.log" 2>&1
+  echo "dora rc=$?"
+  grep -E "Summary|exported|speed settings|Estimated peak|Activation checkpointing|Could not estimate|Error|error" \
+    "$OUT/cuda_dora.log" | tail -14
+}
