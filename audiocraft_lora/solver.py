@@ -115,9 +115,11 @@ class _RandomState:
 
 @contextlib.contextmanager
 def _model_hash_reads_16_bit():
-    """AudioCraft logs a hash of the model's bytes (`utils.model_hash`, in `__init__` and `restore`) read through
-    numpy, which has no bfloat16, the storage dtype of the frozen base under bf16 autocast (`lora.base_dtype=auto`):
-    meanwhile its solver module hashes 16-bit tensors through an int16 view of the same bytes (float32 ones as ever)."""
+    """While active, AudioCraft's solver module hashes 16-bit weights through an int16 view of their bytes.
+
+    AudioCraft logs a hash of the model (`utils.model_hash`, in `__init__` and `restore`) read through numpy, which
+    has no bfloat16: the frozen base's storage dtype under bf16 autocast (`lora.base_dtype=auto`). float32 weights
+    hash as before."""
     from audiocraft.solvers import base
     original = base.model_hash
 

@@ -164,6 +164,7 @@ class SpeedSettings:
 def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, autocast_dtype: torch.dtype) -> dict:
     """Activation checkpointing, frozen-base storage dtype and the logits' pattern revert, on an LM that already has
     LoRA injected."""
+    from .fast_lora import cast_frozen_base
     info: tp.Dict[str, tp.Any] = {}
     transformer = getattr(model, 'transformer', None)
     if settings.activation_checkpointing not in ('none', 'auto'):  # auto: planned once the LM is on its device
@@ -175,24 +176,16 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     if settings.index_select_logits:
         from .patterns import use_index_select_logits
         info['index_select_logits'] = use_index_select_logits(model)
-    info.update(store_frozen_base(model, settings, autocast, autocast_dtype))
+    dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
+    if dtype is not torch.float32:
+        info['base_tensors_cast'] = cast_frozen_base(model, dtype)
+    info['base_dtype'] = str(dtype).replace('torch.', '')
     if settings.compile != 'none':
         if transformer is None or not hasattr(transformer, 'layers'):
             raise LoRAConfigError("lora.compile needs AudioCraft's StreamingTransformer LM.")
         for layer in transformer.layers:
             layer.compile(backend=settings.compile)
         info['compile'] = settings.compile
-    return info
-
-
-def store_frozen_base(model: nn.Module, settings: SpeedSettings, autocast: bool, autocast_dtype: torch.dtype) -> dict:
-    """Store the LM's frozen projections in `lora.base_dtype` (auto: the autocast dtype on the fast path)."""
-    from .fast_lora import cast_frozen_base
-    info: tp.Dict[str, tp.Any] = {}
-    dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
-    if dtype is not torch.float32:
-        info['base_tensors_cast'] = cast_frozen_base(model, dtype)
-    info['base_dtype'] = str(dtype).replace('torch.', '')
     return info
 
 
