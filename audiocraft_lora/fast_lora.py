@@ -82,41 +82,41 @@ class LowRankLinear(torch.autograd.Function):
             # recomputes this cheap rank-r update; an in-place add would change the tensor it keeps
             y = torch.addmm(y.view(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling).view(y.shape)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.has_bias = scaling, dropout, dtype, bias is not None
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.x_dtype, ctx.w_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype
+        # a and b as cast here (rank-r, small): backward reuses them instead of casting the adapter again
         if ctx.rng is not None:  # keep the input (often saved anyway), not dropout(x) and its mask (replayed)
-            ctx.save_for_backward(xc, u, weight, lora_a, lora_b, None)
+            ctx.save_for_backward(xc, u, weight, a, b, None)
         else:
-            ctx.save_for_backward(xd, u, weight, lora_a, lora_b, mask)
+            ctx.save_for_backward(xd, u, weight, a, b, mask)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore
-        xd, u, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        xd, u, weight, a, b, mask = ctx.saved_tensors
         if ctx.rng is not None:
             xd, mask = _replay_dropout(xd, ctx.dropout, ctx.rng)
         dtype, s = ctx.dtype, ctx.scaling
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         out_features = grad.shape[-1]
         g = _cast(grad, dtype).reshape(-1, out_features)  # (all operands in the compute dtype, as in forward)
-        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
         gb = torch.mm(g, b).mul_(s)  # [N, r]: s * g @ B
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
             w = _cast(weight, dtype)
             if ctx.merged:
                 grad_x = torch.mm(g, torch.addmm(w, b, a, alpha=s))  # g (W + s B A), as in forward
-            else:  # g W + ((s g B / (1 - p)) A) * mask: the dropout scale on the [N, r] factor, mask and add fused
-                lora_x = torch.mm(gb * (1.0 / (1.0 - ctx.dropout)), a)
-                grad_x = torch.mm(g, w).addcmul_(lora_x, mask.reshape(-1, mask.shape[-1]))
+            else:  # g W + ((s g B) A) * mask / (1 - p): mask, dropout scale and add in one addcmul_
+                grad_x = torch.mm(g, w).addcmul_(torch.mm(gb, a), mask.reshape(-1, mask.shape[-1]),
+                                                 value=1.0 / (1.0 - ctx.dropout))
             grad_x = _cast(grad_x.view(*grad.shape[:-1], -1), ctx.x_dtype)
         if need_w:  # only when the base weight itself is trainable: never in LoRA training
             grad_w = _cast(torch.mm(g.t(), _recompute_input(xd, mask, ctx.dropout)), ctx.w_dtype)
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_a:
-            grad_a = _cast(torch.mm(gb.t(), xd.reshape(-1, xd.shape[-1])), lora_a.dtype)
+            grad_a = _cast(torch.mm(gb.t(), xd.reshape(-1, xd.shape[-1])), ctx.a_dtype)
         if need_b:
-            grad_b = _cast(torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s), lora_b.dtype)
+            grad_b = _cast(torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s), ctx.b_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 

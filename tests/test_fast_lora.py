@@ -79,6 +79,32 @@ def test_without_dropout_the_merged_product_equals_the_rank_r_update_and_keeps_n
     torch.testing.assert_close(low.double(), update.detach(), rtol=2e-2, atol=5e-2)
 
 
+def test_backward_under_autocast_casts_only_the_gradients_it_returns():
+    """Launches count at small batch (the step is CPU-bound there): backward reuses the adapter as forward cast it
+    and recasts nothing but the float32 gradients of x, A and B."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    w = torch.randn(24, 16, generator=gen).bfloat16()
+    a = torch.randn(4, 16, generator=gen, requires_grad=True)
+    b = torch.randn(24, 4, generator=gen, requires_grad=True)
+    for dropout in (0.0, 0.1):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = low_rank_linear(x, w, None, a, b, 0.5, dropout)
+        with Casts() as casts:
+            torch.autograd.grad(y, (x, a, b), torch.ones_like(y))
+        assert casts.count == 3, (dropout, casts.count)
+
+
 def test_low_rank_weight_slices_rows_like_the_merged_weight():
     gen = torch.Generator().manual_seed(1)
     w, a, b = torch.randn(12, 4, generator=gen), torch.randn(2, 4, generator=gen), torch.randn(12, 2, generator=gen)
