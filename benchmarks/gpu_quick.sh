@@ -19,5 +19,5 @@ for args in "--scale small --batch 4 --cases full,lora_plain,lora_fast_ac,lora_f
 done
 echo "== profile of the LoRA step, small b4 [$((SECONDS-START)) s]"
 timeout $(left 30) python3 benchmarks/profile_step.py --scale small --batch 4 --frames 1500 --device cuda \
-  --cases lora_fast --no-shapes --print-top 14 --out "$OUT/prof" 2>&1 | quiet
+  --cases lora_fast --print-top 14 --out "$OUT/prof" 2>&1 | quiet
 echo "== done [$((SECONDS-START)) s]"
