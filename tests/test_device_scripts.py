@@ -1,0 +1,48 @@
+"""The device scripts (benchmarks/gpu_*.sh) only run in sessions lent a GPU, minutes at a time: a syntax error or a
+flag a benchmark doesn't take would waste one. Checked here without a GPU."""
+from pathlib import Path
+import re
+import shutil
+import subprocess
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
+SCRIPTS = sorted(BENCHMARKS.glob('gpu_*.sh'))
+
+
+def _flags(text: str):
+    return re.findall(r'(?<![\w-])(--[a-z][\w-]*)', text)
+
+
+def _invocations(script: Path):
+    """(python file, [flags]) for every `python3 benchmarks/X.py ...` command of a script (continuation lines joined);
+    a command taking `$args` also gets the flags of the quoted argument lists its `for args in ...` loop goes through."""
+    text = script.read_text().replace('\\\n', ' ')
+    loop_flags = [flag for quoted in re.findall(r'"(--[^"]*)"', text) for flag in _flags(quoted)]
+    for match in re.finditer(r'python3 (benchmarks/[\w/]+\.py)([^\n|>]*)', text):
+        yield match.group(1), _flags(match.group(2)) + (loop_flags if '$args' in match.group(2) else [])
+
+
+def test_there_are_device_scripts_and_they_share_one_setup():
+    assert {p.name for p in SCRIPTS} >= {'gpu_check.sh', 'gpu_quick.sh', 'gpu_profile.sh', 'gpu_env.sh'}
+    for script in SCRIPTS:
+        if script.name != 'gpu_env.sh':
+            assert 'source "$(dirname "$0")/gpu_env.sh"' in script.read_text(), script.name
+
+
+@pytest.mark.skipif(shutil.which('bash') is None, reason='no bash')
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+def test_device_script_parses(script):
+    proc = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize('script', [s for s in SCRIPTS if s.name != 'gpu_env.sh'], ids=lambda p: p.name)
+def test_every_benchmark_flag_a_device_script_passes_exists(script):
+    calls = list(_invocations(script))
+    assert calls, f"{script.name} runs no benchmark"
+    for path, flags in calls:
+        source = (BENCHMARKS.parent / path).read_text()
+        for flag in flags:
+            assert f"'{flag}'" in source, f"{script.name} passes {flag} to {path}, which has no such option"
