@@ -88,8 +88,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> tp.List[dict]:
     parser.add_argument('--print-top', type=int, default=12, help='rows of the kernel table printed per case')
     parser.add_argument('--lora-dropout', type=float, default=0.0)
     parser.add_argument('--shapes', action='store_true',
-                        help='also a table by input shapes (which tells the rank-r GEMMs from the base ones); recording '
-                             'and grouping shapes took over 30 s per case at musicgen-small batch 4 on an H100')
+                        help='also a table by input shapes (which tells the rank-r GEMMs from the base ones); '
+                             'recording and grouping shapes took over 30 s per case at musicgen-small batch 4 on an '
+                             'H100')
     parser.add_argument('--out', default=None, help='folder for the full tables')
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ('bfloat16' if args.device == 'cuda' else 'float32')

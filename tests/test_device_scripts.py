@@ -16,8 +16,8 @@ def _flags(text: str):
 
 
 def _invocations(script: Path):
-    """(python file, [flags]) for every `python3 benchmarks/X.py ...` command of a script (continuation lines joined);
-    a command taking `$args` also gets the flags of the quoted argument lists its `for args in ...` loop goes through."""
+    """(python file, [flags]) for every `python3 benchmarks/X.py ...` command of a script (continuation lines
+    joined); a command taking `$args` also gets the flags of the quoted argument lists of its `for args in` loop."""
     text = script.read_text().replace('\\\n', ' ')
     loop_flags = [flag for quoted in re.findall(r'"(--[^"]*)"', text) for flag in _flags(quoted)]
     for match in re.finditer(r'python3 (benchmarks/[\w/]+\.py)([^\n|>]*)', text):
