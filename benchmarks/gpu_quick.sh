@@ -9,7 +9,7 @@ source "$(dirname "$0")/gpu_env.sh"
 echo "== dora run lora_debug on cuda, bf16 autocast [$((SECONDS-START)) s]"
 dora_on_cuda 40
 for args in "--scale small --batch 4 --cases full,lora_plain,lora_fast_ac,lora_fast,hf_lora" \
-            "--scale small --batch 16 --cases full,lora_fast,hf_lora" \
+            "--scale small --batch 16 --cases full,lora_fast,hf_lora,encode" \
             "--scale small --batch 16 --cases lora_fast,hf_lora --lora-dropout 0.05" \
             "--scale medium --batch 4 --cases full,lora_fast,hf_lora"; do
   name=$(echo $args | tr -d ' -' | tr ',' '_')
