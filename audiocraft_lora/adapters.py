@@ -84,7 +84,8 @@ def load_adapter(folder: tp.Union[str, Path]) -> Adapter:
     if config.get('format') != FORMAT:
         hint = (" It looks like a Hugging Face PEFT adapter: use it with transformers + peft."
                 if 'peft_type' in config else '')
-        raise UserError(f"{config_path} is not an audiocraft-lora adapter config (format={config.get('format')!r}).{hint}")
+        raise UserError(f"{config_path} is not an audiocraft-lora adapter config "
+                        f"(format={config.get('format')!r}).{hint}")
     settings = LoRASettings.from_config(config.get('lora', {}))
     state = load_file(str(weights_path))
     return Adapter(state=state, settings=settings, config=config)

@@ -235,7 +235,8 @@ def _print_summary(json_path: Path) -> None:
         rates = document['aggregates'][model]['flag_rates']
         flagged = ', '.join(f'{name} {100 * rate:.0f}%' for name, rate in rates.items() if rate > 0) or '-'
         ce = (document.get('cross_entropy') or {}).get(model, {}).get('mean')
-        print(f"{model:<28} {metrics['fade_ratio_db']['mean']:>+8.1f} {100 * metrics['silence_fraction']['mean']:>7.0f}% "
+        silence = 100 * metrics['silence_fraction']['mean']
+        print(f"{model:<28} {metrics['fade_ratio_db']['mean']:>+8.1f} {silence:>7.0f}% "
               f"{metrics['spectral_flatness']['mean']:>9.3f} {'-' if ce is None else f'{ce:.3f}':>9}  {flagged}")
     for name, entry in (document.get('reference_metrics') or {}).items():
         values = ', '.join(f'{m} {v:.4f}' for m, v in entry['values'].items() if v is not None)

@@ -61,4 +61,5 @@ def maybe_poison_loss(loss: torch.Tensor, **where: tp.Any) -> torch.Tensor:
 def maybe_out_of_memory(**where: tp.Any) -> None:
     """Raise torch's OutOfMemoryError (what a CUDA allocation failure raises) if an `oom@train_step` spec fires."""
     if fires('oom@train_step', **where):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by AUDIOCRAFT_LORA_FAULT)")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB "
+                                     "(injected by AUDIOCRAFT_LORA_FAULT)")

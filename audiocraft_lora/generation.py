@@ -104,7 +104,8 @@ def generate_to_folder(model, prompts: tp.Sequence[Prompt], seeds: tp.Sequence[i
         diag = diag_lib.audio_diagnostics(sample.wav, model.sample_rate)
         records.append({
             'prompt': prompt.text, 'name': prompt.name, 'seed': seed, 'duration_s': prompt.duration,
-            'file': path.name, 'tokens_sha256': tokens_sha256(sample.tokens), 'num_frames': int(sample.tokens.shape[-1]),
+            'file': path.name, 'tokens_sha256': tokens_sha256(sample.tokens),
+            'num_frames': int(sample.tokens.shape[-1]),
             'diagnostics': diag.to_dict(), 'flags': diag_lib.flags(diag),
         })
     return records

@@ -4,8 +4,8 @@ dora's `-d` starts one `python -m dora run` per rank with RANK/WORLD_SIZE/MASTER
 machine without GPUs `--ddp_workers` gives the count, and audiocraft_lora/train.py picks the gloo backend (dora's
 default, nccl, asserts on CPU). AudioCraft divides `dataset.batch_size` by the world size, so both runs below train
 on global batches of 4. Every source of per-process randomness that would legitimately make the two runs differ is
-turned off (LoRA dropout, CFG dropout, MusicDataset's text merge/drop, shuffling; 3 s segments read whole, so no clip is padded
-and each rank's mean loss has the same number of tokens): what remains is the order of float reductions.
+turned off (LoRA dropout, CFG dropout, MusicDataset's text merge/drop, shuffling; 3 s segments read whole, so no clip
+is padded and each rank's mean loss has the same number of tokens): what remains is the order of float reductions.
 """
 import json
 from pathlib import Path
