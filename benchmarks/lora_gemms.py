@@ -7,7 +7,8 @@ Per projection (in_proj d->3d, out_proj d->d, linear1 d->4d, linear2 4d->d) it p
 base forward, base input gradient, the weight gradient full fine-tuning pays and LoRA skips, and LoRA's products
 (`x A^T`, `g B`, `dA = gb^T x`, `dB = g^T u`; with dropout `y + u B^T` and `g W + gb A`; without, the merged weight
 `W + s B A` built twice), then LoRA's extra time as a share of the skipped weight gradient. `--variants` times other
-formulations of the same products (rank padding, split-K, `x [W; A]^T`).
+formulations of the same products (rank padding, split-K, `x [W; A]^T`, and for the dropout path the update
+added in a second pass vs one GEMM over `[x, u]` and `[W, s B]`).
 """
 import argparse
 import typing as tp
@@ -81,6 +82,7 @@ def variants(n: int, fan_in: int, fan_out: int, rank: int, dtype: torch.dtype, d
     u = F.linear(x, a)
     gb = torch.mm(g, b)
     wa = torch.cat([w, a])
+    wb = torch.cat([w, 2.0 * b], 1)  # [W, s B]: with dropout, y = [x, u] [W, s B]^T is one GEMM over K = in + r
     chunks = 8 if n % 8 == 0 else 1
 
     def split_k(left_t: torch.Tensor, right: torch.Tensor) -> torch.Tensor:  # sum over chunks of the long dim
@@ -91,6 +93,8 @@ def variants(n: int, fan_in: int, fan_out: int, rank: int, dtype: torch.dtype, d
         'u: (A x^T)^T': timed(lambda: torch.mm(a, x.t()).t(), iters, cuda),
         'u: rank padded to 64': timed(lambda: F.linear(x, a64), iters, cuda),
         'y,u: x [W; A]^T': timed(lambda: F.linear(x, wa), iters, cuda),
+        'dropout y: xW^T + uB^T': timed(lambda: torch.addmm(F.linear(x, w), u, b.t(), alpha=2.0), iters, cuda),
+        'dropout y: [x,u][W,sB]^T': timed(lambda: F.linear(torch.cat([x, u], 1), wb), iters, cuda),
         'y: x W^T (same, alone)': timed(lambda: F.linear(x, w), iters, cuda),
         'gb: g B': timed(lambda: torch.mm(g, b), iters, cuda),
         'gb: rank padded to 64': timed(lambda: torch.mm(g, b64), iters, cuda),
