@@ -7,7 +7,8 @@ Every adapted projection computes, in one autograd node (`LowRankLinear`)::
 Backward gives `dx = g @ W + s * ((g @ B) @ A) * mask`, `dA = s * (g @ B)^T @ dropout(x)`, `dB = s * g^T @ (x A^T)`:
 the `[out, in]` weight-gradient GEMM of the frozen base, a third of a full fine-tune's matmul FLOPs, is skipped, and
 saved activations are the (cast) input (with dropout: dropout(x) and its mask), the `[N, r]` product, nothing
-`[out, in]`-sized. Without dropout (lora.dropout=0, and always in eval) `y = x @ (W + s B A)^T` and
+`[out, in]`-sized. Without dropout (lora.dropout=0, and always in eval) and with more rows than twice the input
+width (training batches, not generation steps) `y = x @ (W + s B A)^T` and
 `dx = g @ (W + s B A)`: the merged weight is rebuilt in forward and backward (an r-deep product at `[out, in]`, not
 kept), which saves the two passes over `[N, out]` and `[N, in]` that adding the rank-r update costs; on an H100 at
 musicgen-small's shapes each of those passes takes about as long as the base GEMM (`benchmarks/lora_gemms.py`).
@@ -68,7 +69,7 @@ class LowRankLinear(torch.autograd.Function):
         mask = None
         xd = xc
         ctx.rng = _rng_state(xc) if dropout > 0 and replay else None
-        ctx.merged = dropout == 0
+        ctx.merged = dropout == 0 and _merge_pays(xc)
         if ctx.merged:
             # no dropout: one GEMM with `W + s B A` (built at [out, in], r-deep: cheap) instead of a second pass
             # over the [N, out] output (`y + s u B^T` costs about as much as the base GEMM itself)
@@ -76,7 +77,8 @@ class LowRankLinear(torch.autograd.Function):
             u = F.linear(xc, a)
         else:
             y = F.linear(xc, w, bias)
-            xd, mask = torch.native_dropout(xc, dropout, True)
+            if dropout > 0:
+                xd, mask = torch.native_dropout(xc, dropout, True)
             u = F.linear(xd, a)
             # out of place: selective activation checkpointing (recompute.py) keeps the base product `y` and
             # recomputes this cheap rank-r update; an in-place add would change the tensor it keeps
@@ -105,6 +107,8 @@ class LowRankLinear(torch.autograd.Function):
             w = _cast(weight, dtype)
             if ctx.merged:
                 grad_x = torch.mm(g, torch.addmm(w, b, a, alpha=s))  # g (W + s B A), as in forward
+            elif mask is None:
+                grad_x = torch.addmm(torch.mm(g, w), gb, a)
             else:  # g W + ((s g B) A) * mask / (1 - p): mask, dropout scale and add in one addcmul_
                 grad_x = torch.mm(g, w).addcmul_(torch.mm(gb, a), mask.reshape(-1, mask.shape[-1]),
                                                  value=1.0 / (1.0 - ctx.dropout))
@@ -118,6 +122,13 @@ class LowRankLinear(torch.autograd.Function):
         if need_b:
             grad_b = _cast(torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s), ctx.b_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _merge_pays(x: torch.Tensor) -> bool:
+    """Building `W + s B A` reads and writes [out, in]; adding the update instead reads and writes [N, out] (and
+    [N, in] in backward): the merge pays when there are more rows than twice the input width (training batches),
+    not for the few rows of a generation step."""
+    return x.numel() > 2 * x.shape[-1] * x.shape[-1]
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -57,11 +57,11 @@ def test_low_rank_linear_matches_the_merged_weight_in_double():
 def test_without_dropout_the_merged_product_equals_the_rank_r_update_and_keeps_no_merged_weight():
     """dropout 0 takes one GEMM with W + s B A (rebuilt in backward); dropout > 0 adds s (x A^T) B^T: same function."""
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(4, 6, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(8, 6, 16, dtype=torch.float64, generator=gen, requires_grad=True)  # 48 rows: merged
     w = torch.randn(24, 16, dtype=torch.float64, generator=gen)
     a = torch.randn(3, 16, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(24, 3, dtype=torch.float64, generator=gen, requires_grad=True)
-    grad = torch.randn(4, 6, 24, dtype=torch.float64, generator=gen)
+    grad = torch.randn(8, 6, 24, dtype=torch.float64, generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         merged = low_rank_linear(x, w, None, a, b, 0.7, 0.0)
@@ -77,6 +77,38 @@ def test_without_dropout_the_merged_product_equals_the_rank_r_update_and_keeps_n
         low = low_rank_linear(x.float(), w.float(), None, a.float(), b.float(), 0.7, 0.0)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.double(), update.detach(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('rows, merged', [(4 * 6, False), (40 * 6, True)])
+def test_the_weight_is_merged_only_for_training_sized_batches(rows, merged):
+    """A generation step (a few rows) adds the rank-r update; a training batch (rows > 2 x in) builds W + s B A:
+    both give the update's values and gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outputs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.addmm.default:
+                self.outputs.append(tuple(out.shape))
+            return out
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(rows // 6, 6, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(20, 16, dtype=torch.float64, generator=gen)
+    a = torch.randn(3, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(20, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    with Shapes() as shapes:
+        y = low_rank_linear(x, w, None, a, b, 0.7, 0.0)
+        got = torch.autograd.grad(y, (x, a, b), torch.ones_like(y))
+    assert ((20, 16) in shapes.outputs) is merged, shapes.outputs  # addmm building the [out, in] merged weight
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    update = F.linear(x2, w) + 0.7 * F.linear(F.linear(x2, a2), b2)
+    torch.testing.assert_close(y, update, rtol=1e-12, atol=1e-12)
+    for g1, g2 in zip(got, torch.autograd.grad(update, (x2, a2, b2), torch.ones_like(update))):
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
 
 
 def test_backward_under_autocast_casts_only_the_gradients_it_returns():
