@@ -16,7 +16,11 @@ What AudioCraft 1.3.0 does (audiocraft/solvers/base.py) and what we do instead:
 - after loading, dora's `history.json` is rewritten from the checkpoint's history (a kill between the checkpoint
   and the history update would otherwise leave it one epoch behind), and a history with no checkpoint at all is
   dropped (it would make a fresh adapter start at a later epoch).
+- `__init__` and `restore` (base.py:80, 444) log `model_hash(self.model)`, which reads every weight through numpy:
+  numpy has no bfloat16, the frozen base's storage dtype under bf16 autocast. The solver runs both inside
+  `model_hash_reads_16_bit`, which hashes 16-bit weights through an int16 view of the same bytes.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -196,3 +200,27 @@ def _free_name(path: Path) -> Path:
         candidate = path.with_name(f'{path.name}.{n}')
         n += 1
     return candidate
+
+
+@contextlib.contextmanager
+def model_hash_reads_16_bit():
+    """While active, AudioCraft's solver module hashes 16-bit weights through an int16 view of their bytes.
+
+    AudioCraft logs a hash of the model (`utils.model_hash`, in `__init__` and `restore`) read through numpy, which
+    has no bfloat16: the frozen base's storage dtype under bf16 autocast (`lora.base_dtype=auto`). float32 weights
+    hash as before."""
+    from audiocraft.solvers import base
+    original = base.model_hash
+
+    class _Bytes:
+        def __init__(self, model: torch.nn.Module):
+            self.model = model
+
+        def parameters(self):
+            return (p.view(torch.int16) if p.dtype in (torch.bfloat16, torch.float16) else p
+                    for p in self.model.parameters())
+    base.model_hash = lambda model: original(_Bytes(model))
+    try:
+        yield
+    finally:
+        base.model_hash = original

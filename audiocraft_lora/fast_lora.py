@@ -74,7 +74,7 @@ class LowRankLinear(torch.autograd.Function):
             # no dropout: one GEMM with `W + s B A` (built at [out, in], r-deep: cheap) instead of a second pass
             # over the [N, out] output (`y + s u B^T` costs about as much as the base GEMM itself)
             y = F.linear(xc, torch.addmm(w, b, a, alpha=scaling), bias)
-            u = F.linear(xc, a)
+            u = F.linear(xc, a) if ctx.needs_input_grad[4] else None  # only dB needs it (not validation)
         else:
             y = F.linear(xc, w, bias)
             if dropout > 0:

@@ -25,7 +25,6 @@ Raises (before any training step): `LoRAConfigError` (rank <= 0, unknown target,
 During training: `TrainingDivergedError` (too many non-finite steps in a row), `CheckpointError` (unreadable
 `checkpoint.th` with no complete epoch checkpoint to fall back on).
 """
-import contextlib
 import logging
 from pathlib import Path
 import typing as tp
@@ -113,30 +112,6 @@ class _RandomState:
             torch.cuda.set_rng_state_all(state['cuda'])
 
 
-@contextlib.contextmanager
-def _model_hash_reads_16_bit():
-    """While active, AudioCraft's solver module hashes 16-bit weights through an int16 view of their bytes.
-
-    AudioCraft logs a hash of the model (`utils.model_hash`, in `__init__` and `restore`) read through numpy, which
-    has no bfloat16: the frozen base's storage dtype under bf16 autocast (`lora.base_dtype=auto`). float32 weights
-    hash as before."""
-    from audiocraft.solvers import base
-    original = base.model_hash
-
-    class _Bytes:
-        def __init__(self, model: torch.nn.Module):
-            self.model = model
-
-        def parameters(self):
-            return (p.view(torch.int16) if p.dtype in (torch.bfloat16, torch.float16) else p
-                    for p in self.model.parameters())
-    base.model_hash = lambda model: original(_Bytes(model))
-    try:
-        yield
-    finally:
-        base.model_hash = original
-
-
 class LoRAMusicGenSolver(MusicGenSolver):
     """MusicGen solver that trains a LoRA adapter; see the module docstring."""
 
@@ -151,7 +126,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self._adopt_base_config(cfg)
         if cfg.get('validate_data', True) and cfg.get('execute_only') is None:
             self._validate_data(cfg)
-        with _model_hash_reads_16_bit():
+        with checkpointing.model_hash_reads_16_bit():
             super().__init__(cfg)
         self.nonfinite_guard = NonFiniteGuard.from_config(cfg.get('nonfinite'))
         self.stateful.register('nonfinite', self.nonfinite_guard)  # running count of skipped steps
@@ -405,7 +380,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
     def restore(self, load_best: bool = False, replay_metrics: bool = False,
                 ignore_state_keys: tp.List[str] = []) -> bool:
         """AudioCraft's (which logs the model hash)."""
-        with _model_hash_reads_16_bit():
+        with checkpointing.model_hash_reads_16_bit():
             return super().restore(load_best, replay_metrics, ignore_state_keys)
 
     def run(self):
