@@ -183,6 +183,9 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     if settings.compile != 'none':
         if transformer is None or not hasattr(transformer, 'layers'):
             raise LoRAConfigError("lora.compile needs AudioCraft's StreamingTransformer LM.")
+        from .compiling import causal_marker_masks, traceable_unbind
+        traceable_unbind()
+        causal_marker_masks(model)
         for layer in transformer.layers:
             layer.compile(backend=settings.compile)
         info['compile'] = settings.compile

@@ -44,6 +44,42 @@ def test_compiled_layers_match_eager_and_keep_names(debug_lm_pkg):
     assert torch.allclose(conditioned_logits(compiled, codes, text), conditioned_logits(lm, codes, text), atol=1e-6)
 
 
+def test_each_compiled_layer_is_one_graph_without_breaks(debug_lm_pkg):
+    """AudioCraft's causal mask object and xformers' unbind broke every self-attention's graph, and dynamo then ran
+    the whole layer eagerly: lora.compile compiled nothing of the self-attention."""
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    from torch._dynamo.utils import counters
+    from audiocraft_lora import base_models
+    set_efficient_attention_backend('torch')
+    torch._dynamo.reset()
+    counters.clear()
+    lm = base_models.build_lm(debug_lm_pkg)
+    inject_lora(lm, LoRASettings(rank=4, dropout=0.1, init='random'))
+    apply_to_model(lm, SpeedSettings(compile='aot_eager'), autocast=False, autocast_dtype=torch.float32)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
+    _loss_and_grads(lm, codes, ['trap beat', 'lofi'])
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    # one graph for the first layer (its input needs no gradient) and one the other layers share
+    assert counters['stats']['unique_graphs'] == min(2, len(lm.transformer.layers))
+
+
+def test_the_traceable_mask_is_audiocrafts_wherever_it_is_more_than_is_causal(debug_lm_pkg):
+    from audiocraft.modules import transformer
+    from audiocraft_lora import base_models
+    from audiocraft_lora.compiling import causal_marker_masks
+    lm = base_models.build_lm(debug_lm_pkg)
+    assert causal_marker_masks(lm) == len(lm.transformer.layers)  # self-attention only, not cross-attention
+    attention = lm.transformer.layers[0].self_attn
+    try:
+        transformer.set_efficient_attention_backend('torch')
+        assert attention._get_mask(30, torch.device('cpu'), torch.float32) is True
+        assert attention._get_mask(1, torch.device('cpu'), torch.float32) is None  # one step: no mask at all
+        transformer.set_efficient_attention_backend('xformers')
+        assert type(attention._get_mask(30, torch.device('cpu'), torch.float32)).__name__ == 'LowerTriangularMask'
+    finally:
+        transformer.set_efficient_attention_backend('torch')
+
+
 @pytest.mark.parametrize('checkpointing', [{'activation_checkpointing': 'selective'},
                                            {'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5,
                                             'checkpoint_rest': 'selective'}])
