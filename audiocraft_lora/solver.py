@@ -112,11 +112,28 @@ class _RandomState:
             torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def _samples_asked(cfg: omegaconf.DictConfig) -> bool:
+    lm = cfg.generate.get('lm') or {}
+    return bool(lm.get('unprompted_samples', True) or lm.get('prompted_samples', True))
+
+
+def _check_generate_samples(cfg: omegaconf.DictConfig) -> None:
+    """AudioCraft 1.3's generate stage reads the real-time factor of the unprompted samples: continuations alone end
+    the first generate epoch in `UnboundLocalError: rtf` (with neither, `generate_audio` makes nothing)."""
+    lm = (cfg.get('generate') or {}).get('lm') or {}
+    if lm.get('prompted_samples', True) and not lm.get('unprompted_samples', True):
+        raise LoRAConfigError(
+            "generate.lm.prompted_samples=true needs generate.lm.unprompted_samples=true: AudioCraft's generate stage "
+            "fails without unprompted samples (UnboundLocalError: rtf). Set generate.lm.unprompted_samples=true, or "
+            "both to false for no samples (or generate.every to more than optim.epochs).")
+
+
 class LoRAMusicGenSolver(MusicGenSolver):
     """MusicGen solver that trains a LoRA adapter; see the module docstring."""
 
     def __init__(self, cfg: omegaconf.DictConfig):
         self.lora_settings = LoRASettings.from_config(cfg.get('lora'))
+        _check_generate_samples(cfg)
         self.base = base_models.resolve_base(cfg.get('base_model'))
         logger.info("Base model: %s", self.base.describe())
         self._lm_pkg = base_models.load_lm_package(self.base)
@@ -331,6 +348,9 @@ class LoRAMusicGenSolver(MusicGenSolver):
         wandb): `gen_*` for unprompted samples, `gen_cont_*` for continuations; a warning names the epoch when
         the samples fade (see `diagnostics.fade_warning`)."""
         self._generated_diagnostics: tp.Dict[str, list] = {}
+        if not _samples_asked(self.cfg):
+            self.logger.info("No samples to generate (generate.lm.unprompted_samples and prompted_samples are false).")
+            return {}
         metrics = super().generate_audio()
         for kind, prefix in (('unprompted', 'gen_'), ('continuation', 'gen_cont_')):
             diags = self._generated_diagnostics.get(kind)

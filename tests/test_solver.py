@@ -116,6 +116,8 @@ def test_padding_is_masked_by_default(dora_dir):
     (['lora.targets=[self_attn.in_proj,attention.q]'], LoRAConfigError, 'Unknown LoRA target'),
     (['base_model=/nonexistent/musicgen-small'], BaseModelError, "can't be found"),
     (['base_model=facebook/musicgen-nonexistent-xyz'], BaseModelError, 'not in the local Hugging Face cache'),
+    (['generate.lm.unprompted_samples=false'], LoRAConfigError,  # AudioCraft: UnboundLocalError rtf, after epoch 1
+     r'prompted_samples=true needs generate.lm.unprompted_samples=true'),
 ])
 def test_bad_configuration_fails_before_training(dora_dir, args, error, match, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -132,3 +134,10 @@ def test_warmup_as_long_as_training_is_refused_before_any_step(dora_dir):
     # lora_debug warms up for 4 updates: 1 epoch x 4 updates would divide by zero in AudioCraft's cosine schedule
     with pytest.raises(LoRAConfigError, match=r'schedule.cosine.warmup=4 but training has 4 updates.*divide by zero'):
         build_solver(DEBUG_ARGS + ['optim.epochs=1', 'optim.updates_per_epoch=4'])
+
+
+def test_generate_stage_with_no_samples_asked_makes_none(dora_dir):
+    """AudioCraft's generate stage ends in `UnboundLocalError: rtf` when it is asked for no samples."""
+    no_samples = ['generate.lm.unprompted_samples=false', 'generate.lm.prompted_samples=false']
+    solver, _ = build_solver(DEBUG_ARGS + no_samples)
+    assert set(solver.run_stage('generate', solver.generate_audio)) == {'duration'}  # flashy's own metric
