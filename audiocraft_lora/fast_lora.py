@@ -64,25 +64,46 @@ class LowRankLinear(torch.autograd.Function):
         # every operand is cast to the compute dtype here, so autocast (if on) has nothing left to cast: no context
         # manager needed to turn it off (a Python-level cost paid by every projection, twice per step)
         dtype = _compute_dtype(x)
-        xc, w, a, b = _cast(x, dtype), _cast(weight, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
+        w, a, b = _cast(weight, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
         bias = None if bias is None else _cast(bias, dtype)
         mask = None
+        ctx.rng = _rng_state(x) if dropout > 0 and replay else None
+        ctx.merged = dropout == 0 and _merge_pays(x)
+        xu = None
+        if dropout > 0 and CONCAT_RANK_GEMMS and (x.dtype != dtype or x.shape[-1] < w.shape[0]):
+            # y = [x | u] [W | s B]^T: x is written (cast, which it needs anyway, or copied where the input is
+            # narrower than the output) beside u, instead of a second pass over the [N, out] output for `+ s u B^T`
+            xu = x.new_empty(*x.shape[:-1], x.shape[-1] + a.shape[0], dtype=dtype)
+            xc = xu[..., :x.shape[-1]].copy_(x)
+        else:
+            xc = _cast(x, dtype)
         xd = xc
-        ctx.rng = _rng_state(xc) if dropout > 0 and replay else None
-        ctx.merged = dropout == 0 and _merge_pays(xc)
         if ctx.merged:
             # no dropout: one GEMM with `W + s B A` (built at [out, in], r-deep: cheap) instead of a second pass
             # over the [N, out] output (`y + s u B^T` costs about as much as the base GEMM itself)
-            y = F.linear(xc, torch.addmm(w, b, a, alpha=scaling), bias)
-            u = F.linear(xc, a) if ctx.needs_input_grad[4] else None  # only dB needs it (not validation)
+            merged = torch.addmm(w, b, a, alpha=scaling)
+            if ctx.needs_input_grad[4] and CONCAT_RANK_GEMMS:  # dB needs u = x A^T (not validation): y and u
+                # from one GEMM over [W + s B A; A], one pass over x; u copied out so that only y holds the output
+                out = w.shape[0]
+                yu = F.linear(xc, torch.cat([merged, a]), None if bias is None else torch.cat([bias, bias.new_zeros(
+                    a.shape[0])]))
+                y, u = yu[..., :out], yu[..., out:].contiguous()
+            else:
+                y = F.linear(xc, merged, bias)
+                u = F.linear(xc, a) if ctx.needs_input_grad[4] else None  # only dB needs it (not validation)
         else:
-            y = F.linear(xc, w, bias)
             if dropout > 0:
                 xd, mask = torch.native_dropout(xc, dropout, True)
             u = F.linear(xd, a)
-            # out of place: selective activation checkpointing (recompute.py) keeps the base product `y` and
-            # recomputes this cheap rank-r update; an in-place add would change the tensor it keeps
-            y = torch.addmm(y.view(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=scaling).view(y.shape)
+            if xu is not None:
+                xu[..., x.shape[-1]:] = u
+                y = F.linear(xu, torch.cat([w, b * scaling], dim=1), bias)
+            else:
+                y = F.linear(xc, w, bias)
+                # out of place: selective activation checkpointing (recompute.py) keeps the base product `y` and
+                # recomputes this cheap rank-r update; an in-place add would change the tensor it keeps
+                y = torch.addmm(y.view(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(),
+                                alpha=scaling).view(y.shape)
         ctx.scaling, ctx.dropout, ctx.dtype, ctx.has_bias = scaling, dropout, dtype, bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype
         # a and b as cast here (rank-r, small): backward reuses them instead of casting the adapter again
@@ -101,18 +122,26 @@ class LowRankLinear(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         out_features = grad.shape[-1]
         g = _cast(grad, dtype).reshape(-1, out_features)  # (all operands in the compute dtype, as in forward)
-        gb = torch.mm(g, b).mul_(s)  # [N, r]: s * g @ B
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        grad_x = grad_w = grad_bias = grad_a = grad_b = gb = None
         if need_x:
             w = _cast(weight, dtype)
-            if ctx.merged:
-                grad_x = torch.mm(g, torch.addmm(w, b, a, alpha=s))  # g (W + s B A), as in forward
-            elif mask is None:
-                grad_x = torch.addmm(torch.mm(g, w), gb, a)
-            else:  # g W + ((s g B) A) * mask / (1 - p): mask, dropout scale and add in one addcmul_
-                grad_x = torch.mm(g, w).addcmul_(torch.mm(gb, a), mask.reshape(-1, mask.shape[-1]),
-                                                 value=1.0 / (1.0 - ctx.dropout))
+            base = torch.addmm(w, b, a, alpha=s) if ctx.merged else w  # g (W + s B A), as in forward
+            if CONCAT_RANK_GEMMS and (need_a or not ctx.merged):
+                # g W and s g B ([N, r], for dA and the unmerged dx) from one GEMM over [W | s B]: one pass over g
+                in_features = w.shape[1]
+                both = torch.mm(g, torch.cat([base, b * s], dim=1))
+                grad_x, gb = both[:, :in_features], both[:, in_features:]
+            else:
+                grad_x = torch.mm(g, base)
+                gb = torch.mm(g, b).mul_(s) if not ctx.merged else None
+            if not ctx.merged and mask is None:
+                grad_x = grad_x.addmm_(gb, a)
+            elif not ctx.merged:  # g W + ((s g B) A) * mask / (1 - p): mask, dropout scale and add in one addcmul_
+                grad_x = grad_x.addcmul_(torch.mm(gb, a), mask.reshape(-1, mask.shape[-1]),
+                                         value=1.0 / (1.0 - ctx.dropout))
             grad_x = _cast(grad_x.view(*grad.shape[:-1], -1), ctx.x_dtype)
+        if need_a and gb is None:
+            gb = torch.mm(g, b).mul_(s)  # [N, r]: s * g @ B
         if need_w:  # only when the base weight itself is trainable: never in LoRA training
             grad_w = _cast(torch.mm(g.t(), _recompute_input(xd, mask, ctx.dropout)), ctx.w_dtype)
         if need_bias and ctx.has_bias:
@@ -122,6 +151,12 @@ class LowRankLinear(torch.autograd.Function):
         if need_b:
             grad_b = _cast(torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(s), ctx.b_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+# One GEMM gives both the base product and the rank-r one that reads the same big operand (forward: y and u = x A^T
+# over [W + s B A; A]; backward: dx and s g B over [W | s B]), instead of a second memory-bound pass over x or g.
+# benchmarks/step_time.py's `lora_fast_split` case turns it off to measure what it saves.
+CONCAT_RANK_GEMMS = True
 
 
 def _merge_pays(x: torch.Tensor) -> bool:

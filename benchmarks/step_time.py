@@ -5,6 +5,9 @@ Cases (`--cases`, comma separated):
   full        AudioCraft's LM, every weight trainable (how AudioCraft fine-tunes), AdamW
   lora_plain  our LoRA through peft's own forward + peft `target_parameters` on the fused q/k/v (fast_path=false)
   lora_fast   our LoRA, fast path (fast_lora), frozen base in the autocast dtype, fused AdamW (the solver's defaults)
+  lora_fast_ac    lora_fast with AudioCraft's logits revert (lora.index_select_logits=false)
+  lora_fast_split lora_fast with each rank-r product in its own GEMM (fast_lora.CONCAT_RANK_GEMMS off: x A^T and g B
+                  not taken from the base GEMMs' passes over x and g)
   lora_ckpt   lora_fast + activation checkpointing (lora.activation_checkpointing=torch)
   lora_ckpt_half  the same, half of the layers recomputed (lora.checkpoint_fraction=0.5)
   lora_sac    lora_fast + selective checkpointing (lora.activation_checkpointing=selective): matmul and attention
@@ -55,8 +58,8 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
-CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed',
-         'lora_compile', 'hf_lora', 'hf_full', 'encode')
+CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_split', 'lora_ckpt', 'lora_ckpt_half',
+         'lora_sac', 'lora_mixed', 'lora_compile', 'hf_lora', 'hf_full', 'encode')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -159,6 +162,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     """The model of a case and a closure computing its loss (forward only)."""
     from audiocraft_lora.lora import LoRASettings, inject_lora
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    from audiocraft_lora import fast_lora
+    fast_lora.CONCAT_RANK_GEMMS = case != 'lora_fast_split'  # (read in forward and backward: set for the whole case)
     device, dtype = args.device, args.autocast_dtype
     torch.manual_seed(0)
     if case == 'encode':
@@ -361,7 +366,8 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
             if a['step_s'] is not None:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
-    for case in ('lora_fast', 'lora_fast_ac', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile'):
+    for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_split', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac',
+                 'lora_mixed', 'lora_compile'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full'):
             if case in results and ref in results:
                 a, b = results[case], results[ref]

@@ -111,6 +111,50 @@ def test_the_weight_is_merged_only_for_training_sized_batches(rows, merged):
         torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('dropout, bias', [(0.0, False), (0.0, True), (0.1, False)])
+def test_each_big_operand_is_read_by_as_few_matrix_products_as_possible(dropout, bias):
+    """Rank-r products are memory-bound passes over x [N, in] or the gradient g [N, out]: the one sharing an operand
+    with a base GEMM comes out of the same GEMM (forward, merged: y and x A^T; with dropout: y from [x | u] [W | s B]^T;
+    backward: dx and g B), so x is read once forward, once backward (dA; with dropout dA reads dropout(x)), and g
+    twice (dx with g B, dB).
+    Values and gradients stay those of the update formula (float64)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self, watched):
+            super().__init__()
+            self.watched, self.count = watched, {k: 0 for k in watched}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                ptrs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+                for name, ptr in self.watched.items():
+                    self.count[name] += ptr in ptrs
+            return func(*args, **(kwargs or {}))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 6, 16, dtype=torch.float64, generator=gen, requires_grad=True)  # 60 rows: merged
+    w = torch.randn(24, 16, dtype=torch.float64, generator=gen)
+    bias_t = torch.randn(24, dtype=torch.float64, generator=gen) if bias else None
+    a = torch.randn(3, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(24, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    grad = torch.randn(10, 6, 24, dtype=torch.float64, generator=gen)
+    torch.manual_seed(0)
+    with Reads({'x': x.untyped_storage().data_ptr()}) as forward:
+        y = low_rank_linear(x, w, bias_t, a, b, 0.7, dropout)
+    with Reads({'x': x.untyped_storage().data_ptr(), 'g': grad.untyped_storage().data_ptr()}) as backward:
+        got = torch.autograd.grad(y, (x, a, b), grad)
+    # with dropout x is written beside u = dropout(x) A^T (as its cast would be) and [x | u] [W | s B]^T is one GEMM
+    assert forward.count == {'x': 0 if dropout else 1}
+    assert backward.count == {'x': 0 if dropout else 1, 'g': 2}  # (with dropout dA reads dropout(x), kept)
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    torch.manual_seed(0)  # the same mask
+    xd = torch.native_dropout(x2, dropout, True)[0] if dropout else x2
+    update = F.linear(x2, w, bias_t) + 0.7 * F.linear(F.linear(xd, a2), b2)
+    torch.testing.assert_close(y, update, rtol=1e-12, atol=1e-12)
+    for g1, g2 in zip(got, torch.autograd.grad(update, (x2, a2, b2), grad)):
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
 def test_backward_under_autocast_casts_only_the_gradients_it_returns():
     """Launches count at small batch (the step is CPU-bound there): backward reuses the adapter as forward cast it
     and recasts nothing but the float32 gradients of x, A and B."""
