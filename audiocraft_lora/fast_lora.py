@@ -70,7 +70,7 @@ class LowRankLinear(torch.autograd.Function):
         ctx.rng = _rng_state(x) if dropout > 0 and replay else None
         ctx.merged = dropout == 0 and _merge_pays(x)
         xu = None
-        if dropout > 0 and CONCAT_RANK_GEMMS and (x.dtype != dtype or x.shape[-1] < w.shape[0]):
+        if dropout > 0 and 'dropout_forward' in CONCAT_RANK_GEMMS and (x.dtype != dtype or x.shape[-1] < w.shape[0]):
             # y = [x | u] [W | s B]^T: x is written (cast, which it needs anyway, or copied where the input is
             # narrower than the output) beside u, instead of a second pass over the [N, out] output for `+ s u B^T`
             xu = x.new_empty(*x.shape[:-1], x.shape[-1] + a.shape[0], dtype=dtype)
@@ -82,8 +82,8 @@ class LowRankLinear(torch.autograd.Function):
             # no dropout: one GEMM with `W + s B A` (built at [out, in], r-deep: cheap) instead of a second pass
             # over the [N, out] output (`y + s u B^T` costs about as much as the base GEMM itself)
             merged = torch.addmm(w, b, a, alpha=scaling)
-            if ctx.needs_input_grad[4] and CONCAT_RANK_GEMMS:  # dB needs u = x A^T (not validation): y and u
-                # from one GEMM over [W + s B A; A], one pass over x; u copied out so that only y holds the output
+            if ctx.needs_input_grad[4] and 'forward' in CONCAT_RANK_GEMMS:  # dB needs u = x A^T (not validation):
+                # y and u from one GEMM over [W + s B A; A], one pass over x; u copied out: only y holds the output
                 out = w.shape[0]
                 yu = F.linear(xc, torch.cat([merged, a]), None if bias is None else torch.cat([bias, bias.new_zeros(
                     a.shape[0])]))
@@ -126,7 +126,7 @@ class LowRankLinear(torch.autograd.Function):
         if need_x:
             w = _cast(weight, dtype)
             base = torch.addmm(w, b, a, alpha=s) if ctx.merged else w  # g (W + s B A), as in forward
-            if CONCAT_RANK_GEMMS and (need_a or not ctx.merged):
+            if 'backward' in CONCAT_RANK_GEMMS and (need_a or not ctx.merged):
                 # g W and s g B ([N, r], for dA and the unmerged dx) from one GEMM over [W | s B]: one pass over g
                 in_features = w.shape[1]
                 both = torch.mm(g, torch.cat([base, b * s], dim=1))
@@ -153,10 +153,14 @@ class LowRankLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
-# One GEMM gives both the base product and the rank-r one that reads the same big operand (forward: y and u = x A^T
-# over [W + s B A; A]; backward: dx and s g B over [W | s B]), instead of a second memory-bound pass over x or g.
-# benchmarks/step_time.py's `lora_fast_split` case turns it off to measure what it saves.
-CONCAT_RANK_GEMMS = True
+# Where one GEMM gives both a base product and the rank-r product that reads the same big operand, instead of a
+# second memory-bound pass over x or g: 'forward' (merged: y and u = x A^T over [W + s B A; A]), 'dropout_forward'
+# (y = [x | u] [W | s B]^T, x cast into the buffer beside u), 'backward' (dx and s g B over [W | s B]). Off: all
+# three on measured on an H100 (bf16, rank 16, 30 s) 0.296 vs 0.335 s at musicgen-medium batch 4 but 0.212 vs 0.204 s
+# at small batch 16, 0.273 vs 0.247 s with dropout 0.05, 0.170 vs 0.141 s at small batch 4 (strided outputs, wider
+# GEMMs, more launches): each part is to be measured alone (benchmarks/step_time.py, `lora_fast_concat` case).
+CONCAT_PARTS = ('forward', 'dropout_forward', 'backward')
+CONCAT_RANK_GEMMS: tp.FrozenSet[str] = frozenset()
 
 
 def _merge_pays(x: torch.Tensor) -> bool:

@@ -6,8 +6,8 @@ Cases (`--cases`, comma separated):
   lora_plain  our LoRA through peft's own forward + peft `target_parameters` on the fused q/k/v (fast_path=false)
   lora_fast   our LoRA, fast path (fast_lora), frozen base in the autocast dtype, fused AdamW (the solver's defaults)
   lora_fast_ac    lora_fast with AudioCraft's logits revert (lora.index_select_logits=false)
-  lora_fast_split lora_fast with each rank-r product in its own GEMM (fast_lora.CONCAT_RANK_GEMMS off: x A^T and g B
-                  not taken from the base GEMMs' passes over x and g)
+  lora_fast_concat lora_fast with the rank-r products that share an operand with a base GEMM taken from that GEMM
+                  (fast_lora.CONCAT_RANK_GEMMS: the parts named by --concat-rank-gemms)
   lora_ckpt   lora_fast + activation checkpointing (lora.activation_checkpointing=torch)
   lora_ckpt_half  the same, half of the layers recomputed (lora.checkpoint_fraction=0.5)
   lora_sac    lora_fast + selective checkpointing (lora.activation_checkpointing=selective): matmul and attention
@@ -58,7 +58,7 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
-CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_split', 'lora_ckpt', 'lora_ckpt_half',
+CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half',
          'lora_sac', 'lora_mixed', 'lora_compile', 'hf_lora', 'hf_full', 'encode')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
@@ -163,7 +163,9 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     from audiocraft_lora.lora import LoRASettings, inject_lora
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     from audiocraft_lora import fast_lora
-    fast_lora.CONCAT_RANK_GEMMS = case != 'lora_fast_split'  # (read in forward and backward: set for the whole case)
+    fast_lora.CONCAT_RANK_GEMMS = frozenset(  # (read in forward and backward: set for the whole case)
+        getattr(args, 'concat_rank_gemms', ','.join(fast_lora.CONCAT_PARTS)).split(',') if case == 'lora_fast_concat'
+        else ())
     device, dtype = args.device, args.autocast_dtype
     torch.manual_seed(0)
     if case == 'encode':
@@ -366,10 +368,10 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
             if a['step_s'] is not None:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
-    for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_split', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac',
+    for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac',
                  'lora_mixed', 'lora_compile'):
-        for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full'):
-            if case in results and ref in results:
+        for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast'):
+            if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
                 if a['step_s'] is not None:
                     out[f'{case}/{ref} step'] = a['step_s'] / b['step_s']
@@ -396,6 +398,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--json', default=None, help='also write the results here')
     parser.add_argument('--lora-dropout', type=float, default=0.0, help='LoRA dropout of the lora/hf_lora cases')
+    parser.add_argument('--concat-rank-gemms', default='forward,dropout_forward,backward',
+                        help="the lora_fast_concat case's fast_lora.CONCAT_RANK_GEMMS parts")
     parser.add_argument('--estimate', action='store_true',
                         help="also print audiocraft_lora.memory_plan's estimate of each AudioCraft case's peak memory "
                              "(what lora.activation_checkpointing=auto plans with), next to the measured peak")

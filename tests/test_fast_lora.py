@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from audiocraft_lora import base_models
+from audiocraft_lora import base_models, fast_lora
 from audiocraft_lora.errors import LoRAConfigError
 from audiocraft_lora.fast_lora import (
-    FastLoraLinear, LoRAStreamingMultiheadAttention, LowRankWeight, low_rank_linear)
+    CONCAT_PARTS, FastLoraLinear, LoRAStreamingMultiheadAttention, LowRankWeight, low_rank_linear)
 from audiocraft_lora.lora import (
     AdapterParameters, LoRASettings, delta_weights, inject_lora, lora_parameters, merge_into_state_dict)
 from audiocraft_lora.speed import SpeedSettings, apply_to_model, optimizer_kwargs, pin_loaders
@@ -111,14 +111,16 @@ def test_the_weight_is_merged_only_for_training_sized_batches(rows, merged):
         torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('parts', [(), ('forward',), ('dropout_forward',), ('backward',), CONCAT_PARTS],
+                         ids=lambda p: '+'.join(p) or 'split')
 @pytest.mark.parametrize('dropout, bias', [(0.0, False), (0.0, True), (0.1, False)])
-def test_each_big_operand_is_read_by_as_few_matrix_products_as_possible(dropout, bias):
-    """Rank-r products are memory-bound passes over x [N, in] or the gradient g [N, out]: the one sharing an operand
-    with a base GEMM comes out of the same GEMM (forward, merged: y and x A^T; with dropout: y from [x | u] [W | s B]^T;
-    backward: dx and g B), so x is read once forward, once backward (dA; with dropout dA reads dropout(x)), and g
-    twice (dx with g B, dB).
-    Values and gradients stay those of the update formula (float64)."""
+def test_rank_r_products_from_the_base_gemms_read_less_and_give_the_same_values(dropout, bias, parts, monkeypatch):
+    """Rank-r products are memory-bound passes over x [N, in] or the gradient g [N, out]. Each part of
+    fast_lora.CONCAT_RANK_GEMMS takes one from the base GEMM reading the same operand ('forward', merged: y and
+    x A^T; 'dropout_forward': y from [x | u] [W | s B]^T; 'backward': dx and g B): one matrix product fewer reads x
+    or g, and values and gradients stay those of the update formula (float64)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr(fast_lora, 'CONCAT_RANK_GEMMS', frozenset(parts))
 
     class Reads(TorchDispatchMode):
         def __init__(self, watched):
@@ -143,9 +145,12 @@ def test_each_big_operand_is_read_by_as_few_matrix_products_as_possible(dropout,
         y = low_rank_linear(x, w, bias_t, a, b, 0.7, dropout)
     with Reads({'x': x.untyped_storage().data_ptr(), 'g': grad.untyped_storage().data_ptr()}) as backward:
         got = torch.autograd.grad(y, (x, a, b), grad)
-    # with dropout x is written beside u = dropout(x) A^T (as its cast would be) and [x | u] [W | s B]^T is one GEMM
-    assert forward.count == {'x': 0 if dropout else 1}
-    assert backward.count == {'x': 0 if dropout else 1, 'g': 2}  # (with dropout dA reads dropout(x), kept)
+    if dropout:  # x A^T reads dropout(x); 'dropout_forward' writes x beside it: [x | u] [W | s B]^T is one GEMM
+        assert forward.count == {'x': 0 if 'dropout_forward' in parts else 1}
+    else:  # merged: x (W + s B A)^T and x A^T
+        assert forward.count == {'x': 1 if 'forward' in parts else 2}
+    # dx, g B, dB read g; dA reads x (dropout(x), kept, with dropout)
+    assert backward.count == {'x': 0 if dropout else 1, 'g': 2 if 'backward' in parts else 3}
     x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
     torch.manual_seed(0)  # the same mask
     xd = torch.native_dropout(x2, dropout, True)[0] if dropout else x2
@@ -216,8 +221,10 @@ def test_fast_path_names_and_order_are_those_of_the_plain_path(debug_lm_pkg):
     assert 'transformer.layers.0.self_attn.in_proj_weight' in fast.state_dict()
 
 
+@pytest.mark.parametrize('concat', [(), CONCAT_PARTS], ids=['split', 'concat'])
 @pytest.mark.parametrize('dropout', [0.0, 0.1])
-def test_fast_path_logits_loss_and_grads_equal_the_plain_path(debug_lm_pkg, codes, dropout):
+def test_fast_path_logits_loss_and_grads_equal_the_plain_path(debug_lm_pkg, codes, dropout, concat, monkeypatch):
+    monkeypatch.setattr(fast_lora, 'CONCAT_RANK_GEMMS', frozenset(concat))
     settings = LoRASettings(rank=4, alpha=8, init='random', dropout=dropout)
     plain, fast = _lm(debug_lm_pkg, False, settings), _lm(debug_lm_pkg, True, settings)
     torch.testing.assert_close(conditioned_logits(fast, codes, PROMPTS), conditioned_logits(plain, codes, PROMPTS),
