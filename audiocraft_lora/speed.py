@@ -11,10 +11,13 @@
     lora.pin_memory: auto                 # auto | true | false: page-locked batches (auto: when training on CUDA)
     lora.encode_chunk: 4                  # EnCodec encodes a batch this many items at a time (0: all at once)
     lora.dropout_replay: false            # LoRA dropout masks drawn again in backward, not kept (auto may set it)
+    lora.index_select_logits: true        # the logits' delay pattern reverted with index_select (patterns.py)
+    lora.attention_in_autocast_dtype: true  # attention inputs/outputs stay bf16 under autocast (attention_dtype.py)
 
 `compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
-for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). With the fast
-path the layers trace whole (the only graph breaks are xformers' mask objects); peft's parametrized q/k/v breaks more.
+for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). Each layer is
+one graph (compiling.py removes AudioCraft's two graph breaks in self-attention); peft's parametrized q/k/v (plain
+path) breaks more.
 
 Activation checkpointing trades compute for memory. `torch` recomputes a whole layer in backward (every matmul runs
 twice: least memory, ~1.3x the FLOPs). `selective` keeps the outputs of the large matmuls and of attention and
@@ -89,6 +92,10 @@ class SpeedSettings:
         'help': "Revert the delay pattern of the LM's logits with index_select (patterns.py): the same values and "
                 "gradients, with an index_add in backward instead of AudioCraft's sort-based index_put (~10 ms of an "
                 "84 ms musicgen-small step at batch 4 on an H100)."})
+    attention_in_autocast_dtype: bool = field(default=True, metadata={
+        'help': "Fast path under autocast: the layer norms in front of the attentions return the autocast dtype "
+                "(what the q/k/v projection casts their output to anyway), so AudioCraft's attention output is not "
+                "cast to float32 and back before out_proj (attention_dtype.py; same values)."})
     memory_budget_gib: tp.Any = field(default='auto', metadata={
         'help': "GPU memory a training step may use, for activation_checkpointing=auto and the start-up estimate: "
                 "auto (what the GPU has free) | a number of GiB | none (no estimate; auto means none)."})
@@ -124,8 +131,9 @@ class SpeedSettings:
         if not isinstance(self.encode_chunk, int) or isinstance(self.encode_chunk, bool) or self.encode_chunk < 0:
             raise LoRAConfigError(f"lora.encode_chunk must be a whole number >= 0 (0: the whole batch at once), got "
                                   f"{self.encode_chunk!r}.")
-        if not isinstance(self.index_select_logits, bool):
-            raise LoRAConfigError(f"lora.index_select_logits must be true or false, got {self.index_select_logits!r}.")
+        for key in ('index_select_logits', 'attention_in_autocast_dtype'):
+            if not isinstance(getattr(self, key), bool):
+                raise LoRAConfigError(f"lora.{key} must be true or false, got {getattr(self, key)!r}.")
         if not isinstance(self.dropout_replay, bool):
             raise LoRAConfigError(f"lora.dropout_replay must be true or false, got {self.dropout_replay!r}.")
         budget = str(self.memory_budget_gib).lower()
@@ -176,6 +184,10 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     if settings.index_select_logits:
         from .patterns import use_index_select_logits
         info['index_select_logits'] = use_index_select_logits(model)
+    if settings.attention_in_autocast_dtype and settings.fast_path and autocast:
+        # (peft's plain path casts the input of its LoRA branch to float32 itself: there it would round differently)
+        from .attention_dtype import attention_inputs_in_autocast_dtype
+        info['attention_in_autocast_dtype'] = attention_inputs_in_autocast_dtype(model)
     dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
     if dtype is not torch.float32:
         info['base_tensors_cast'] = cast_frozen_base(model, dtype)
