@@ -63,6 +63,30 @@ def test_each_compiled_layer_is_one_graph_without_breaks(debug_lm_pkg):
     assert counters['stats']['unique_graphs'] == min(2, len(lm.transformer.layers))
 
 
+def test_compiled_layers_under_autocast_stay_one_graph_and_match_eager(debug_lm_pkg):
+    """Under autocast the layer norms carry lora.attention_in_autocast_dtype's forward hooks: traced, not broken."""
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    from torch._dynamo.utils import counters
+    from audiocraft_lora import base_models
+    set_efficient_attention_backend('torch')
+    torch._dynamo.reset()
+    counters.clear()
+    lm = base_models.build_lm(debug_lm_pkg)
+    inject_lora(lm, LoRASettings(rank=4, dropout=0.0, init='random'))
+    eager = copy.deepcopy(lm)
+    apply_to_model(eager, SpeedSettings(), autocast=True, autocast_dtype=torch.bfloat16)
+    info = apply_to_model(lm, SpeedSettings(compile='aot_eager'), autocast=True, autocast_dtype=torch.bfloat16)
+    assert info['attention_in_autocast_dtype'] > 0
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(eager, codes, ['trap beat', 'lofi'])
+        compiled_loss, compiled_grads = _loss_and_grads(lm, codes, ['trap beat', 'lofi'])
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    assert counters['stats']['unique_graphs'] == min(2, len(lm.transformer.layers))
+    assert compiled_loss == loss
+    assert all(torch.equal(compiled_grads[k], grads[k]) for k in grads)
+
+
 def test_the_traceable_mask_is_audiocrafts_wherever_it_is_more_than_is_causal(debug_lm_pkg):
     from audiocraft.modules import transformer
     from audiocraft_lora import base_models
