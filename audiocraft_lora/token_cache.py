@@ -17,6 +17,11 @@ Two hooks, both called from `audiocraft_lora.train.get_solver`:
 - on read, checks that record against the current config and that every epoch to train has at least
   `optim.updates_per_epoch` batches.
 
+The tokens depend on the compression model, not on the LM: `attach` records a fingerprint of the compression
+model's weights and a reading XP must have the same one, so any base with the same EnCodec (musicgen-small, -medium
+and -large share one) trains from the same cache, whether named by hub id or local folder. A record without the
+fingerprint (older caches) is matched on the `base_model` string, as before.
+
 `attach(solver)`, once the solver is built, fixes three things in AudioCraft 1.3.0's cache, which can't read back
 what MusicGenSolver writes:
 - its `CachedBatchLoader._load_one` asserts that a batch of `MusicInfo` is a tensor (always fails): replaced by
@@ -42,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 RECORD_NAME = 'lora_cache.json'
 # what must be equal between the XP that wrote the cache and one that reads it
-MATCHING_KEYS = ('base_model', 'train_manifest_sha1', 'segment_duration', 'padding_with_special_token')
+MATCHING_KEYS = ('train_manifest_sha1', 'segment_duration', 'padding_with_special_token')
+FINGERPRINT_KEY = 'compression_fingerprint'  # added by `attach` once the compression model is loaded
 
 
 class TokenCacheError(UserError):
@@ -108,6 +114,8 @@ def _prepare_write(folder: Path, record: dict) -> None:
     existing = _read_record(folder)
     if existing is not None:
         _check_same_source(existing, record, folder, fix="use another cache.path, or delete this one")
+        if FINGERPRINT_KEY in existing:  # checked against this XP's compression model in `attach`
+            record[FINGERPRINT_KEY] = existing[FINGERPRINT_KEY]
     if flashy.distrib.is_rank_zero():
         write_text_atomic(folder / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True) + '\n')
     flashy.distrib.barrier()
@@ -141,7 +149,7 @@ def _check_read(cfg: omegaconf.DictConfig, folder: Path, record: dict) -> None:
                        folder, RECORD_NAME)
     else:
         _check_same_source(written, record, folder,
-                           fix="read a cache written from the same base model, train manifest and segment duration")
+                           fix="read a cache written from the same train manifest and segment duration")
         if written['batch_size'] < record['batch_size']:
             raise TokenCacheError(
                 f"The token cache {folder} holds batches of {written['batch_size']} items but this XP needs "
@@ -208,9 +216,37 @@ def attach(solver) -> None:
         return
     if cfg.cache.write and int(cfg.cache.write_num_shards) == 1:
         solver._best_metric_name = 'ce'
+    _check_compression_model(solver, Path(cfg.cache.path), bool(cfg.cache.write))
     old = getattr(solver, '_cached_batch_loader', None)
     if old is None:
         return
     loader = _cached_loader_class()(old.cache_folder, old.batch_size, old.num_workers, old.min_length)
     solver._cached_batch_loader = loader
     solver.dataloaders['train'] = loader
+
+
+def _check_compression_model(solver, folder: Path, write: bool) -> None:
+    """The cache's tokens must come from this XP's compression model (see the module doc); a writer records it."""
+    import flashy
+    from .base_models import fingerprint_state
+    from .checkpoint_io import write_text_atomic
+    record = _read_record(folder)
+    if record is None:
+        return  # (read: a cache written elsewhere, warned about in `prepare`)
+    fingerprint = fingerprint_state(solver.compression_model.state_dict())
+    base = str(solver.cfg.get('base_model'))
+    written = record.get(FINGERPRINT_KEY)
+    if written is None and not write and record.get('base_model') != base:
+        raise TokenCacheError(
+            f"The token cache {folder} was written with base_model={record.get('base_model')!r} but this XP has "
+            f"base_model={base!r}: read a cache written from the same base model (or rewrite it with this version, "
+            "which records the compression model and lets bases that share it share the cache).")
+    if written is not None and written != fingerprint:
+        raise TokenCacheError(
+            f"The token cache {folder} holds tokens of another compression model (written with base_model="
+            f"{record.get('base_model')!r}; this XP's base_model={base!r} has different EnCodec weights): "
+            + ("use another cache.path." if write else "write a cache with this base (cache.write=true, another "
+               "cache.path)."))
+    if write and written is None and flashy.distrib.is_rank_zero():
+        record[FINGERPRINT_KEY] = fingerprint
+        write_text_atomic(folder / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True) + '\n')

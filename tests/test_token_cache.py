@@ -57,6 +57,7 @@ def test_second_xp_trains_from_the_cached_tokens_without_running_the_encoder(wri
     assert sorted(p.name for p in (cache / '00001').iterdir()) == [f'{i:06d}.zip' for i in range(UPDATES)]
     record = json.loads((cache / 'lora_cache.json').read_text())  # ...and records what the cache was made from
     assert record['base_model'] == 'debug' and record['segment_duration'] == 4 and record['batch_size'] == 4
+    assert len(record['compression_fingerprint']) == 64  # the tokens' source: the compression model's weights
 
     # another XP (other LoRA settings) on the same data and base reads them
     reader, rxp = build_solver(CACHE_ARGS + [f'cache.path={cache}', 'lora.rank=4', 'lora.alpha=8'])
@@ -96,3 +97,52 @@ def test_a_cache_that_does_not_fit_is_refused_with_the_key_to_change(written_cac
 def test_reading_a_missing_cache_says_how_to_write_it(dora_dir, tmp_path):
     with pytest.raises(TokenCacheError, match='cache.write=true'):
         build_solver(CACHE_ARGS + [f'cache.path={tmp_path / "nowhere"}'])
+
+
+def _base_dir(folder, seed: int, same_compression_as=None):
+    """An AudioCraft-format base: the debug one of `seed`, or (same_compression_as) that folder's compression model
+    with the LM's weights changed."""
+    import shutil
+    from audiocraft_lora.debug_base import write_debug_base
+    if same_compression_as is None:
+        return write_debug_base(folder, seed)
+    folder.mkdir(parents=True)
+    shutil.copy(same_compression_as / 'compression_state_dict.bin', folder / 'compression_state_dict.bin')
+    pkg = torch.load(same_compression_as / 'state_dict.bin', weights_only=False)
+    pkg['best_state'] = {k: v + 0.01 if v.is_floating_point() else v for k, v in pkg['best_state'].items()}
+    torch.save(pkg, folder / 'state_dict.bin')
+    return folder
+
+
+def test_another_base_with_the_same_compression_model_reads_the_cache(written_cache, dora_dir, monkeypatch, tmp_path,
+                                                                      debug_base_dir):
+    """The tokens come from EnCodec, not the LM: musicgen-small/medium/large share a cache."""
+    cache, _, written = written_cache
+    other = _base_dir(tmp_path / 'other-lm', 0, same_compression_as=debug_base_dir)
+    reader, rxp = build_solver(CACHE_ARGS + [f'cache.path={cache}', f'base_model={other}'])
+    read = _spy(monkeypatch, reader)
+    _train_epoch(reader, rxp)
+    assert read['encode'] == 0 and len(read['tokens']) == UPDATES
+    assert all(torch.equal(got, expected) for got, expected in zip(read['tokens'], written['tokens']))
+
+
+def test_a_base_with_another_compression_model_is_refused(written_cache, dora_dir, tmp_path):
+    cache = written_cache[0]
+    other = _base_dir(tmp_path / 'other-codec', seed=1)
+    with pytest.raises(TokenCacheError, match='tokens of another compression model'):
+        build_solver(CACHE_ARGS + [f'cache.path={cache}', f'base_model={other}'])
+
+
+def test_a_cache_without_the_fingerprint_is_matched_on_the_base_name(written_cache, dora_dir, tmp_path,
+                                                                     debug_base_dir):
+    """Caches written before the fingerprint was recorded: only the base they name is sure to fit."""
+    import shutil
+    cache = tmp_path / 'old-cache'
+    shutil.copytree(written_cache[0], cache)
+    record = json.loads((cache / 'lora_cache.json').read_text())
+    del record['compression_fingerprint']
+    (cache / 'lora_cache.json').write_text(json.dumps(record))
+    other = _base_dir(tmp_path / 'other-lm', 0, same_compression_as=debug_base_dir)
+    with pytest.raises(TokenCacheError, match=r"written with base_model='debug' but this XP has base_model="):
+        build_solver(CACHE_ARGS + [f'cache.path={cache}', f'base_model={other}'])
+    build_solver(CACHE_ARGS + [f'cache.path={cache}'])  # the base it names: fine
