@@ -18,9 +18,9 @@ Two hooks, both called from `audiocraft_lora.train.get_solver`:
   `optim.updates_per_epoch` batches.
 
 The tokens depend on the compression model, not on the LM: `attach` records a fingerprint of the compression
-model's weights and a reading XP must have the same one, so any base with the same EnCodec (musicgen-small, -medium
-and -large share one) trains from the same cache, whether named by hub id or local folder. A record without the
-fingerprint (older caches) is matched on the `base_model` string, as before.
+model's weights and a reading XP must have the same one, so any base with the same EnCodec (musicgen-small,
+-medium and -large all use the 32 kHz one) trains from the same cache, whether named by hub id or local folder. A
+record without the fingerprint (older caches) is matched on the `base_model` string, as before.
 
 `attach(solver)`, once the solver is built, fixes three things in AudioCraft 1.3.0's cache, which can't read back
 what MusicGenSolver writes:
