@@ -83,3 +83,17 @@ def test_only_with_the_fast_path_under_autocast():
         lm = _lm(0.1)
         info = apply_to_model(lm, SpeedSettings(fast_path=fast_path, base_dtype='float32'), autocast, torch.bfloat16)
         assert 'attention_in_autocast_dtype' not in info
+
+
+def test_generation_under_autocast_is_unchanged():
+    """AudioCraft's token-by-token generation (streaming cache, CFG) samples the same tokens with the hooks on."""
+    reference = _lm(0.0).eval()
+    low = copy.deepcopy(reference)
+    apply_to_model(low, SpeedSettings(), True, torch.bfloat16)
+    conditions = [ConditioningAttributes(text={'description': 'trap beat'}) for _ in range(2)]
+    tokens = []
+    for lm in (reference, low):
+        torch.manual_seed(4)
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            tokens.append(lm.generate(None, conditions, max_gen_len=12, use_sampling=True, top_k=50, cfg_coef=3.0))
+    assert torch.equal(tokens[0], tokens[1])
