@@ -28,7 +28,11 @@ def main():
     inject_lora(lm, LoRASettings(rank=8, alpha=16))
     with torch.no_grad():
         after = torch.nan_to_num(logits(lm, codes, False).logits)
-    print('zero-init LoRA equals base on CUDA (fp32):', torch.equal(base, after))
+    # bit-equal on CPU (tests); on CUDA the merged `W + s B A` (= W here) is a new tensor, and cuBLAS may pick another
+    # algorithm for it (alignment heuristics): a difference at float32 rounding level is expected, not a wrong result
+    worst = float((base - after).abs().max() / base.abs().max())
+    print(f'zero-init LoRA equals base on CUDA (fp32): bit-equal {torch.equal(base, after)}, worst relative '
+          f'difference {worst:.1e}')
     before = copy.deepcopy(lm.state_dict())
     lm.train()
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
