@@ -27,10 +27,11 @@ Where it is used:
 - AudioCraft's fused q/k/v `in_proj_weight` (self- and cross-attention): the attention module gets a child
   `in_proj` (`FusedInProjLoRA`, holding `lora_A` [r, dim] and `lora_B` [3 * dim, r]: canonical names
   `...self_attn.in_proj.lora_A.weight` as-is) and its class becomes `LoRAStreamingMultiheadAttention`, whose
-  `in_proj_weight` property returns a `LowRankWeight`: a tensor-like object (it defines `__torch_function__`) that
-  AudioCraft's unchanged attention code slices by rows (`w[:dim]` slices W and B, A is shared) and hands to
-  `F.linear`, which lands in `LowRankLinear`. Any other use materialises `W + s * B @ A` (correct, just not fast).
-  The base parameter itself stays registered as `in_proj_weight`, so state-dict names don't change.
+  `in_proj_weight` property returns, while the module's forward runs, a `LowRankWeight`: a tensor-like object (it
+  defines `__torch_function__`) that AudioCraft's unchanged attention code slices by rows (`w[:dim]` slices W and B,
+  A is shared) and hands to `F.linear`, which lands in `LowRankLinear`. Any other use in forward materialises
+  `W + s * B @ A` (correct, just not fast). The base parameter itself stays registered as `in_proj_weight` (state-dict
+  names don't change) and is what the property returns outside forward (`get_parameter` and the like).
 """
 import math
 import typing as tp
@@ -295,14 +296,22 @@ class FusedInProjLoRA(nn.Module):
 def _lora_in_proj_weight(self):
     weight = self._parameters['in_proj_weight']
     lora = self._modules.get('in_proj')
-    if lora is None or not lora.active:
+    if lora is None or not lora.active or not self.__dict__.get('_lora_in_forward', False):
         return weight
     return LowRankWeight(weight, lora.lora_A.weight, lora.lora_B.weight, lora.scaling)
 
 
 class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
-    """AudioCraft's attention, unchanged, whose `in_proj_weight` reads as `W + s * B @ A` (a `LowRankWeight`)."""
+    """AudioCraft's attention, unchanged, whose `in_proj_weight` reads as `W + s * B @ A` (a `LowRankWeight`) while
+    its forward runs; outside it, the base Parameter (what `get_parameter`, `named_parameters` users expect)."""
     in_proj_weight = property(_lora_in_proj_weight)  # type: ignore[assignment]
+
+    def forward(self, *args, **kwargs):
+        self._lora_in_forward = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._lora_in_forward = False
 
 
 def inject_fused_in_proj(attention: nn.Module, rank: int, scaling: float) -> FusedInProjLoRA:

@@ -243,6 +243,22 @@ def test_fast_path_logits_loss_and_grads_equal_the_plain_path(debug_lm_pkg, code
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_fused_in_proj_weight_is_the_base_parameter_outside_forward(debug_lm_pkg, codes):
+    """Outside the attention's forward `in_proj_weight` is the registered Parameter: `get_parameter` works for every
+    name `named_parameters` gives; inside forward it carries the adapter (the logits change with B != 0)."""
+    lm = _lm(debug_lm_pkg, True, LoRASettings(rank=4, alpha=8, init='random'))
+    for name, param in lm.named_parameters():
+        assert lm.get_parameter(name) is param, name
+    attention = lm.transformer.layers[0].self_attn
+    assert isinstance(attention, LoRAStreamingMultiheadAttention)
+    assert attention.in_proj_weight is attention._parameters['in_proj_weight']
+    before = conditioned_logits(lm, codes, PROMPTS)
+    with torch.no_grad():
+        attention.in_proj.lora_B.weight.add_(0.5)
+    assert not torch.allclose(conditioned_logits(lm, codes, PROMPTS), before)
+    assert attention.in_proj_weight is attention._parameters['in_proj_weight']  # (forward left it so)
+
+
 def test_only_adapter_parameters_get_gradients(debug_lm_pkg, codes):
     lm = _lm(debug_lm_pkg, True, LoRASettings(rank=4, alpha=8))
     lm.train()
