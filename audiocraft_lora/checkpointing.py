@@ -19,6 +19,10 @@ What AudioCraft 1.3.0 does (audiocraft/solvers/base.py) and what we do instead:
 - `__init__` and `restore` (base.py:80, 444) log `model_hash(self.model)`, which reads every weight through numpy:
   numpy has no bfloat16, the frozen base's storage dtype under bf16 autocast. The solver runs both inside
   `model_hash_reads_16_bit`, which hashes 16-bit weights through an int16 view of the same bytes.
+
+Besides AudioCraft's own state, a checkpoint holds two state sources defined here: `BaseFingerprint` (a checkpoint of
+another base is refused on restore) and `RandomState` (every RNG training draws from, so a resumed XP continues
+exactly).
 """
 import contextlib
 import hashlib
@@ -35,7 +39,7 @@ import torch
 from audiocraft.utils import checkpoint as ac_checkpoint
 
 from . import checkpoint_io, faults
-from .errors import UserError
+from .errors import BaseModelError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +228,66 @@ def model_hash_reads_16_bit():
         yield
     finally:
         base.model_hash = original
+
+
+class BaseFingerprint:
+    """State source holding the base fingerprint: a checkpoint of another base is refused on restore."""
+
+    def __init__(self, name: str, fingerprint: str):
+        self.name = name
+        self.fingerprint = fingerprint
+
+    def state_dict(self) -> dict:
+        return {'base_model': self.name, 'fingerprint': self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and state.get('fingerprint') != self.fingerprint:
+            raise BaseModelError(
+                f"This checkpoint was trained on base {state.get('base_model')!r} (fingerprint "
+                f"{str(state.get('fingerprint'))[:12]}) but the current base is {self.name!r} (fingerprint "
+                f"{self.fingerprint[:12]}). Use the same base_model, or start a new XP.")
+
+
+class RandomState:
+    """State source for every RNG that training consumes, so that a resumed XP continues exactly.
+
+    Covers torch (CPU and CUDA: LoRA dropout, sampler order), Python's `random` (text merge/drop in MusicDataset,
+    T5 word dropout), numpy, and the private generators of AudioCraft's CFG and attribute dropout modules.
+    Stored as tensors/lists only, so the checkpoint stays loadable with `weights_only=True`.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.generators = {name: getattr(model, name).rng for name in ('cfg_dropout', 'att_dropout')
+                           if hasattr(getattr(model, name, None), 'rng')}
+
+    def state_dict(self) -> dict:
+        import random
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            'torch': torch.get_rng_state(),
+            'python': random.getstate(),
+            'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype('int64')), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+            'generators': {name: gen.get_state() for name, gen in self.generators.items()},
+        }
+        if torch.cuda.is_available():
+            state['cuda'] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+        import numpy as np
+        if not state:
+            return
+        torch.set_rng_state(state['torch'])
+        version, internal, gauss = state['python']
+        random.setstate((version, tuple(internal), gauss))
+        npst = state['numpy']
+        np.random.set_state((npst['kind'], npst['keys'].numpy().astype('uint32'), npst['pos'], npst['has_gauss'],
+                             npst['cached_gaussian']))
+        for name, gen_state in state.get('generators', {}).items():
+            if name in self.generators:
+                self.generators[name].set_state(gen_state)
+        if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state['cuda'])

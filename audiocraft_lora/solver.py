@@ -49,79 +49,17 @@ from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_setting
 logger = logging.getLogger(__name__)
 
 
-class _BaseFingerprint:
-    """State source holding the base fingerprint: a checkpoint of another base is refused on restore."""
-
-    def __init__(self, name: str, fingerprint: str):
-        self.name = name
-        self.fingerprint = fingerprint
-
-    def state_dict(self) -> dict:
-        return {'base_model': self.name, 'fingerprint': self.fingerprint}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state and state.get('fingerprint') != self.fingerprint:
-            raise BaseModelError(
-                f"This checkpoint was trained on base {state.get('base_model')!r} (fingerprint "
-                f"{str(state.get('fingerprint'))[:12]}) but the current base is {self.name!r} (fingerprint "
-                f"{self.fingerprint[:12]}). Use the same base_model, or start a new XP.")
-
-
-class _RandomState:
-    """State source for every RNG that training consumes, so that a resumed XP continues exactly.
-
-    Covers torch (CPU and CUDA: LoRA dropout, sampler order), Python's `random` (text merge/drop in MusicDataset,
-    T5 word dropout), numpy, and the private generators of AudioCraft's CFG and attribute dropout modules.
-    Stored as tensors/lists only, so the checkpoint stays loadable with `weights_only=True`.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.generators = {name: getattr(model, name).rng for name in ('cfg_dropout', 'att_dropout')
-                           if hasattr(getattr(model, name, None), 'rng')}
-
-    def state_dict(self) -> dict:
-        import random
-        import numpy as np
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {
-            'torch': torch.get_rng_state(),
-            'python': random.getstate(),
-            'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype('int64')), 'pos': int(pos),
-                      'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
-            'generators': {name: gen.get_state() for name, gen in self.generators.items()},
-        }
-        if torch.cuda.is_available():
-            state['cuda'] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        import random
-        import numpy as np
-        if not state:
-            return
-        torch.set_rng_state(state['torch'])
-        version, internal, gauss = state['python']
-        random.setstate((version, tuple(internal), gauss))
-        npst = state['numpy']
-        np.random.set_state((npst['kind'], npst['keys'].numpy().astype('uint32'), npst['pos'], npst['has_gauss'],
-                             npst['cached_gaussian']))
-        for name, gen_state in state.get('generators', {}).items():
-            if name in self.generators:
-                self.generators[name].set_state(gen_state)
-        if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def _samples_asked(cfg: omegaconf.DictConfig) -> bool:
-    lm = cfg.generate.get('lm') or {}
-    return bool(lm.get('unprompted_samples', True) or lm.get('prompted_samples', True))
+def _sample_kinds(cfg: omegaconf.DictConfig) -> tp.Tuple[bool, bool]:
+    """(unprompted, prompted): the samples AudioCraft's generate stage is asked for (`generate.lm.*_samples`)."""
+    lm = (cfg.get('generate') or {}).get('lm') or {}
+    return bool(lm.get('unprompted_samples', True)), bool(lm.get('prompted_samples', True))
 
 
 def _check_generate_samples(cfg: omegaconf.DictConfig) -> None:
     """AudioCraft 1.3's generate stage reads the real-time factor of the unprompted samples: continuations alone end
     the first generate epoch in `UnboundLocalError: rtf` (with neither, `generate_audio` makes nothing)."""
-    lm = (cfg.get('generate') or {}).get('lm') or {}
-    if lm.get('prompted_samples', True) and not lm.get('unprompted_samples', True):
+    unprompted, prompted = _sample_kinds(cfg)
+    if prompted and not unprompted:
         raise LoRAConfigError(
             "generate.lm.prompted_samples=true needs generate.lm.unprompted_samples=true: AudioCraft's generate stage "
             "fails without unprompted samples (UnboundLocalError: rtf). Set generate.lm.unprompted_samples=true, or "
@@ -227,8 +165,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self._check_schedule()
         self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
         self.register_stateful('optimizer', 'lr_scheduler')
-        self.stateful.register('base', _BaseFingerprint(self.base.name, self.base_fingerprint))
-        self.stateful.register('rng', _RandomState(self.model))
+        self.stateful.register('base', checkpointing.BaseFingerprint(self.base.name, self.base_fingerprint))
+        self.stateful.register('rng', checkpointing.RandomState(self.model))
         self.best_state.dtype = None  # keep the best adapter in float32, it's small
         self.register_best_state('model')
         self.autocast_dtype = {'float16': torch.float16, 'bfloat16': torch.bfloat16}[self.cfg.autocast_dtype]
@@ -348,7 +286,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         wandb): `gen_*` for unprompted samples, `gen_cont_*` for continuations; a warning names the epoch when
         the samples fade (see `diagnostics.fade_warning`)."""
         self._generated_diagnostics: tp.Dict[str, list] = {}
-        if not _samples_asked(self.cfg):
+        if not any(_sample_kinds(self.cfg)):
             self.logger.info("No samples to generate (generate.lm.unprompted_samples and prompted_samples are false).")
             return {}
         metrics = super().generate_audio()
