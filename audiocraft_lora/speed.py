@@ -191,6 +191,9 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
     if dtype is not torch.float32:
         info['base_tensors_cast'] = cast_frozen_base(model, dtype)
+    if settings.fast_path and autocast:  # the adapters cast once per step for the whole model (adapter_casts)
+        from .adapter_casts import share_adapter_casts
+        info['adapter_casts'] = share_adapter_casts(model)
     info['base_dtype'] = str(dtype).replace('torch.', '')
     if settings.compile != 'none':
         if transformer is None or not hasattr(transformer, 'layers'):

@@ -1,4 +1,5 @@
 """CUDA checks run by hand on a GPU machine (the test suite is CPU-only): exactness and adapter-only updates."""
+import contextlib
 import copy
 
 import torch
@@ -46,6 +47,7 @@ def main():
     print('bf16 autocast steps: changed tensors', len(changed), 'all LoRA:', all('.lora_' in k for k in changed),
           'loss finite:', bool(torch.isfinite(ce)))
     fast_vs_plain(pkg, codes)
+    adapter_casts_on_cuda(pkg, codes)
     checkpointing_on_cuda(pkg, codes)
     dropout_replay_on_cuda()
     memory_estimate_on_cuda(pkg)
@@ -126,6 +128,45 @@ def checkpointing_on_cuda(pkg, codes):
         worst = max(float((grads[k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads0.items())
         print(f"checkpointing {name} vs none (bf16 autocast): loss {loss:.6f} vs {loss0:.6f}, "
               f"worst relative grad difference {worst:.2e}")
+
+
+def adapter_casts_on_cuda(pkg, codes):
+    """The adapters cast once per step (adapter_casts) and their gradients written in float32 by the GEMM
+    (`torch.mm(..., out_dtype=torch.float32)`, CUDA only) vs casting at every use and after every GEMM: the same loss
+    bit for bit (same casts), gradients within bf16 rounding (the float32-out GEMMs skip it), fewer launches."""
+    from step_time import LaunchCounter
+    from audiocraft_lora import fast_lora
+    from audiocraft_lora.lora import lora_parameters
+    from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    settings = LoRASettings(rank=8, alpha=16, init='random', dropout=0.0)
+    reference = base_models.build_lm(pkg)
+    inject_lora(reference, settings)
+    results = {}
+    for shared in (False, True):
+        lm = copy.deepcopy(reference)
+        apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
+        if not shared:
+            for module in lm.modules():
+                module.__dict__.pop('_lora_cast_slots', None)
+        lm = lm.cuda().train()
+        fast_lora._FP32_OUT_GEMM.clear()
+        if not shared:
+            fast_lora._FP32_OUT_GEMM[(torch.device('cuda', torch.cuda.current_device()), torch.bfloat16)] = False
+        counter = LaunchCounter()
+        for step in range(2):  # (the second step is counted: shared copies made, the GEMM check done)
+            for p in lm.parameters():
+                p.grad = None
+            with counter.mode if step else contextlib.nullcontext():
+                out = logits(lm, codes, True)
+                ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+                ce.backward()
+        results[shared] = (float(ce.detach()), {k: p.grad.float() for k, p in lora_parameters(lm).items()},
+                           counter.count, dict(fast_lora._FP32_OUT_GEMM))
+    (loss0, grads0, launches0, _), (loss1, grads1, launches1, gemm) = results[False], results[True]
+    worst = max(float((grads1[k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads0.items())
+    print(f"adapter casts once per step + float32-out grad GEMMs {gemm} vs casts at every use (bf16 autocast): loss "
+          f"{loss1:.6f} vs {loss0:.6f} (bit-equal {loss1 == loss0}), worst relative grad difference {worst:.2e}, "
+          f"launches per forward+backward {launches1} vs {launches0}")
 
 
 def fast_vs_plain(pkg, codes):

@@ -18,6 +18,9 @@ Cases (`--cases`, comma separated):
               checkpoint_rest=selective): the medium-at-batch-16-in-40-GB plan
   lora_compile    lora_fast + torch.compile of each transformer layer (lora.compile: inductor on CUDA, aot_eager on
                   CPU); compilation happens in the untimed warmup steps
+  lora_compile_ro lora_compile with torch.compile's mode='reduce-overhead' (CUDA graphs: each layer's forward and
+                  backward replayed as one graph, a few launches instead of hundreds; not a solver setting yet: this
+                  case measures whether it pays); aot_eager on CPU, as lora_compile
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
   encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
@@ -56,12 +59,17 @@ from audiocraft_lora.memory_estimate import (PeakTracker, cross_entropy_at, patt
 SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'tiny': (64, 4, 2),
     'xsmall': (256, 8, 4),
+    # musicgen-small's 24 layers at width 16: a step of nothing but kernel launches and Python, what bounds a GPU
+    # step at small batches; on a CPU its `launches` column is that count (run with --frames 150 or more: training
+    # rows, so the fast path takes its merged-weight GEMMs as on a GPU)
+    'small_narrow': (16, 2, 24),
     'small': (1024, 16, 24),
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
-         'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'hf_lora', 'hf_full', 'encode')
+         'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'hf_lora', 'hf_full',
+         'encode')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -160,6 +168,25 @@ class SavedTensorBytes:
         return sum(self.seen.values()) / 2 ** 20
 
 
+class LaunchCounter:
+    """ATen ops that run a kernel (views, reshapes and allocations left out), forward + backward + optimizer: what a
+    step launches on a GPU, and what a CPU-bound (small-batch) GPU step pays for one by one."""
+    METADATA = {'view', '_unsafe_view', 'reshape', '_reshape_alias', 'permute', 't', 'transpose', 'slice', 'select',
+                'split', 'split_with_sizes', 'unbind', 'alias', 'squeeze', 'unsqueeze', 'expand', 'as_strided',
+                'detach', 'empty', 'empty_like', 'new_empty', 'empty_strided', 'new_empty_strided', 'lift_fresh',
+                'unflatten', '_record_function_enter_new', '_record_function_exit'}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(mode, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ not in self.METADATA:
+                    self.count += 1
+                return func(*args, **(kwargs or {}))
+        self.count, self.mode = 0, Mode()
+
+
 def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torch.Tensor]]:
     """The model of a case and a closure computing its loss (forward only)."""
     from audiocraft_lora.lora import LoRASettings, inject_lora
@@ -204,9 +231,12 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               else 'selective' if case == 'lora_sac' else 'none',
                               checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
                               checkpoint_rest='selective' if case == 'lora_mixed' else 'none',
-                              compile=('inductor' if device == 'cuda' else 'aot_eager') if case == 'lora_compile'
-                              else 'none')
+                              compile=('inductor' if device == 'cuda' else 'aot_eager')
+                              if case in ('lora_compile', 'lora_compile_ro') else 'none')
         apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
+        if case == 'lora_compile_ro' and device == 'cuda':
+            for layer in lm.transformer.layers:  # compiled again, replacing apply_to_model's default mode
+                layer.compile(backend='inductor', mode='reduce-overhead')
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
     with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
@@ -266,7 +296,7 @@ def count(case: str, args) -> dict:
     float32 (their outputs are not saved, so saved bytes barely differ)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    if case == 'lora_compile':
+    if case in ('lora_compile', 'lora_compile_ro'):
         raise RuntimeError('torch.compile is not counted on fake tensors; measure it on a GPU')
     with FakeTensorMode(allow_non_fake_inputs=True), _cpu_moves_are_noops(), patterns_on_real_tensors():
         model, loss_fn = make_case(case, args)
@@ -292,7 +322,7 @@ def count(case: str, args) -> dict:
                 loss.backward()
             del loss
         state = state_bytes(model, params, optimizer)
-        return {'case': case, 'step_s': None, 'frames_per_s': None, 'saved_MiB': saved.mib,
+        return {'case': case, 'step_s': None, 'frames_per_s': None, 'saved_MiB': saved.mib, 'launches': None,
                 'state_MiB': state / 2 ** 20, 'gflop': flop_counter.get_total_flops() / 1e9,
                 'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': None,
                 'peak_GiB': (resident + tracker.peak) / 2 ** 30,
@@ -324,7 +354,8 @@ def measure(case: str, args) -> dict:
 
     step(count_saved=True)
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as flop_counter:  # matmul/attention FLOPs of forward + backward
+    launches = LaunchCounter()
+    with FlopCounterMode(display=False) as flop_counter, launches.mode:  # FLOPs of forward + backward, launches
         step()
     for _ in range(args.warmup - 2):
         step()
@@ -352,7 +383,7 @@ def measure(case: str, args) -> dict:
     result = {'case': case, 'step_s': step_s, 'frames_per_s': args.batch * args.frames / step_s,
               'est_GiB': estimate,
               'saved_MiB': saved.mib, 'state_MiB': state_bytes(model, params, optimizer) / 2 ** 20,
-              'gflop': flop_counter.get_total_flops() / 1e9,
+              'gflop': flop_counter.get_total_flops() / 1e9, 'launches': launches.count,
               'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': float(loss.detach()),
               'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == 'cuda' else None}
     del model, optimizer, params, loss_fn, saved
@@ -365,14 +396,14 @@ def measure(case: str, args) -> dict:
 def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
     out = {}
     encode = results.get('encode')
-    for case in ('lora_fast', 'lora_sac', 'lora_mixed', 'lora_compile'):
+    for case in ('lora_fast', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro'):
         if encode and case in results and 'full' in results:
             a, b = results[case], results['full']
             if a['step_s'] is not None:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
     for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half',
-                 'lora_sac', 'lora_mixed', 'lora_compile'):
+                 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
@@ -384,6 +415,8 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
                     if a.get(key) is not None and b.get(key):
                         out[f'{case}/{ref} {name}'] = a[key] / b[key]
                         break
+                if a.get('launches') and b.get('launches'):
+                    out[f'{case}/{ref} launches'] = a['launches'] / b['launches']
     return out
 
 
@@ -423,7 +456,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
           + (f" gpu={torch.cuda.get_device_name()}" if args.device == 'cuda' else ''), flush=True)
     peak_name = 'est. GiB' if args.count_only else 'peak GiB'
     print(f"{'case':<14} {'step (s)':>9} {'frames/s':>10} {'GFLOP':>9} {peak_name:>9} {'saved MiB':>10} "
-          f"{'state MiB':>10} {'trainable M':>12}", flush=True)
+          f"{'state MiB':>10} {'trainable M':>12} {'launches':>9}", flush=True)
     results: tp.Dict[str, dict] = {}
     for case in args.cases.split(','):
         try:
@@ -439,10 +472,13 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         peak = f"{peak:.2f}" if peak is not None else '-'
         timing = f"{r['step_s']:>9.4f} {r['frames_per_s']:>10.0f}" if r['step_s'] is not None else f"{'-':>9} {'-':>10}"
         est = f"  est. {r['est_GiB']:.2f} GiB" if r.get('est_GiB') else ''
+        launched = r['launches'] if r['launches'] is not None else '-'
         print(f"{case:<14} {timing} {r['gflop']:>9.1f} {peak:>9} "
-              f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f}{est}", flush=True)
+              f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f} {launched:>9}{est}",
+              flush=True)
     rat = ratios(results)
-    print('ratios:\n' + '\n'.join(f'{k:<30} {v:.3f}' for k, v in rat.items() if ' step' in k or ' peak' in k),
+    print('ratios:\n' + '\n'.join(f'{k:<30} {v:.3f}' for k, v in rat.items()
+                                  if ' step' in k or ' peak' in k or ' launches' in k),
           flush=True)
     out = {'args': {k: v for k, v in vars(args).items() if k != 'autocast_dtype'}, 'results': results,
            'ratios': rat}

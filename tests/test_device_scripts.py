@@ -17,11 +17,13 @@ def _flags(text: str):
 
 def _invocations(script: Path):
     """(python file, [flags]) for every `python3 benchmarks/X.py ...` command of a script (continuation lines
-    joined); a command taking `$args` also gets the flags of the quoted argument lists of its `for args in` loop."""
+    joined); a command taking `$args` (or `"$@"`, in a function the loop calls) also gets the flags of the quoted
+    argument lists of its `for args in` loops."""
     text = script.read_text().replace('\\\n', ' ')
     loop_flags = [flag for quoted in re.findall(r'"(--[^"]*)"', text) for flag in _flags(quoted)]
     for match in re.finditer(r'python3 (benchmarks/[\w/]+\.py)([^\n|>]*)', text):
-        yield match.group(1), _flags(match.group(2)) + (loop_flags if '$args' in match.group(2) else [])
+        takes_loop = '$args' in match.group(2) or '$@' in match.group(2)  # (directly, or through a shell function)
+        yield match.group(1), _flags(match.group(2)) + (loop_flags if takes_loop else [])
 
 
 def test_there_are_device_scripts_and_they_share_one_setup():

@@ -1,0 +1,106 @@
+"""The adapter weights in the autocast dtype, cast once per optimizer step for the whole model, not at every use.
+
+Under autocast the fast path (fast_lora) computes in bf16/fp16 while the LoRA weights stay float32 (the optimizer's
+masters), so every adapted projection cast its A and B at every forward: two small kernels each, 8 projections a
+layer (AudioCraft's cross-attention splits q/k/v into three), ~400 launches a step at musicgen-small's 24 layers, in
+a step that is bound by kernel launches at small batches. `AdapterCasts` keeps a compute-dtype copy of every adapter
+weight of a model; the first projection that finds its copy stale (the weight's version counter moved: an optimizer
+step, `load_state_dict`; or another dtype or device) refreshes every stale copy of the model with one
+`torch._foreach_copy_`. The values are the same casts, so no result changes (tests/test_adapter_casts.py).
+
+A module reads its copy through `lookup(slot, weight, dtype)`, which gives None (the caller casts, as before) where a
+copy can't stand in: the module's weight is not the Parameter registered here (replaced since) or no cast is needed;
+fast_lora does not ask on fake tensors (the memory estimate) or inside `torch.compile` (the casts are part of the
+compiled graph there).
+A weight written through `.data` (which does not move the version counter) is not seen: set it with `copy_` under
+`torch.no_grad()`, as optimizers and `load_state_dict` do.
+"""
+import typing as tp
+
+import torch
+from torch import nn
+
+__all__ = ['AdapterCasts', 'share_adapter_casts', 'lookup']
+
+Slot = tp.Tuple['AdapterCasts', int]
+
+
+class AdapterCasts:
+    """Compute-dtype copies of a list of float32 adapter weights, refreshed together."""
+
+    def __init__(self, weights: tp.Sequence[torch.Tensor]):
+        self.weights = list(weights)
+        self.copies: tp.List[tp.Optional[torch.Tensor]] = [None] * len(self.weights)
+        self.stamps: tp.List[tp.Any] = [None] * len(self.weights)  # (version, data_ptr, dtype) of the last refresh
+        self.refreshes = 0  # how many times `refresh` copied something (tests, benchmarks)
+
+    def _stamp(self, index: int, dtype: torch.dtype) -> tp.Tuple[int, int, torch.dtype]:
+        weight = self.weights[index]
+        return weight._version, weight.data_ptr(), dtype
+
+    def get(self, index: int, dtype: torch.dtype) -> torch.Tensor:
+        """The copy of weight `index` in `dtype`, refreshing every stale copy first if this one is stale."""
+        if self.stamps[index] != self._stamp(index, dtype):
+            self.refresh(dtype)
+        copy = self.copies[index]
+        assert copy is not None
+        return copy
+
+    def refresh(self, dtype: torch.dtype) -> int:
+        """Bring every copy that is stale for `dtype` up to date (one foreach copy); returns how many were."""
+        stale = [i for i in range(len(self.weights)) if self.stamps[i] != self._stamp(i, dtype)]
+        if not stale:
+            return 0
+        with torch.no_grad():
+            for i in stale:
+                weight, copy = self.weights[i], self.copies[i]
+                if (copy is None or copy.dtype != dtype or copy.device != weight.device
+                        or copy.shape != weight.shape):
+                    self.copies[i] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+            torch._foreach_copy_([self.copies[i] for i in stale], [self.weights[i].detach() for i in stale])
+        for i in stale:
+            self.stamps[i] = self._stamp(i, dtype)
+        self.refreshes += 1
+        return len(stale)
+
+
+def lookup(slot: tp.Optional[Slot], weight: torch.Tensor, dtype: torch.dtype) -> tp.Optional[torch.Tensor]:
+    """`weight` in `dtype` from its shared copy, or None where the caller should cast it itself: no slot, no cast
+    needed, or the module's weight is not the one registered (replaced since). Callers don't ask under fake tensors
+    (the memory estimate) or inside torch.compile, where the casts belong to the compiled graph."""
+    if slot is None or weight.dtype == dtype:
+        return None
+    casts, index = slot
+    if casts.weights[index] is not weight:
+        return None
+    return casts.get(index, dtype)
+
+
+def share_adapter_casts(model: nn.Module) -> int:
+    """Give every fast-path adapted projection of `model` a slot in one `AdapterCasts` (replacing earlier ones);
+    returns how many weights it holds."""
+    from .fast_lora import FastLoraLinear, FusedInProjLoRA
+    owners: tp.List[tp.Tuple[nn.Module, str, tp.Any]] = []  # (module, attribute holding its slots, key)
+    weights: tp.List[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, FastLoraLinear):
+            for name in module.lora_A.keys():
+                if name in module.lora_B:
+                    owners.append((module, name, (len(weights), len(weights) + 1)))
+                    weights += [module.lora_A[name].weight, module.lora_B[name].weight]
+        elif isinstance(module, FusedInProjLoRA):
+            owners.append((module, '', (len(weights), len(weights) + 1)))
+            weights += [module.lora_A.weight, module.lora_B.weight]
+    casts = AdapterCasts(weights)
+    for module, name, (ia, ib) in owners:
+        slots = module.__dict__.setdefault('_lora_cast_slots', {})
+        slots[name] = ((casts, ia), (casts, ib))
+    return len(weights)
+
+
+def slots_of(module: nn.Module, name: str = '') -> tp.Tuple[tp.Optional[Slot], tp.Optional[Slot]]:
+    """The (A, B) slots `share_adapter_casts` gave `module` for adapter `name` ('' for a fused in_proj), or Nones."""
+    slots = module.__dict__.get('_lora_cast_slots')
+    if not slots or name not in slots:
+        return None, None
+    return slots[name]
