@@ -51,7 +51,8 @@ class AdapterCasts:
         stale = [i for i in range(len(self.weights)) if self.stamps[i] != self._stamp(i, dtype)]
         if not stale:
             return 0
-        with torch.no_grad():
+        # (normal tensors even when asked under inference_mode: a training step saves them for backward later)
+        with torch.no_grad(), torch.inference_mode(False):
             for i in stale:
                 weight, copy = self.weights[i], self.copies[i]
                 if (copy is None or copy.dtype != dtype or copy.device != weight.device

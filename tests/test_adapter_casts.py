@@ -119,6 +119,20 @@ def test_weights_changed_replaced_or_copied_are_never_served_stale(debug_lm_pkg,
     assert _registry(clone) is not _registry(shared)
 
 
+def test_copies_made_under_inference_mode_can_be_saved_for_backward():
+    """(AudioCraft's LM itself can't train after an inference_mode forward: its pattern index caches become inference
+    tensors. The copies must not add to that.)"""
+    weight = nn.Parameter(torch.randn(4, 8))
+    casts = AdapterCasts([weight])
+    with torch.inference_mode():
+        copy_ = casts.get(0, torch.bfloat16)
+    assert not copy_.is_inference()
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    (x @ casts.get(0, torch.bfloat16).t()).sum().backward()  # saved for backward: raises for an inference tensor
+    assert casts.refreshes == 1
+    torch.testing.assert_close(x.grad, weight.detach().to(torch.bfloat16).sum(0).expand(3, 8), atol=0, rtol=0)
+
+
 def test_without_autocast_nothing_is_shared(debug_lm_pkg):
     lm = base_models.build_lm(debug_lm_pkg)
     inject_lora(lm, LoRASettings(rank=4, init='random'))
