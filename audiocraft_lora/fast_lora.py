@@ -209,9 +209,9 @@ _FP32_OUT_GEMM: tp.Dict[tp.Any, bool] = {}
 def _fp32_out_gemm(t: torch.Tensor) -> bool:
     """Whether `torch.mm(..., out_dtype=torch.float32)` works for `t`'s device and dtype (CUDA, bf16/fp16; checked
     once per device against a float32 product). Not inside torch.compile or on fake tensors."""
-    if t.device.type != 'cuda' or t.dtype not in (torch.bfloat16, torch.float16):
+    if type(t) is not torch.Tensor:  # fake tensors: the memory estimate, and dynamo's tracing (torch.compile)
         return False
-    if isinstance(t, FakeTensor) or active_fake_mode() is not None or torch.compiler.is_compiling():
+    if t.device.type != 'cuda' or t.dtype not in (torch.bfloat16, torch.float16):
         return False
     key = (t.device, t.dtype)
     if key not in _FP32_OUT_GEMM:
