@@ -340,6 +340,8 @@ def measure(case: str, args) -> dict:
     saved = SavedTensorBytes(model)
 
     def step(count_saved: bool = False):
+        if case == 'lora_compile_ro':  # CUDA graphs: a new iteration (the last one's graph outputs may be reused)
+            torch.compiler.cudagraph_mark_step_begin()
         if count_saved:
             with saved.hooks():
                 loss = loss_fn()
@@ -354,9 +356,10 @@ def measure(case: str, args) -> dict:
 
     step(count_saved=True)
     from torch.utils.flop_counter import FlopCounterMode
-    launches = LaunchCounter()
-    with FlopCounterMode(display=False) as flop_counter, launches.mode:  # FLOPs of forward + backward, launches
-        step()
+    # (not for compiled cases: their kernels don't pass the dispatcher, and a dispatch mode there may recompile)
+    launches = LaunchCounter() if 'compile' not in case else None
+    with FlopCounterMode(display=False) as flop_counter, (launches.mode if launches else contextlib.nullcontext()):
+        step()  # FLOPs of forward + backward, launches
     for _ in range(args.warmup - 2):
         step()
     sync()
@@ -383,7 +386,7 @@ def measure(case: str, args) -> dict:
     result = {'case': case, 'step_s': step_s, 'frames_per_s': args.batch * args.frames / step_s,
               'est_GiB': estimate,
               'saved_MiB': saved.mib, 'state_MiB': state_bytes(model, params, optimizer) / 2 ** 20,
-              'gflop': flop_counter.get_total_flops() / 1e9, 'launches': launches.count,
+              'gflop': flop_counter.get_total_flops() / 1e9, 'launches': launches.count if launches else None,
               'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': float(loss.detach()),
               'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == 'cuda' else None}
     del model, optimizer, params, loss_fn, saved
