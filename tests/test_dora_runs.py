@@ -61,8 +61,10 @@ def test_lora_debug_end_to_end_exports_an_adapter_that_reloads(tmp_path):
     assert not torch.equal(conditioned_logits(untouched, codes, prompts), conditioned_logits(fresh, codes, prompts))
 
 
-def test_stop_and_resume_reproduces_the_uninterrupted_history(tmp_path):
-    args = ['solver=musicgen/lora_debug', 'optim.epochs=4'] + FAST
+@pytest.mark.parametrize('precision', [[], ['autocast=true', 'autocast_dtype=bfloat16']], ids=['fp32', 'bf16'])
+def test_stop_and_resume_reproduces_the_uninterrupted_history(tmp_path, precision):
+    """(bf16 autocast: the fast path's adapter copies (adapter_casts) are refreshed after the restore.)"""
+    args = ['solver=musicgen/lora_debug', 'optim.epochs=4'] + FAST + precision
     interrupted, straight = tmp_path / 'a', tmp_path / 'b'
     proc = run_dora(args + ['stop_at_epoch=2'], interrupted)
     assert proc.returncode == 0, proc.stderr[-3000:]
