@@ -28,11 +28,20 @@ Slot = tp.Tuple['AdapterCasts', int]
 class AdapterCasts:
     """Compute-dtype copies of a list of float32 adapter weights, refreshed together."""
 
-    def __init__(self, weights: tp.Sequence[torch.Tensor]):
-        self.weights = list(weights)
-        self.copies: tp.List[tp.Optional[torch.Tensor]] = [None] * len(self.weights)
-        self.stamps: tp.List[tp.Any] = [None] * len(self.weights)  # (version, data_ptr, dtype) of the last refresh
+    def __init__(self, weights: tp.Sequence[torch.Tensor] = ()):
+        self.weights: tp.List[torch.Tensor] = []
+        self.copies: tp.List[tp.Optional[torch.Tensor]] = []
+        self.stamps: tp.List[tp.Any] = []  # (version, data_ptr, dtype) of the last refresh
         self.refreshes = 0  # how many times `refresh` copied something (tests, benchmarks)
+        for weight in weights:
+            self.add(weight)
+
+    def add(self, weight: torch.Tensor) -> Slot:
+        """Hold a copy of `weight` from now on; returns its slot."""
+        self.weights.append(weight)
+        self.copies.append(None)
+        self.stamps.append(None)
+        return self, len(self.weights) - 1
 
     def _stamp(self, index: int, dtype: torch.dtype) -> tp.Tuple[int, int, torch.dtype]:
         weight = self.weights[index]
@@ -81,22 +90,17 @@ def share_adapter_casts(model: nn.Module) -> int:
     """Give every fast-path adapted projection of `model` a slot in one `AdapterCasts` (replacing earlier ones);
     returns how many weights it holds."""
     from .fast_lora import FastLoraLinear, FusedInProjLoRA
-    owners: tp.List[tp.Tuple[nn.Module, str, tp.Any]] = []  # (module, attribute holding its slots, key)
-    weights: tp.List[torch.Tensor] = []
+    casts = AdapterCasts()
     for module in model.modules():
-        if isinstance(module, FastLoraLinear):
-            for name in module.lora_A.keys():
-                if name in module.lora_B:
-                    owners.append((module, name, (len(weights), len(weights) + 1)))
-                    weights += [module.lora_A[name].weight, module.lora_B[name].weight]
+        if isinstance(module, FastLoraLinear):  # per peft adapter name
+            pairs = {name: (module.lora_A[name].weight, module.lora_B[name].weight)
+                     for name in module.lora_A.keys() if name in module.lora_B}
         elif isinstance(module, FusedInProjLoRA):
-            owners.append((module, '', (len(weights), len(weights) + 1)))
-            weights += [module.lora_A.weight, module.lora_B.weight]
-    casts = AdapterCasts(weights)
-    for module, name, (ia, ib) in owners:
-        slots = module.__dict__.setdefault('_lora_cast_slots', {})
-        slots[name] = ((casts, ia), (casts, ib))
-    return len(weights)
+            pairs = {'': (module.lora_A.weight, module.lora_B.weight)}
+        else:
+            continue
+        module.__dict__['_lora_cast_slots'] = {name: (casts.add(a), casts.add(b)) for name, (a, b) in pairs.items()}
+    return len(casts.weights)
 
 
 def slots_of(module: nn.Module, name: str = '') -> tp.Tuple[tp.Optional[Slot], tp.Optional[Slot]]:

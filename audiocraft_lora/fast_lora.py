@@ -282,19 +282,13 @@ def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[tor
                                a_cast, b_cast)
 
 
-def _shared_casts(x: torch.Tensor, casts: tp.Tuple[tp.Any, tp.Any], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                  rows: tp.Optional[tp.Tuple[torch.Tensor, slice]] = None):
-    """lora_a and lora_b in x's compute dtype from the model's `AdapterCasts` (`rows`: lora_b is these rows of that
-    whole B), or None for either where the Function should cast it (no slots, the memory estimate's fake tensors,
-    inside torch.compile: see adapter_casts)."""
+def _shared_casts(x: torch.Tensor, casts: tp.Tuple[tp.Any, tp.Any], lora_a: torch.Tensor, lora_b: torch.Tensor):
+    """lora_a and lora_b in x's compute dtype from the model's `AdapterCasts`, or None for either where the Function
+    should cast it (no slots, the memory estimate's fake tensors, inside torch.compile: see adapter_casts)."""
     if casts[0] is None or isinstance(x, FakeTensor) or torch.compiler.is_compiling():
         return None, None
     dtype = _compute_dtype(x)
-    a = lookup(casts[0], lora_a, dtype)
-    if rows is None:
-        return a, lookup(casts[1], lora_b, dtype)
-    whole_b = lookup(casts[1], rows[0], dtype)
-    return a, None if whole_b is None else whole_b[rows[1]]
+    return lookup(casts[0], lora_a, dtype), lookup(casts[1], lora_b, dtype)
 
 
 class LowRankWeight:
@@ -305,12 +299,10 @@ class LowRankWeight:
     """
 
     def __init__(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                 dropout: float = 0.0, casts: tp.Tuple[tp.Any, tp.Any] = (None, None),
-                 rows: tp.Optional[tp.Tuple[torch.Tensor, slice]] = None, memo: tp.Optional[dict] = None):
+                 dropout: float = 0.0, a_cast: tp.Optional[torch.Tensor] = None,
+                 b_cast: tp.Optional[torch.Tensor] = None):
         self.weight, self.lora_a, self.lora_b, self.scaling, self.dropout = weight, lora_a, lora_b, scaling, dropout
-        # adapter_casts slots of A and of the whole B; for a row slice, (the whole B, the slice); `memo`: the casts
-        # of A and the whole B made during this attention's forward (q/k/v slices share them)
-        self.casts, self.rows, self.memo = casts, rows, memo
+        self.a_cast, self.b_cast = a_cast, b_cast  # A and B in the compute dtype, if the attention has them
 
     shape = property(lambda self: self.weight.shape)
     dtype = property(lambda self: self.weight.dtype)
@@ -324,26 +316,8 @@ class LowRankWeight:
         rows = index[0] if isinstance(index, tuple) and len(index) == 1 else index
         if not isinstance(rows, slice):
             return self.materialize()[index]
-        if self.rows is not None:  # a slice of a slice: no shared casts
-            return LowRankWeight(self.weight[rows], self.lora_a, self.lora_b[rows], self.scaling, self.dropout)
         return LowRankWeight(self.weight[rows], self.lora_a, self.lora_b[rows], self.scaling, self.dropout,
-                             self.casts, (self.lora_b, rows), self.memo)
-
-    def linear(self, x: torch.Tensor, bias: tp.Optional[torch.Tensor]) -> torch.Tensor:
-        """`F.linear(x, self, bias)` through `LowRankLinear`, with the shared adapter casts where there are."""
-        a_cast, b_cast = _shared_casts(x, self.casts, self.lora_a, self.lora_b, self.rows)
-        dtype = _compute_dtype(x)
-        if (a_cast is None and self.memo is not None and self.lora_a.dtype != dtype
-                and not torch.compiler.is_compiling()):  # no shared copies: one cast for this forward's q/k/v slices
-            if dtype not in self.memo:
-                with torch.no_grad():
-                    whole_b = self.lora_b if self.rows is None else self.rows[0]
-                    self.memo[dtype] = (_cast(self.lora_a, dtype), _cast(whole_b, dtype))
-            a_cast, b_cast = self.memo[dtype]
-            if self.rows is not None:
-                b_cast = b_cast[self.rows[1]]
-        return LowRankLinear.apply(x, self.weight, bias, self.lora_a, self.lora_b, float(self.scaling),
-                                   float(self.dropout), False, a_cast, b_cast)
+                             self.a_cast, None if self.b_cast is None else self.b_cast[rows])
 
     def materialize(self) -> torch.Tensor:
         delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
@@ -360,7 +334,8 @@ class LowRankWeight:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs['weight']
             bias = args[2] if len(args) > 2 else kwargs.get('bias')
             if isinstance(weight, LowRankWeight) and not isinstance(x, LowRankWeight):
-                return weight.linear(x, bias)
+                return LowRankLinear.apply(x, weight.weight, bias, weight.lora_a, weight.lora_b, float(weight.scaling),
+                                           float(weight.dropout), False, weight.a_cast, weight.b_cast)
 
         def unwrap(value):
             if isinstance(value, LowRankWeight):
@@ -395,8 +370,23 @@ def _lora_in_proj_weight(self):
     lora = self._modules.get('in_proj')
     if lora is None or not lora.active or not self.__dict__.get('_lora_in_forward', False):
         return weight
-    return LowRankWeight(weight, lora.lora_A.weight, lora.lora_B.weight, lora.scaling, casts=slots_of(lora),
-                         memo=self.__dict__.get('_lora_cast_memo'))
+    a_cast, b_cast = self.__dict__.get('_lora_forward_casts') or (None, None)
+    return LowRankWeight(weight, lora.lora_A.weight, lora.lora_B.weight, lora.scaling, a_cast=a_cast, b_cast=b_cast)
+
+
+def _forward_casts(lora: tp.Optional['FusedInProjLoRA'], x: torch.Tensor):
+    """A and B of a fused q/k/v LoRA in x's compute dtype, once for all the q/k/v calls of one attention forward (the
+    cross-attention makes three): the model's shared copies (adapter_casts), else cast here. None where nothing is
+    cast (no autocast) or inside torch.compile (the compiled graph casts)."""
+    if lora is None or not lora.active or torch.compiler.is_compiling():
+        return None
+    a, b = lora.lora_A.weight, lora.lora_B.weight
+    dtype = _compute_dtype(x)
+    if a.dtype == dtype:
+        return None
+    a_cast, b_cast = _shared_casts(x, slots_of(lora), a, b)
+    with torch.no_grad():
+        return (_cast(a, dtype) if a_cast is None else a_cast), (_cast(b, dtype) if b_cast is None else b_cast)
 
 
 class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
@@ -404,12 +394,13 @@ class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
     its forward runs; outside it, the base Parameter (what `get_parameter`, `named_parameters` users expect)."""
     in_proj_weight = property(_lora_in_proj_weight)  # type: ignore[assignment]
 
-    def forward(self, *args, **kwargs):
-        self._lora_in_forward, self._lora_cast_memo = True, {}
+    def forward(self, query: torch.Tensor, *args, **kwargs):
+        self._lora_in_forward = True
+        self._lora_forward_casts = _forward_casts(self._modules.get('in_proj'), query)
         try:
-            return super().forward(*args, **kwargs)
+            return super().forward(query, *args, **kwargs)
         finally:
-            self._lora_in_forward, self._lora_cast_memo = False, None
+            self._lora_in_forward, self._lora_forward_casts = False, None
 
 
 def inject_fused_in_proj(attention: nn.Module, rank: int, scaling: float) -> FusedInProjLoRA:
