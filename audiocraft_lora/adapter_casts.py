@@ -89,7 +89,8 @@ def lookup(slot: tp.Optional[Slot], weight: torch.Tensor, dtype: torch.dtype) ->
 def share_adapter_casts(model: nn.Module) -> int:
     """Give every fast-path adapted projection of `model` a slot in one `AdapterCasts` (replacing earlier ones);
     returns how many weights it holds."""
-    from .fast_lora import FastLoraLinear, FusedInProjLoRA
+    from .fast_lora import FastLoraLinear
+    from .fused_in_proj import FusedInProjLoRA
     casts = AdapterCasts()
     for module in model.modules():
         if isinstance(module, FastLoraLinear):  # per peft adapter name

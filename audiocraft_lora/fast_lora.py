@@ -30,19 +30,11 @@ Where it is used:
 - peft's `lora.Linear` (out_proj, linear1, linear2): injection stays peft's, names and merge/unmerge too; the
   instance's class becomes `FastLoraLinear`, whose `forward` takes this path for the plain single-adapter case and
   falls back to peft's own forward otherwise (merged, disabled, several adapters, variants).
-- AudioCraft's fused q/k/v `in_proj_weight` (self- and cross-attention): the attention module gets a child
-  `in_proj` (`FusedInProjLoRA`, holding `lora_A` [r, dim] and `lora_B` [3 * dim, r]: canonical names
-  `...self_attn.in_proj.lora_A.weight` as-is) and its class becomes `LoRAStreamingMultiheadAttention`, whose
-  `in_proj_weight` property returns, while the module's forward runs, a `LowRankWeight`: a tensor-like object (it
-  defines `__torch_function__`) that AudioCraft's unchanged attention code slices by rows (`w[:dim]` slices W and B,
-  A is shared) and hands to `F.linear`, which lands in `LowRankLinear`. Any other use in forward materialises
-  `W + s * B @ A` (correct, just not fast). The base parameter itself stays registered as `in_proj_weight` (state-dict
-  names don't change) and is what the property returns outside forward (`get_parameter` and the like).
+- AudioCraft's fused q/k/v `in_proj_weight` (self- and cross-attention): `fused_in_proj`, whose row-sliced weight
+  view hands `F.linear` to `LowRankLinear`.
 """
-import math
 import typing as tp
 
-from audiocraft.modules.transformer import StreamingMultiheadAttention
 from peft.tuners.lora import Linear as LoraLinear
 import torch
 from torch import nn
@@ -52,8 +44,7 @@ from torch.nn import functional as F
 
 from .adapter_casts import lookup, slots_of
 
-__all__ = ['LowRankLinear', 'LowRankWeight', 'FusedInProjLoRA', 'FastLoraLinear', 'LoRAStreamingMultiheadAttention',
-           'inject_fused_in_proj', 'enable_fast_linear', 'cast_frozen_base']
+__all__ = ['LowRankLinear', 'FastLoraLinear', 'low_rank_linear', 'enable_fast_linear', 'cast_frozen_base']
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -291,131 +282,6 @@ def _shared_casts(x: torch.Tensor, casts: tp.Tuple[tp.Any, tp.Any], lora_a: torc
     return lookup(casts[0], lora_a, dtype), lookup(casts[1], lora_b, dtype)
 
 
-class LowRankWeight:
-    """Stands for `W + s * B @ A` ([out, in]) without building it: `F.linear` on it goes through `LowRankLinear`.
-
-    Row slices (what AudioCraft's cross-attention does to split q/k/v) slice W and B and keep A. Any other torch
-    function receives the materialised weight.
-    """
-
-    def __init__(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                 dropout: float = 0.0, a_cast: tp.Optional[torch.Tensor] = None,
-                 b_cast: tp.Optional[torch.Tensor] = None):
-        self.weight, self.lora_a, self.lora_b, self.scaling, self.dropout = weight, lora_a, lora_b, scaling, dropout
-        self.a_cast, self.b_cast = a_cast, b_cast  # A and B in the compute dtype, if the attention has them
-
-    shape = property(lambda self: self.weight.shape)
-    dtype = property(lambda self: self.weight.dtype)
-    device = property(lambda self: self.weight.device)
-    ndim = property(lambda self: self.weight.ndim)
-
-    def size(self, dim: tp.Optional[int] = None):
-        return self.weight.size() if dim is None else self.weight.size(dim)
-
-    def __getitem__(self, index):
-        rows = index[0] if isinstance(index, tuple) and len(index) == 1 else index
-        if not isinstance(rows, slice):
-            return self.materialize()[index]
-        return LowRankWeight(self.weight[rows], self.lora_a, self.lora_b[rows], self.scaling, self.dropout,
-                             self.a_cast, None if self.b_cast is None else self.b_cast[rows])
-
-    def materialize(self) -> torch.Tensor:
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
-        return self.weight + delta.to(self.weight.dtype)
-
-    def __repr__(self) -> str:
-        return (f"LowRankWeight(shape={tuple(self.shape)}, rank={self.lora_a.shape[0]}, scaling={self.scaling}, "
-                f"dtype={self.dtype})")
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs['weight']
-            bias = args[2] if len(args) > 2 else kwargs.get('bias')
-            if isinstance(weight, LowRankWeight) and not isinstance(x, LowRankWeight):
-                return LowRankLinear.apply(x, weight.weight, bias, weight.lora_a, weight.lora_b, float(weight.scaling),
-                                           float(weight.dropout), False, weight.a_cast, weight.b_cast)
-
-        def unwrap(value):
-            if isinstance(value, LowRankWeight):
-                return value.materialize()
-            if isinstance(value, (list, tuple)):
-                return type(value)(unwrap(v) for v in value)
-            return value
-        return func(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
-
-
-class FusedInProjLoRA(nn.Module):
-    """The LoRA pair of a fused q/k/v `in_proj_weight` [3 * dim, dim]: `lora_A` [r, dim], `lora_B` [3 * dim, r].
-
-    Initialised like peft (A: Kaiming-uniform as nn.Linear, B: zeros), so the adapter starts as the identity.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, device=None, dtype=None):
-        super().__init__()
-        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
-        self.scaling = scaling
-        self.active = True
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def extra_repr(self) -> str:
-        return f'scaling={self.scaling}, active={self.active}'
-
-
-def _lora_in_proj_weight(self):
-    weight = self._parameters['in_proj_weight']
-    lora = self._modules.get('in_proj')
-    if lora is None or not lora.active or not self.__dict__.get('_lora_in_forward', False):
-        return weight
-    a_cast, b_cast = self.__dict__.get('_lora_forward_casts') or (None, None)
-    return LowRankWeight(weight, lora.lora_A.weight, lora.lora_B.weight, lora.scaling, a_cast=a_cast, b_cast=b_cast)
-
-
-def _forward_casts(lora: tp.Optional['FusedInProjLoRA'], x: torch.Tensor):
-    """A and B of a fused q/k/v LoRA in x's compute dtype, once for all the q/k/v calls of one attention forward (the
-    cross-attention makes three): the model's shared copies (adapter_casts), else cast here. None where nothing is
-    cast (no autocast) or inside torch.compile (the compiled graph casts)."""
-    if lora is None or not lora.active or torch.compiler.is_compiling():
-        return None
-    a, b = lora.lora_A.weight, lora.lora_B.weight
-    dtype = _compute_dtype(x)
-    if a.dtype == dtype:
-        return None
-    a_cast, b_cast = _shared_casts(x, slots_of(lora), a, b)
-    with torch.no_grad():
-        return (_cast(a, dtype) if a_cast is None else a_cast), (_cast(b, dtype) if b_cast is None else b_cast)
-
-
-class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
-    """AudioCraft's attention, unchanged, whose `in_proj_weight` reads as `W + s * B @ A` (a `LowRankWeight`) while
-    its forward runs; outside it, the base Parameter (what `get_parameter`, `named_parameters` users expect)."""
-    in_proj_weight = property(_lora_in_proj_weight)  # type: ignore[assignment]
-
-    def forward(self, query: torch.Tensor, *args, **kwargs):
-        self._lora_in_forward = True
-        self._lora_forward_casts = _forward_casts(self._modules.get('in_proj'), query)
-        try:
-            return super().forward(query, *args, **kwargs)
-        finally:
-            self._lora_in_forward, self._lora_forward_casts = False, None
-
-
-def inject_fused_in_proj(attention: nn.Module, rank: int, scaling: float) -> FusedInProjLoRA:
-    """Give an AudioCraft attention module a `FusedInProjLoRA` on its `in_proj_weight` (in place)."""
-    if type(attention) not in (StreamingMultiheadAttention, LoRAStreamingMultiheadAttention):
-        raise TypeError(f"Fast fused in_proj LoRA supports AudioCraft's StreamingMultiheadAttention, "
-                        f"not {type(attention).__name__}: set lora.fast_path=false.")
-    weight = attention._parameters['in_proj_weight']
-    out_features, in_features = weight.shape
-    lora = FusedInProjLoRA(in_features, out_features, rank, scaling, device=weight.device, dtype=torch.float32)
-    attention.add_module('in_proj', lora)
-    attention.__class__ = LoRAStreamingMultiheadAttention
-    return lora
-
-
 class FastLoraLinear(LoraLinear):
     """peft's `lora.Linear`, whose forward takes `LowRankLinear` in the plain single-adapter case."""
 
@@ -458,6 +324,7 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
     dtype changes no result and saves the float32 copy and the per-step cast. Adapter parameters stay as they are.
     Returns the number of tensors cast.
     """
+    from .fused_in_proj import LoRAStreamingMultiheadAttention
     count = 0
     for module in model.modules():
         tensors: tp.List[tp.Tuple[nn.Module, str]] = []

@@ -3,7 +3,7 @@
 Targets use short, architecture-level names (see `TARGETS`). The fused q/k/v projection of AudioCraft's attention
 is a raw `in_proj_weight` Parameter that `nn.Linear`-based LoRA can't reach; peft's `target_parameters` wraps it
 (`ParamWrapper`, no dropout there). Every other target is an `nn.Linear` wrapped by peft's `lora.Linear`.
-With `fast_path` (the default) the fused q/k/v gets `fast_lora.FusedInProjLoRA` instead of peft's parametrization and
+With `fast_path` (the default) the fused q/k/v gets `fused_in_proj.FusedInProjLoRA` instead of peft's parametrization and
 every LoRA projection runs `fast_lora.LowRankLinear` (no `W + B @ A` built, no frozen-weight gradient): same names,
 same results.
 
@@ -167,12 +167,12 @@ def inject_lora(model: nn.Module, settings: LoRASettings, fast_path: bool = True
             if isinstance(module, LoraLinear) and ADAPTER_NAME in module.lora_dropout:
                 module.lora_dropout[ADAPTER_NAME] = nn.Dropout(p=settings.dropout)
     if fast_path:
-        from . import fast_lora
+        from . import fast_lora, fused_in_proj
         fast_lora.enable_fast_linear(model)
         for name, module in list(model.named_modules()):
             if name.startswith('transformer.layers.') and any(
                     (name + '.in_proj_weight').endswith('.' + s) for s in fused_suffixes):
-                fast_lora.inject_fused_in_proj(module, settings.rank, settings.scaling)
+                fused_in_proj.inject_fused_in_proj(module, settings.rank, settings.scaling)
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_parameter(name))
     if settings.init == 'random':

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 def build(dim: int, heads: int, fast: bool, device: str):
     from audiocraft.modules.transformer import StreamingMultiheadAttention
     from peft import LoraConfig, inject_adapter_in_model
-    from audiocraft_lora.fast_lora import inject_fused_in_proj
+    from audiocraft_lora.fused_in_proj import inject_fused_in_proj
     torch.manual_seed(0)
     holder = torch.nn.Module()
     holder.attn = StreamingMultiheadAttention(dim, heads, causal=True, memory_efficient=True, device=device)

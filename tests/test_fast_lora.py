@@ -8,8 +8,8 @@ from torch.nn import functional as F
 
 from audiocraft_lora import base_models, fast_lora
 from audiocraft_lora.errors import LoRAConfigError
-from audiocraft_lora.fast_lora import (
-    CONCAT_PARTS, FastLoraLinear, LoRAStreamingMultiheadAttention, LowRankWeight, low_rank_linear)
+from audiocraft_lora.fast_lora import CONCAT_PARTS, FastLoraLinear, low_rank_linear
+from audiocraft_lora.fused_in_proj import LoRAStreamingMultiheadAttention, LowRankWeight
 from audiocraft_lora.lora import (
     AdapterParameters, LoRASettings, delta_weights, inject_lora, lora_parameters, merge_into_state_dict)
 from audiocraft_lora.speed import SpeedSettings, apply_to_model, optimizer_kwargs, pin_loaders
