@@ -49,8 +49,7 @@ REDUCE = {'sum', 'mean', 'norm', 'linalg_vector_norm', '_foreach_norm', 'amax', 
 
 
 NO_KERNEL = {'device', 'dim', 'size', 'stride', 'sym_size', 'sym_stride', 'sym_numel', 'sym_storage_offset',
-             'is_same_size', 'layout',  # metadata queries (seen as ops on fake tensors)
-             '_local_scalar_dense'}  # `.item()` of AdamW's step counts: CPU tensors on a GPU machine too
+             'is_same_size', 'layout'}  # metadata queries (seen as ops on fake tensors)
 # Kernels slower than their bytes say, by a factor measured on an H100 (session-6 profile, small batch 16): the
 # sort-based backward of AudioCraft's logits revert (`index_put_` with accumulate: 40 ms where its bytes take 0.5)
 SLOW = {'index_put': 80.0, '_index_put_impl_': 80.0}

@@ -174,7 +174,8 @@ class LaunchCounter:
     METADATA = {'view', '_unsafe_view', 'reshape', '_reshape_alias', 'permute', 't', 'transpose', 'slice', 'select',
                 'split', 'split_with_sizes', 'unbind', 'alias', 'squeeze', 'unsqueeze', 'expand', 'as_strided',
                 'detach', 'empty', 'empty_like', 'new_empty', 'empty_strided', 'new_empty_strided', 'lift_fresh',
-                'unflatten', '_record_function_enter_new', '_record_function_exit'}
+                'unflatten', '_record_function_enter_new', '_record_function_exit',
+                '_local_scalar_dense'}  # `.item()` of AdamW's per-parameter step counters: CPU tensors, no kernel
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
