@@ -108,7 +108,7 @@ class KernelCosts(TorchDispatchMode):
         if name in step_time.LaunchCounter.METADATA or name in NO_KERNEL:
             return out
         if name.startswith('_scaled_dot_product_flash_attention_for_cpu'):
-            flops = _attention_flops(name, args, kwargs, out)
+            flops = _attention_flops(name, args, kwargs)
         else:
             flop_fn = flop_registry.get(func.overloadpacket)
             flops = flop_fn(*args, **kwargs, out_val=out) if flop_fn is not None else 0
@@ -166,7 +166,7 @@ def _fp32_out_gemm_as_on_cuda(t: torch.Tensor) -> bool:
     return t.dtype in (torch.bfloat16, torch.float16)
 
 
-def _attention_flops(func_name: str, args, kwargs, out) -> int:
+def _attention_flops(func_name: str, args, kwargs) -> int:
     """FLOPs of the CPU flash-attention ops that stand in for CUDA's (a causal mask halves the work)."""
     if func_name == '_scaled_dot_product_flash_attention_for_cpu':
         q, k, v = args[:3]
