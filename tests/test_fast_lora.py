@@ -486,3 +486,62 @@ def test_dropout_on_fake_tensors_never_touches_the_generator(monkeypatch):
         y = low_rank_linear(x, weight, None, a, b, 2.0, 0.5, replay=True)
         grads = torch.autograd.grad(y.sum(), (x, a, b))
     assert [g.shape for g in grads] == [x.shape, a.shape, b.shape]
+
+
+def _step_ops(lm, codes, autocast_dtype=None):
+    """Loss, adapter gradients and the kernel-running ATen ops of one forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    ops = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    lm.train()
+    for p in lm.parameters():
+        p.grad = None
+    torch.manual_seed(7)  # the same dropout masks
+    with Count():
+        loss = _loss(lm, codes, autocast_dtype)
+        loss.backward()
+    return loss.detach(), _grads(lm), ops
+
+
+@pytest.mark.parametrize('autocast_dtype', [None, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_cross_attention_key_and_value_from_one_product_change_nothing(debug_lm_pkg, codes, autocast_dtype,
+                                                                       monkeypatch):
+    from audiocraft_lora import fused_in_proj
+    settings = LoRASettings(rank=4, alpha=8, init='random')
+    lm = _lm(debug_lm_pkg, True, settings)
+    layers = len(lm.transformer.layers)
+    results = {}
+    for combine in (False, True):
+        monkeypatch.setattr(fused_in_proj, 'COMBINE_CROSS_KV', combine)
+        results[combine] = _step_ops(lm, codes, autocast_dtype)
+    (loss0, grads0, ops0), (loss1, grads1, ops1) = results[False], results[True]
+    assert torch.equal(loss1, loss0)  # the same products, element for element
+    for key in grads0:  # A's gradient sums the key's and the value's parts in one GEMM: rounding apart (~1e-8)
+        exact = 'cross_attention.in_proj.lora_A' not in key
+        torch.testing.assert_close(grads1[key], grads0[key], atol=0 if exact else 1e-8,
+                                   rtol=0 if exact else 1e-6, msg=key)
+    # per layer: one rank-r product, one base product, one update, their three backward GEMMs and a gradient
+    # accumulation fewer (the text condition needs no gradient)
+    assert len(ops0) - len(ops1) >= 7 * layers
+    assert ops0.count('mm') + ops0.count('addmm') - ops1.count('mm') - ops1.count('addmm') >= 5 * layers
+
+
+def test_a_value_projected_from_another_tensor_is_computed_on_its_own(debug_lm_pkg, monkeypatch):
+    from audiocraft_lora import fused_in_proj
+    lm = _lm(debug_lm_pkg, True, LoRASettings(rank=4, alpha=8, init='random'))
+    attention = lm.transformer.layers[0].cross_attention.eval()
+    x, key, value = (torch.randn(2, 5, attention.embed_dim, generator=torch.Generator().manual_seed(i))
+                     for i in range(3))
+    outs = {}
+    for combine in (False, True):
+        monkeypatch.setattr(fused_in_proj, 'COMBINE_CROSS_KV', combine)
+        outs[combine] = [attention(x, key, value, need_weights=False)[0],  # key is not value: no pairing
+                         attention(x, key, key, need_weights=False)[0]]
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=0, rtol=0)
+    torch.testing.assert_close(outs[True][1], outs[False][1], atol=0, rtol=0)
+    assert not torch.allclose(outs[True][0], outs[True][1])  # the value's own input was used
+    assert attention._lora_pending is None  # nothing left over after a forward

@@ -48,14 +48,15 @@ def test_lora_step_launches_few_more_kernels_than_full_fine_tuning():
     """At small batches a GPU step is bound by kernel launches (AudioCraft's full fine-tune of musicgen-small: ~2,900
     per step): every op the LoRA path adds per projection costs there. Counted on musicgen-small's 24 layers at width
     16, training rows (merged-weight path), bf16 autocast: the adapters cast once per step (adapter_casts), the
-    scaling inside the GEMMs; on CUDA the float32-out gradient GEMMs take 384 more off."""
+    scaling inside the GEMMs, the cross-attention's key and value from one product; on CUDA the float32-out gradient
+    GEMMs take more off."""
     with contextlib.redirect_stdout(io.StringIO()):
         results = step_time.main(['--device', 'cpu', '--warmup', '2', '--iters', '1', '--scale', 'small_narrow',
                                   '--batch', '1', '--frames', '150', '--dtype', 'bfloat16',
                                   '--cases', 'full,lora_fast,hf_lora'])['results']
     full, fast, hf = (results[c]['launches'] for c in ('full', 'lora_fast', 'hf_lora'))
     assert 1800 < full < 2600
-    # (2,825 vs 2,173 on a CPU, 2,705 vs 2,157 as on CUDA (gpu_model.py); 3,596 with per-projection casts and
-    # scaling passes)
-    assert fast <= 1.35 * full
+    # (2,585 vs 2,173 on a CPU, 2,505 vs 2,149 as on CUDA (gpu_model.py); 2,825 with the cross-attention's key and
+    # value projected apart, 3,596 with per-projection casts and scaling passes)
+    assert fast <= 1.25 * full
     assert fast < 0.6 * hf
