@@ -21,6 +21,9 @@ Cases (`--cases`, comma separated):
   lora_compile_ro lora_compile with torch.compile's mode='reduce-overhead' (CUDA graphs: each layer's forward and
                   backward replayed as one graph, a few launches instead of hundreds; not a solver setting yet: this
                   case measures whether it pays); aot_eager on CPU, as lora_compile
+  lora_graphed    lora_fast with each transformer layer replayed as CUDA graphs (graphed_layers.py:
+                  make_graphed_callables of the eager layer: eager's kernels and values, no Python at replay); CUDA
+                  only
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
   encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
@@ -68,8 +71,10 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'large': (2048, 32, 48),
 }
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
-         'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'hf_lora', 'hf_full',
+         'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed', 'hf_lora',
+         'hf_full',
          'encode')
+CUDA_ONLY = ('lora_graphed',)
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -238,6 +243,11 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         if case == 'lora_compile_ro' and device == 'cuda':
             for layer in lm.transformer.layers:  # compiled again, replacing apply_to_model's default mode
                 layer.compile(backend='inductor', mode='reduce-overhead')
+        if case == 'lora_graphed':
+            if device != 'cuda':
+                raise RuntimeError('lora_graphed needs a CUDA device (CUDA graphs)')
+            from graphed_layers import graph_layers
+            graph_layers(lm)
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
     with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
@@ -400,14 +410,14 @@ def measure(case: str, args) -> dict:
 def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
     out = {}
     encode = results.get('encode')
-    for case in ('lora_fast', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro'):
+    for case in ('lora_fast', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed'):
         if encode and case in results and 'full' in results:
             a, b = results[case], results['full']
             if a['step_s'] is not None:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
     for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half',
-                 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro'):
+                 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
@@ -433,7 +443,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
                         help='autocast dtype (default: bfloat16 on CUDA, float32 = no autocast on CPU)')
-    parser.add_argument('--cases', default=','.join(CASES))
+    parser.add_argument('--cases', default=None, help='comma separated (default: all; the CUDA-only ones on CUDA)')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps (the first two count memory, FLOPs)')
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--json', default=None, help='also write the results here')
@@ -453,6 +463,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     if args.dtype is None:
         args.dtype = 'bfloat16' if args.device == 'cuda' else 'float32'
     args.autocast_dtype = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
+    if args.cases is None:
+        args.cases = ','.join(c for c in CASES if args.device == 'cuda' or c not in CUDA_ONLY)
     from audiocraft.modules.transformer import set_efficient_attention_backend
     set_efficient_attention_backend('torch')
     print(f"scale={args.scale} {SCALES[args.scale]} batch={args.batch} frames={args.frames} device={args.device} "
