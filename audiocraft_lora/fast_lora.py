@@ -9,8 +9,8 @@ the `[out, in]` weight-gradient GEMM of the frozen base, a third of a full fine-
 saved activations are the (cast) input (with dropout: dropout(x) and its mask), the `[N, r]` product, nothing
 `[out, in]`-sized. Without dropout (lora.dropout=0, and always in eval) and with more rows than twice the input
 width (training batches, not generation steps) `y = x @ (W + s B A)^T` and
-`dx = g @ (W + s B A)`: the merged weight is rebuilt in forward and backward (an r-deep product at `[out, in]`, not
-kept), which saves the two passes over `[N, out]` and `[N, in]` that adding the rank-r update costs; on an H100 at
+`dx = g @ (W + s B A)`: the merged weight is built in forward and again in backward (an r-deep product at
+`[out, in]`; kept from forward instead with `keep_merged`, `lora.keep_merged_weights`), which saves the two passes over `[N, out]` and `[N, in]` that adding the rank-r update costs; on an H100 at
 musicgen-small's shapes each of those passes takes about as long as the base GEMM (`benchmarks/lora_gemms.py`).
 
 The scaling `s` rides in the rank-r GEMMs (`alpha` of an `addmm` whose input beta=0 ignores), not in a pass of its
@@ -61,7 +61,7 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],  # type: ignore
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float,
                 replay: bool = False, a_cast: tp.Optional[torch.Tensor] = None,
-                b_cast: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+                b_cast: tp.Optional[torch.Tensor] = None, keep_merged: bool = False) -> torch.Tensor:
         # every operand is cast to the compute dtype here, so autocast (if on) has nothing left to cast: no context
         # manager needed to turn it off (a Python-level cost paid by every projection, twice per step). `a_cast` and
         # `b_cast`: the adapter already in that dtype (adapter_casts: one cast per step for the whole model)
@@ -73,7 +73,7 @@ class LowRankLinear(torch.autograd.Function):
         mask = None
         ctx.rng = _rng_state(x) if dropout > 0 and replay else None
         ctx.merged = dropout == 0 and _merge_pays(x)
-        xu = None
+        xu = kept = None
         if dropout > 0 and 'dropout_forward' in CONCAT_RANK_GEMMS and (x.dtype != dtype or x.shape[-1] < w.shape[0]):
             # y = [x | u] [W | s B]^T: x is written (cast, which it needs anyway, or copied where the input is
             # narrower than the output) beside u, instead of a second pass over the [N, out] output for `+ s u B^T`
@@ -86,6 +86,7 @@ class LowRankLinear(torch.autograd.Function):
             # no dropout: one GEMM with `W + s B A` (built at [out, in], r-deep: cheap) instead of a second pass
             # over the [N, out] output (`y + s u B^T` costs about as much as the base GEMM itself)
             merged = torch.addmm(w, b, a, alpha=scaling)
+            kept = merged if keep_merged and ctx.needs_input_grad[0] else None  # backward's dx reuses it
             if ctx.needs_input_grad[4] and 'forward' in CONCAT_RANK_GEMMS:  # dB needs u = x A^T (not validation):
                 # y and u from one GEMM over [W + s B A; A], one pass over x; u copied out: only y holds the output
                 out = w.shape[0]
@@ -111,14 +112,14 @@ class LowRankLinear(torch.autograd.Function):
         ctx.x_dtype, ctx.w_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype
         # a and b as cast here (rank-r, small): backward reuses them instead of casting the adapter again
         if ctx.rng is not None:  # keep the input (often saved anyway), not dropout(x) and its mask (replayed)
-            ctx.save_for_backward(xc, u, weight, a, b, None)
+            ctx.save_for_backward(xc, u, weight, a, b, None, None)
         else:
-            ctx.save_for_backward(xd, u, weight, a, b, mask)
+            ctx.save_for_backward(xd, u, weight, a, b, mask, kept)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore
-        xd, u, weight, a, b, mask = ctx.saved_tensors
+        xd, u, weight, a, b, mask, kept = ctx.saved_tensors
         if ctx.rng is not None:
             xd, mask = _replay_dropout(xd, ctx.dropout, ctx.rng)
         dtype, s = ctx.dtype, ctx.scaling
@@ -128,7 +129,10 @@ class LowRankLinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_a = grad_b = gb = None
         if need_x:
             w = _cast(weight, dtype)
-            base = torch.addmm(w, b, a, alpha=s) if ctx.merged else w  # g (W + s B A), as in forward
+            if kept is not None:  # the forward's W + s B A (lora.keep_merged_weights)
+                base = kept
+            else:  # g (W + s B A), as in forward, built again
+                base = torch.addmm(w, b, a, alpha=s) if ctx.merged else w
             if 'backward' in CONCAT_RANK_GEMMS and (need_a or not ctx.merged):
                 # g W and s g B ([N, r], for dA and the unmerged dx) from one GEMM over [W | s B]: one pass over g
                 in_features = w.shape[1]
@@ -153,7 +157,7 @@ class LowRankLinear(torch.autograd.Function):
             grad_a = _grad_mm(gb.t(), _rows(xd), ctx.a_dtype)
         if need_b:
             grad_b = _grad_mm(g.t(), u, ctx.b_dtype)  # u = s x A^T: dB = s g^T x A^T
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
 # Where one GEMM gives both a base product and the rank-r product that reads the same big operand, instead of a
@@ -264,13 +268,14 @@ def _recompute_input(xd: torch.Tensor, mask: tp.Optional[torch.Tensor], dropout:
 
 def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scaling: float, dropout: float = 0.0, replay: bool = False,
-                    casts: tp.Tuple[tp.Any, tp.Any] = (None, None)) -> torch.Tensor:
+                    casts: tp.Tuple[tp.Any, tp.Any] = (None, None), keep_merged: bool = False) -> torch.Tensor:
     """Functional entry point of `LowRankLinear`; `dropout` is the probability applied in this call; `replay`: keep
     no mask, draw it again in backward (less memory, one more dropout pass); `casts`: the `adapter_casts` slots of
-    lora_a and lora_b, if any."""
+    lora_a and lora_b, if any; `keep_merged`: keep the merged weight the forward built for backward's dx (one
+    [out, in] copy per projection until its backward, one GEMM launch fewer)."""
     a_cast, b_cast = _shared_casts(x, casts, lora_a, lora_b)
     return LowRankLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout), bool(replay),
-                               a_cast, b_cast)
+                               a_cast, b_cast, bool(keep_merged))
 
 
 def _shared_casts(x: torch.Tensor, casts: tp.Tuple[tp.Any, tp.Any], lora_a: torch.Tensor, lora_b: torch.Tensor):
@@ -303,7 +308,7 @@ class FastLoraLinear(LoraLinear):
         base = self.base_layer
         return low_rank_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], p, getattr(self, '_lora_replay_dropout', False),
-                               slots_of(self, name))
+                               slots_of(self, name), self.__dict__.get('_lora_keep_merged', False))
 
 
 def enable_fast_linear(model: nn.Module) -> int:

@@ -57,10 +57,11 @@ class LowRankWeight:
     def __init__(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                  dropout: float = 0.0, a_cast: tp.Optional[torch.Tensor] = None,
                  b_cast: tp.Optional[torch.Tensor] = None, pending: tp.Optional[dict] = None,
-                 rows: tp.Optional[tp.Tuple[int, int]] = None, whole: tp.Optional['LowRankWeight'] = None):
+                 rows: tp.Optional[tp.Tuple[int, int]] = None, whole: tp.Optional['LowRankWeight'] = None,
+                 keep_merged: bool = False):
         self.weight, self.lora_a, self.lora_b, self.scaling, self.dropout = weight, lora_a, lora_b, scaling, dropout
         self.a_cast, self.b_cast = a_cast, b_cast  # A and B in the compute dtype, if the attention has them
-        self.pending, self.whole = pending, whole
+        self.pending, self.whole, self.keep_merged = pending, whole, keep_merged
         self.rows = (0, weight.shape[0]) if rows is None else rows
 
     shape = property(lambda self: self.weight.shape)
@@ -79,7 +80,7 @@ class LowRankWeight:
         place = None if span is None else (self.rows[0] + span[0], self.rows[0] + span[1])
         return LowRankWeight(self.weight[rows], self.lora_a, self.lora_b[rows], self.scaling, self.dropout,
                              self.a_cast, None if self.b_cast is None else self.b_cast[rows],
-                             self.pending if place else None, place, self.whole or self)
+                             self.pending if place else None, place, self.whole or self, self.keep_merged)
 
     def materialize(self) -> torch.Tensor:
         delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
@@ -91,7 +92,7 @@ class LowRankWeight:
 
     def linear(self, x: torch.Tensor, bias: tp.Optional[torch.Tensor]) -> torch.Tensor:
         return LowRankLinear.apply(x, self.weight, bias, self.lora_a, self.lora_b, float(self.scaling),
-                                   float(self.dropout), False, self.a_cast, self.b_cast)
+                                   float(self.dropout), False, self.a_cast, self.b_cast, self.keep_merged)
 
     def cross_kv_linear(self, x: torch.Tensor, bias: tp.Optional[torch.Tensor]) -> tp.Optional[torch.Tensor]:
         """The key's projection, with the value's computed beside it and left in `pending`; or the value's, taken
@@ -154,7 +155,8 @@ def _lora_in_proj_weight(self):
         return weight
     a_cast, b_cast = self.__dict__.get('_lora_forward_casts') or (None, None)
     return LowRankWeight(weight, lora.lora_A.weight, lora.lora_B.weight, lora.scaling, a_cast=a_cast, b_cast=b_cast,
-                         pending=self.__dict__.get('_lora_pending'))
+                         pending=self.__dict__.get('_lora_pending'),
+                         keep_merged=self.__dict__.get('_lora_keep_merged', False))
 
 
 def _forward_casts(lora: tp.Optional['FusedInProjLoRA'], x: torch.Tensor):

@@ -27,7 +27,7 @@ from torch import nn
 from .errors import OutOfMemory
 from .memory_estimate import Estimate, StepShape, estimate_step
 from .recompute import set_checkpointing
-from .speed import DTYPES, PLANS, Plan, SpeedSettings, has_fast_dropout, set_dropout_replay
+from .speed import DTYPES, PLANS, Plan, SpeedSettings, has_fast_dropout, set_dropout_replay, set_keep_merged
 
 HEADROOM = 0.9       # of the budget, for the estimate's error (it runs 1-2% under at MusicGen's sizes)
 RESERVE = 2 ** 30    # beyond the tensors: cuBLAS/cuDNN workspaces, allocator blocks (0.5-0.7 GiB seen at batch 4)
@@ -157,6 +157,9 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     def log(plan, estimate):
         solver.logger.info("Estimated peak memory per GPU, batch %d x %.1f s, checkpointing %s: %s", shape.batch,
                            duration, plan_name(plan), describe(estimate, budget))
+    keep_auto = str(settings.keep_merged_weights).lower() == 'auto' and settings.fast_path
+    if keep_auto:  # plans are chosen without the merged weights kept; keeping them is tried on the chosen one
+        set_keep_merged(solver.model, False)
     try:
         index, estimate = first_fit(solver.model, cm, shape, autocast_dtype, budget, plans, apply=auto, log=log)
     except Exception as error:  # an op fake tensors can't run must not stop a training that would run
@@ -175,6 +178,8 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
         solver.logger.info("Activation checkpointing: %s (estimated in %.1f s; this plan would fit up to "
                            "dataset.batch_size=%d per GPU)", plan_name(chosen), time.time() - start,
                            largest_batch(estimate, shape.batch, budget))
+        if keep_auto:
+            summary['keep_merged_weights'] = _keep_merged_if_it_fits(solver, cm, shape, autocast_dtype, budget)
         return summary
     world = flashy.distrib.world_size()
     advice = what_fits(estimate, shape, budget, world)
@@ -187,6 +192,24 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     solver.logger.warning("%s It will likely run out of memory: lora.activation_checkpointing=auto picks the plan "
                           "that fits, or rerun with %s.", message, advice)
     return summary
+
+
+def _keep_merged_if_it_fits(solver: tp.Any, compression_model: tp.Optional[nn.Module], shape: StepShape,
+                            autocast_dtype: tp.Optional[torch.dtype], budget: int) -> bool:
+    """`lora.keep_merged_weights=auto` on the chosen plan: keep the merged weights from forward to backward (one GEMM
+    launch fewer per projection) when the step's estimate with them still fits `budget`."""
+    if not set_keep_merged(solver.model, True):
+        return False
+    try:
+        estimate = estimate_step(solver.model, compression_model, shape, autocast_dtype)
+    except Exception:  # as without the estimate: don't keep them
+        estimate = None
+    keep = estimate is not None and fits(estimate, budget)
+    if not keep:
+        set_keep_merged(solver.model, False)
+    solver.logger.info("Merged LoRA weights kept for backward (lora.keep_merged_weights=auto): %s%s", keep,
+                       '' if estimate is None else f" (estimated {describe(estimate, budget)})")
+    return keep
 
 
 def _unplanned(solver: tp.Any, auto: bool, error: Exception) -> None:

@@ -4,7 +4,8 @@
 # fine-tune vs HF transformers + peft LoRA; `launches` column: kernels per step) at small b16 and b4 and medium b4,
 # `lora_compile_ro` (torch.compile mode='reduce-overhead': CUDA graphs per layer, the lever for the launch-bound b4
 # step) at small b4, `lora_graphed` (each eager layer replayed as CUDA graphs: graphed_layers.py; its loss in the
-# json should equal lora_fast's) at small and medium b4, `lora_fast_f32attn` (lora.attention_in_autocast_dtype=false)
+# json should equal lora_fast's) at small and medium b4, `lora_fast_keep` (lora.keep_merged_weights) at small b4,
+# `lora_fast_f32attn` (lora.attention_in_autocast_dtype=false)
 # beside `lora_fast` at small b16 (medium b4 drops it for time), a CUDA dora run
 # (bf16, auto memory plan), then `lora_fast_concat` with one part of fast_lora.CONCAT_RANK_GEMMS on per line. Batch-4
 # steps are host-bound and vary +-30% run to run: their median is taken over 15 steps.
@@ -21,7 +22,7 @@ run_case() {
     --iters 5 "$@" 2>&1 | quiet  # (an option given here wins over these defaults)
 }
 for args in "--scale small --batch 16 --cases full,lora_fast,lora_fast_f32attn,hf_lora" \
-            "--scale small --batch 4 --cases full,lora_fast,lora_graphed,lora_compile_ro,hf_lora \
+            "--scale small --batch 4 --cases full,lora_fast,lora_fast_keep,lora_graphed,lora_compile_ro,hf_lora \
              --iters 15 --json $OUT/small_b4.json" \
             "--scale medium --batch 4 --cases full,lora_fast,lora_graphed,hf_lora \
              --iters 15 --json $OUT/medium_b4.json"; do

@@ -6,6 +6,8 @@ Cases (`--cases`, comma separated):
   lora_plain  our LoRA through peft's own forward + peft `target_parameters` on the fused q/k/v (fast_path=false)
   lora_fast   our LoRA, fast path (fast_lora), frozen base in the autocast dtype, fused AdamW (the solver's defaults)
   lora_fast_ac    lora_fast with AudioCraft's logits revert (lora.index_select_logits=false)
+  lora_fast_keep  lora_fast with the merged weights kept from forward to backward (lora.keep_merged_weights=true,
+                  what auto does when it fits): one GEMM launch fewer per merged projection
   lora_fast_f32attn lora_fast with AudioCraft's float32 round trip around attention (lora.attention_in_autocast_dtype
                   =false)
   lora_fast_concat lora_fast with the rank-r products that share an operand with a base GEMM taken from that GEMM
@@ -70,10 +72,9 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
-CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
-         'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed', 'hf_lora',
-         'hf_full',
-         'encode')
+CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat',
+         'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
+         'hf_lora', 'hf_full', 'encode')
 CUDA_ONLY = ('lora_graphed',)
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
@@ -233,6 +234,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
                               index_select_logits=case not in ('lora_plain', 'lora_fast_ac'),
                               attention_in_autocast_dtype=case != 'lora_fast_f32attn',
+                              keep_merged_weights=case == 'lora_fast_keep',
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
                               else 'selective' if case == 'lora_sac' else 'none',
                               checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
@@ -416,8 +418,8 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
             if a['step_s'] is not None:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
-    for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half',
-                 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed'):
+    for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
+                 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]

@@ -375,6 +375,7 @@ def test_fast_path_under_autocast_is_close_to_the_plain_path(debug_lm_pkg, codes
     ({'checkpoint_fraction': 0}, True, 'lora.checkpoint_fraction must be'),
     ({'checkpoint_rest': 'torch'}, True, 'lora.checkpoint_rest must be'),
     ({'pin_memory': 'yes'}, True, 'lora.pin_memory must be'),
+    ({'keep_merged_weights': 'when_it_fits'}, True, 'lora.keep_merged_weights must be auto, true or false'),
     ({'checkpoint_rest': 'selective', 'activation_checkpointing': 'none'}, True,
      'set lora.activation_checkpointing=torch'),
     ({'checkpoint_rest': 'selective'}, True, 'auto chooses checkpoint_fraction and checkpoint_rest'),
@@ -545,3 +546,29 @@ def test_a_value_projected_from_another_tensor_is_computed_on_its_own(debug_lm_p
     torch.testing.assert_close(outs[True][1], outs[False][1], atol=0, rtol=0)
     assert not torch.allclose(outs[True][0], outs[True][1])  # the value's own input was used
     assert attention._lora_pending is None  # nothing left over after a forward
+
+
+def test_kept_merged_weights_give_the_same_step_with_one_gemm_fewer_per_projection(debug_lm_pkg):
+    from audiocraft_lora.speed import set_keep_merged
+    # training-sized batches (rows > 2 x the input width, linear2's 128 included) and no LoRA dropout: merged path
+    codes = torch.randint(0, 256, (2, 4, 200), generator=torch.Generator().manual_seed(0))
+    lm = _lm(debug_lm_pkg, True, LoRASettings(rank=4, alpha=8, init='random', dropout=0.0))
+    projections = set_keep_merged(lm, False)
+    assert projections == 6 * len(lm.transformer.layers)  # 4 peft linears + 2 fused q/k/v attentions a layer
+    results = {}
+    for keep in (False, True):
+        set_keep_merged(lm, keep)
+        kept = []  # shapes of what autograd saves for backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            results[keep] = _step_ops(lm, codes)
+        results[keep] += (kept,)
+    (loss0, grads0, ops0, saved0), (loss1, grads1, ops1, saved1) = results[False], results[True]
+    assert torch.equal(loss1, loss0)
+    for key in grads0:
+        assert torch.equal(grads1[key], grads0[key]), key
+    # each layer's 6 but the first layer's q/k/v (its input needs no gradient, so no dx: nothing to keep); the
+    # cross-attention's key/value (a few rows) are not merged
+    merged_projections = 6 * len(lm.transformer.layers) - 1
+    assert ops0.count('addmm') - ops1.count('addmm') == merged_projections
+    weights = {tuple(p.shape) for n, p in lm.named_parameters() if 'lora' not in n and p.dim() == 2}
+    assert sum(s in weights for s in saved1) - sum(s in weights for s in saved0) >= merged_projections

@@ -281,3 +281,22 @@ def test_an_explicit_dropout_replay_is_kept_by_auto(tmp_path_factory):
     settings = _plan(solver, 64, replay=True)  # room for `none`: but the user asked for the replay
     assert (settings.activation_checkpointing, settings.dropout_replay) == ('none', True)
     assert all(m._lora_replay_dropout for m in solver.model.modules() if isinstance(m, FastLoraLinear))
+
+
+def test_auto_keeps_the_merged_weights_only_where_they_fit(solver):
+    from audiocraft_lora.speed import set_keep_merged
+
+    def flags():
+        return {m.__dict__['_lora_keep_merged'] for m in solver.model.modules() if '_lora_keep_merged' in m.__dict__}
+    _plan(solver, 64)
+    assert solver.memory_estimate['keep_merged_weights'] is True and flags() == {True}
+    shape = _shape(solver, cached=True)
+    peaks = {}
+    for keep in (False, True):
+        set_keep_merged(solver.model, keep)
+        peaks[keep] = memory_estimate.estimate_step(solver.model, solver.compression_model, shape, None)
+    assert peaks[True].peak > peaks[False].peak  # held from forward to backward: they cost memory
+    _plan(solver, memory_plan.needed(peaks[False]) / 2 ** 30 * 1.000001)  # room for the step, not for them
+    assert solver.speed_settings.activation_checkpointing == 'none'
+    assert solver.memory_estimate['keep_merged_weights'] is False and flags() == {False}
+    _plan(solver, 64)
