@@ -4,16 +4,18 @@ Under autocast the fast path (fast_lora) computes in bf16/fp16 while the LoRA we
 masters), so every adapted projection cast its A and B at every forward: two small kernels each, 8 projections a
 layer (AudioCraft's cross-attention splits q/k/v into three), ~400 launches a step at musicgen-small's 24 layers, in
 a step that is bound by kernel launches at small batches. `AdapterCasts` keeps a compute-dtype copy of every adapter
-weight of a model; the first projection that finds its copy stale (the weight's version counter moved: an optimizer
-step, `load_state_dict`; or another dtype or device) refreshes every stale copy of the model with one
-`torch._foreach_copy_`. The values are the same casts, so no result changes (tests/test_adapter_casts.py).
+weight of a model; the first projection that finds its copy stale refreshes every stale copy of the model with one
+`torch._foreach_copy_`. A copy is stale after any optimizer step (a global step post-hook counts them: torch's fused
+AdamW, the solver's on CUDA, updates weights in place without moving their version counters), when the weight's
+version counter moved (`load_state_dict`, in-place writes under no_grad), or for another dtype or device. The values
+are the same casts, so no result changes (tests/test_adapter_casts.py).
 
 A module reads its copy through `lookup(slot, weight, dtype)`, which gives None (the caller casts, as before) where a
 copy can't stand in: the module's weight is not the Parameter registered here (replaced since) or no cast is needed;
 fast_lora does not ask on fake tensors (the memory estimate) or inside `torch.compile` (the casts are part of the
 compiled graph there).
-A weight written through `.data` (which does not move the version counter) is not seen: set it with `copy_` under
-`torch.no_grad()`, as optimizers and `load_state_dict` do.
+A weight written in place through `.data` outside an optimizer step (which moves no version counter) is not seen:
+set it with `copy_` under `torch.no_grad()`, as `load_state_dict` does.
 """
 import typing as tp
 
@@ -24,14 +26,33 @@ __all__ = ['AdapterCasts', 'share_adapter_casts', 'lookup']
 
 Slot = tp.Tuple['AdapterCasts', int]
 
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process (any optimizer), from the first AdapterCasts on
+_HOOK: tp.List[tp.Any] = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _count_optimizer_steps() -> None:
+    """Register, once per process, the global optimizer step post-hook that makes every copy stale."""
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _HOOK.append(register_optimizer_step_post_hook(_count_step))
+
+
+def _storage(weight: torch.Tensor) -> int:
+    return weight.data_ptr()
+
 
 class AdapterCasts:
     """Compute-dtype copies of a list of float32 adapter weights, refreshed together."""
 
     def __init__(self, weights: tp.Sequence[torch.Tensor] = ()):
+        _count_optimizer_steps()
         self.weights: tp.List[torch.Tensor] = []
         self.copies: tp.List[tp.Optional[torch.Tensor]] = []
-        self.stamps: tp.List[tp.Any] = []  # (version, data_ptr, dtype) of the last refresh
+        self.stamps: tp.List[tp.Any] = []  # (optimizer steps, version, data_ptr, dtype) of the last refresh
         self.refreshes = 0  # how many times `refresh` copied something (tests, benchmarks)
         for weight in weights:
             self.add(weight)
@@ -43,9 +64,9 @@ class AdapterCasts:
         self.stamps.append(None)
         return self, len(self.weights) - 1
 
-    def _stamp(self, index: int, dtype: torch.dtype) -> tp.Tuple[int, int, torch.dtype]:
+    def _stamp(self, index: int, dtype: torch.dtype) -> tp.Tuple[int, int, int, torch.dtype]:
         weight = self.weights[index]
-        return weight._version, weight.data_ptr(), dtype
+        return _OPTIMIZER_STEPS[0], weight._version, _storage(weight), dtype
 
     def get(self, index: int, dtype: torch.dtype) -> torch.Tensor:
         """The copy of weight `index` in `dtype`, refreshing every stale copy first if this one is stale."""

@@ -161,12 +161,30 @@ def adapter_casts_on_cuda(pkg, codes):
                 ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
                 ce.backward()
         results[shared] = (float(ce.detach()), {k: p.grad.float() for k, p in lora_parameters(lm).items()},
-                           counter.count, dict(fast_lora._FP32_OUT_GEMM))
-    (loss0, grads0, launches0, _), (loss1, grads1, launches1, gemm) = results[False], results[True]
+                           counter.count, dict(fast_lora._FP32_OUT_GEMM), _fused_adamw_losses(lm, codes))
+    (loss0, grads0, launches0, _, steps0), (loss1, grads1, launches1, gemm, steps1) = results[False], results[True]
     worst = max(float((grads1[k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads0.items())
     print(f"adapter casts once per step + float32-out grad GEMMs {gemm} vs casts at every use (bf16 autocast): loss "
           f"{loss1:.6f} vs {loss0:.6f} (bit-equal {loss1 == loss0}), worst relative grad difference {worst:.2e}, "
           f"launches per forward+backward {launches1} vs {launches0}")
+    # torch's fused AdamW (the solver's on CUDA) moves no version counter: the copies must follow its steps anyway
+    print(f"fused AdamW steps, losses with shared casts {[round(x, 5) for x in steps1]} vs casts at every use "
+          f"{[round(x, 5) for x in steps0]}: same within 1e-2 {all(abs(a - b) < 1e-2 for a, b in zip(steps0, steps1))}")
+
+
+def _fused_adamw_losses(lm, codes, steps: int = 4):
+    """The losses of `steps` fused AdamW steps (lr 1e-2) of `lm`, on a deep copy."""
+    lm = copy.deepcopy(lm)
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    losses = []
+    for _ in range(steps):
+        out = logits(lm, codes, True)
+        ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+        ce.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(ce.detach()))
+    return losses
 
 
 def fast_vs_plain(pkg, codes):

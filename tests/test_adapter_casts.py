@@ -51,12 +51,17 @@ class _Casts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_shared_casts_train_bit_for_bit_like_casting_at_every_use(debug_lm_pkg, codes):
+@pytest.mark.parametrize('kind', [{'foreach': False}, {'foreach': True}, {'fused': True}],
+                         ids=['for-loop', 'foreach', 'fused'])
+def test_shared_casts_train_bit_for_bit_like_casting_at_every_use(debug_lm_pkg, codes, kind):
+    """With every AdamW implementation: the fused one (the solver's on CUDA) updates the weights in place without
+    moving their version counters, so the copies must be refreshed by the optimizer step itself."""
     torch.manual_seed(0)
     shared = _lm(debug_lm_pkg, shared=True)
     ref = _lm(debug_lm_pkg, shared=False)
     ref.load_state_dict(shared.state_dict())
-    optimizers = [torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2) for lm in (shared, ref)]
+    optimizers = [torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2, **kind)
+                  for lm in (shared, ref)]
     registry = _registry(shared)
     for step in range(3):
         losses = []

@@ -105,3 +105,22 @@ def test_execute_only_export_rewrites_the_adapter_of_the_same_finished_xp(tmp_pa
     assert _xp_folder(dora_dir) == folder  # execute_* are not in the signature: the same XP, not a new one
     assert (folder / 'adapter' / 'adapter_model.safetensors').read_bytes() == original
     assert len(_history(folder)) == 2  # nothing retrained
+
+
+def test_fused_adamw_under_bf16_autocast_trains_like_the_foreach_one(tmp_path):
+    """The solver's optimizer on CUDA (`lora.fused_optimizer=auto`: torch's fused AdamW) with the fast path's adapter
+    copies (adapter_casts): the fused kernel moves no version counter, and copies that missed its steps would train
+    on stale adapters. Same data, same seed: the two runs' adapters differ only by the two kernels' rounding."""
+    args = ['solver=musicgen/lora_debug', 'optim.epochs=2', 'autocast=true', 'autocast_dtype=bfloat16',
+            'optim.lr=1e-2'] + FAST
+    states = {}
+    for fused in ('true', 'false'):
+        proc = run_dora(args + [f'lora.fused_optimizer={fused}'], tmp_path / fused)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        states[fused] = torch.load(_xp_folder(tmp_path / fused) / 'checkpoint.th', weights_only=True)['model']
+    moved = 0.0
+    for key, value in states['false'].items():
+        diff = float((states['true'][key].float() - value.float()).abs().max())
+        assert diff <= 1e-3 * float(value.float().abs().max()) + 1e-6, (key, diff)
+        moved = max(moved, float(value.float().abs().max()))
+    assert moved > 0
