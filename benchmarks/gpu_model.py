@@ -15,7 +15,9 @@ overlap, Python costs that differ per op, and fusion (compiled cases are not mod
 sustained rates, calibrated against the session-6 measurements in benchmarks/README.md (within ~15%).
 
 Autocast is CPU autocast with CUDA's float32 rules (`CudaAutocastRules`), and the fast path's adapter gradients
-are written by float32-out GEMMs as on CUDA; clip_grad_norm_ is the foreach one, as on CUDA.
+are written by float32-out GEMMs as on CUDA; clip_grad_norm_ is the foreach one, as on CUDA. The fast path's adapter
+casts are shared as on a real device (adapter_casts: one foreach copy per optimizer step, which the memory estimate's
+fake tensors otherwise skip), and a foreach op or fused AdamW counts the launches CUDA's multi_tensor_apply makes.
 
     python benchmarks/gpu_model.py --scale small --batch 16 --frames 1500 --cases full,lora_fast,hf_lora
 """
@@ -34,7 +36,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402
-from audiocraft_lora import fast_lora  # noqa: E402
+from audiocraft_lora import adapter_casts, fast_lora, fused_in_proj  # noqa: E402
 
 GEMM = {'mm', 'addmm', 'bmm', 'baddbmm', '_scaled_mm', 'linear'}
 CAST = {'_to_copy', 'copy_', 'clone', 'cat', 'stack', 'contiguous', 'to', '_copy_from_and_resize'}
@@ -53,6 +55,25 @@ NO_KERNEL = {'device', 'dim', 'size', 'stride', 'sym_size', 'sym_stride', 'sym_n
 # Kernels slower than their bytes say, by a factor measured on an H100 (session-6 profile, small batch 16): the
 # sort-based backward of AudioCraft's logits revert (`index_put_` with accumulate: 40 ms where its bytes take 0.5)
 SLOW = {'index_put': 80.0, '_index_put_impl_': 80.0}
+# CUDA's multi_tensor_apply (foreach ops, fused AdamW): one launch takes at most this many tensors per list depth
+# (1-5 lists), and 320 blocks of 65,536 elements; more needs more launches (one per dispatch on CPU)
+FOREACH_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+FOREACH_MAX_BLOCKS, FOREACH_CHUNK = 320, 65536
+
+
+def foreach_launches(name: str, args: tp.Sequence[tp.Any]) -> int:
+    """Kernel launches of a foreach / fused-optimizer op on CUDA's fast route (1 for any other op)."""
+    if not (name.startswith('_foreach') or name.startswith('_fused_adam')):
+        return 1
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if not lists:
+        return 1
+    if name.startswith('_fused_adam'):
+        lists = lists[:4]  # params, grads, exp_avgs, exp_avg_sqs (the step counters ride along)
+    depth = min(len(lists), 5)
+    chunks = sum(-(-t.numel() // FOREACH_CHUNK) for t in lists[0])
+    launches = max(-(-len(lists[0]) // FOREACH_MAX_TENSORS[depth]), -(-chunks // FOREACH_MAX_BLOCKS), 1)
+    return launches + (1 if name == '_foreach_norm' else 0)  # (its per-tensor totals are reduced once more)
 
 
 def category(name: str) -> str:
@@ -123,7 +144,7 @@ class KernelCosts(TorchDispatchMode):
             shapes = (' '.join(f"{str(t.dtype)[6:]}{list(t.shape)}" for t in tensors) if len(tensors) <= 6
                       else f'{len(tensors)} tensors')
             self.by_call[f'{name} {shapes}'] += seconds
-        self.launches[kind] += 1
+        self.launches[kind] += foreach_launches(name, args)
         self.flops += flops
         self.flops_by_kind[kind] += flops
         self.bytes += moved
@@ -166,6 +187,14 @@ def _fp32_out_gemm_as_on_cuda(t: torch.Tensor) -> bool:
     return t.dtype in (torch.bfloat16, torch.float16)
 
 
+def _shared_casts_on_fake_tensors(x, casts, lora_a, lora_b):
+    """fast_lora's shared adapter casts (adapter_casts), taken on fake tensors as a real step takes them."""
+    if casts[0] is None:
+        return None, None
+    dtype = fast_lora._compute_dtype(x)
+    return adapter_casts.lookup(casts[0], lora_a, dtype), adapter_casts.lookup(casts[1], lora_b, dtype)
+
+
 def _attention_flops(func_name: str, args, kwargs) -> int:
     """FLOPs of the CPU flash-attention ops that stand in for CUDA's (a causal mask halves the work)."""
     if func_name == '_scaled_dot_product_flash_attention_for_cpu':
@@ -186,7 +215,10 @@ def model_case(case: str, args) -> dict:
                         args.min_kernel_us * 1e-6, detail=args.detail > 0)
     with FakeTensorMode(allow_non_fake_inputs=True), step_time._cpu_moves_are_noops(), \
             step_time.patterns_on_real_tensors(), CudaAutocastRules(), \
-            mock.patch.object(fast_lora, '_fp32_out_gemm', _fp32_out_gemm_as_on_cuda):
+            mock.patch.object(fast_lora, '_fp32_out_gemm', _fp32_out_gemm_as_on_cuda), \
+            mock.patch.object(fast_lora, '_shared_casts', _shared_casts_on_fake_tensors), \
+            mock.patch.object(fused_in_proj, '_shared_casts', _shared_casts_on_fake_tensors), \
+            mock.patch.object(adapter_casts, '_storage', id):  # (fake tensors have no data pointer)
         model, loss_fn = step_time.make_case(case, args)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -77,3 +77,24 @@ def test_modelled_step_keeps_the_dtypes_of_a_cuda_step(modelled):
     rank = step_time.RANK
     assert not [c for c in model['lora_fast']['top_calls_ms'] if c.startswith('_to_copy bfloat16')
                 and (f'[{rank}, ' in c or f', {rank}]' in c)]
+
+
+def test_foreach_ops_count_the_launches_of_cuda_multi_tensor_apply():
+    small = [torch.zeros(16, 16) for _ in range(300)]
+    assert gpu_model.foreach_launches('add', [small[0], small[1]]) == 1
+    assert gpu_model.foreach_launches('_foreach_copy_', [small, small]) == 5  # 300 tensors, 64 a launch (2 lists)
+    assert gpu_model.foreach_launches('_foreach_mul_', [small, 0.5]) == 3  # 110 a launch (1 list)
+    assert gpu_model.foreach_launches('_foreach_norm', [small, 2]) == 4  # and one more to reduce the totals
+    big = [torch.zeros(1, 0) for _ in range(3)] + [torch.empty(320 * 65536 + 1)]  # (shapes only: no data needed)
+    assert gpu_model.foreach_launches('_foreach_add_', [big, big]) == 2  # over 320 blocks of 65,536
+    lists = [small[:40]] * 5  # fused AdamW: params, grads, exp_avgs, exp_avg_sqs, steps: 36 a launch
+    assert gpu_model.foreach_launches('_fused_adamw_', lists) == 2
+
+
+def test_modelled_lora_step_takes_its_adapter_casts_from_one_foreach_copy(modelled):
+    model, _ = modelled
+    calls = model['lora_fast']['top_calls_ms']
+    rank = step_time.RANK
+    # no cast of a float32 [r, in] / [out, r] adapter weight at a projection: one foreach copy for them all
+    assert not [c for c in calls if c.startswith('_to_copy float32') and (f'[{rank}, ' in c or f', {rank}]' in c)]
+    assert [c for c in calls if c.startswith('_foreach_copy_')]
