@@ -72,7 +72,7 @@ class LowRankLinear(torch.autograd.Function):
         bias = None if bias is None else _cast(bias, dtype)
         mask = None
         ctx.rng = _rng_state(x) if dropout > 0 and replay else None
-        ctx.merged = dropout == 0 and _merge_pays(x)
+        ctx.merged = dropout == 0 and _merge_pays(x, w.shape[0], ctx.needs_input_grad[0], keep_merged)
         xu = kept = None
         if dropout > 0 and 'dropout_forward' in CONCAT_RANK_GEMMS and (x.dtype != dtype or x.shape[-1] < w.shape[0]):
             # y = [x | u] [W | s B]^T: x is written (cast, which it needs anyway, or copied where the input is
@@ -170,11 +170,14 @@ CONCAT_PARTS = ('forward', 'dropout_forward', 'backward')
 CONCAT_RANK_GEMMS: tp.FrozenSet[str] = frozenset()
 
 
-def _merge_pays(x: torch.Tensor) -> bool:
-    """Building `W + s B A` reads and writes [out, in]; adding the update instead reads and writes [N, out] (and
-    [N, in] in backward): the merge pays when there are more rows than twice the input width (training batches),
-    not for the few rows of a generation step."""
-    return x.numel() > 2 * x.shape[-1] * x.shape[-1]
+def _merge_pays(x: torch.Tensor, out_features: int, need_dx: bool, keep: bool) -> bool:
+    """Building `W + s B A` reads and writes [out, in] (again in backward for dx, unless kept); adding the rank-r
+    update instead reads and writes the [N, out] output (and the [N, in] dx in backward) and launches more kernels:
+    merge where the merged weight moves no more bytes (training batches; not the few rows of a generation step)."""
+    rows, in_features = x.numel() // x.shape[-1], x.shape[-1]
+    merge = 2 * out_features * in_features * (2 if need_dx and not keep else 1)
+    update = 2 * rows * (out_features + (in_features if need_dx else 0))
+    return update >= merge
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -79,10 +79,11 @@ def test_without_dropout_the_merged_product_equals_the_rank_r_update_and_keeps_n
     torch.testing.assert_close(low.double(), update.detach(), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize('rows, merged', [(4 * 6, False), (40 * 6, True)])
+@pytest.mark.parametrize('rows, merged', [(2 * 6, False), (3 * 6, True), (40 * 6, True)])
 def test_the_weight_is_merged_only_for_training_sized_batches(rows, merged):
-    """A generation step (a few rows) adds the rank-r update; a training batch (rows > 2 x in) builds W + s B A:
-    both give the update's values and gradients."""
+    """A generation step (a few rows) adds the rank-r update; a training batch builds W + s B A where that moves
+    fewer bytes (here, [20, 16] built twice vs the [N, 20] output and [N, 16] dx: from 18 rows on): both give the
+    update's values and gradients."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Shapes(TorchDispatchMode):
@@ -572,3 +573,29 @@ def test_kept_merged_weights_give_the_same_step_with_one_gemm_fewer_per_projecti
     assert ops0.count('addmm') - ops1.count('addmm') == merged_projections
     weights = {tuple(p.shape) for n, p in lm.named_parameters() if 'lora' not in n and p.dim() == 2}
     assert sum(s in weights for s in saved1) - sum(s in weights for s in saved0) >= merged_projections
+
+
+@pytest.mark.parametrize('mode, fraction, rest', [('selective', 1.0, 'none'), ('torch', 1.0, 'none'),
+                                                  ('torch', 0.5, 'selective')])
+def test_kept_merged_weights_under_activation_checkpointing_give_the_same_step(debug_lm_pkg, mode, fraction, rest):
+    """keep_merged_weights with each checkpointing plan (auto may pick any of them with it): the merged weights a
+    recomputed forward keeps are the same values, so loss and gradients are those of the plain step."""
+    from audiocraft_lora.speed import set_keep_merged
+    codes = torch.randint(0, 256, (2, 4, 200), generator=torch.Generator().manual_seed(0))  # merged path
+    settings = LoRASettings(rank=4, alpha=8, init='random', dropout=0.0)
+    results = []
+    for keep, checkpointing in ((False, 'none'), (True, mode)):
+        torch.manual_seed(0)
+        lm = _lm(debug_lm_pkg, True, settings)
+        apply_to_model(lm, SpeedSettings(activation_checkpointing=checkpointing, checkpoint_fraction=fraction,
+                                         checkpoint_rest=rest if checkpointing != 'none' else 'none'),
+                       False, torch.bfloat16)
+        assert set_keep_merged(lm, keep) > 0
+        lm.train()
+        loss = _loss(lm, codes)
+        loss.backward()
+        results.append((loss.detach(), _grads(lm)))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
+    for key in grads0:
+        torch.testing.assert_close(grads1[key], grads0[key], atol=1e-6, rtol=1e-5, msg=key)
