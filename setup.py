@@ -60,6 +60,6 @@ setup(
     packages=find_packages(include=['audiocraft_lora', 'audiocraft_lora.*', 'grids', 'grids.*']),
     include_package_data=True,
     install_requires=TORCH_STACK + AUDIOCRAFT_RUNTIME + OURS,
-    extras_require={'test': ['pytest>=7']},
+    extras_require={'test': ['pytest>=7', 'pytest-xdist>=3']},
     entry_points={'console_scripts': ['audiocraft-lora=audiocraft_lora.cli:main']},
 )
