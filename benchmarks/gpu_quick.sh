@@ -5,7 +5,8 @@
 # `lora_compile_ro` (torch.compile mode='reduce-overhead': CUDA graphs per layer, the lever for the launch-bound b4
 # step) at small b4, `lora_graphed` (each eager layer replayed as CUDA graphs: graphed_layers.py; its loss in the
 # json should equal lora_fast's) at small and medium b4, `lora_fast_keep` (lora.keep_merged_weights) at small b4,
-# `lora_fast_f32attn` (lora.attention_in_autocast_dtype=false)
+# `lora_fast_f32attn` (lora.attention_in_autocast_dtype=false); `lora_fast_keep` is what the solver runs on a GPU
+# (keep_merged_weights=auto keeps them where they fit; step_time runs no memory plan, so lora_fast has them off)
 # beside `lora_fast` at small b16 (medium b4 drops it for time), a CUDA dora run
 # (bf16, auto memory plan), then `lora_fast_concat` with one part of fast_lora.CONCAT_RANK_GEMMS on per line. Batch-4
 # steps are host-bound and vary +-30% run to run: their median is taken over 15 steps.
@@ -21,10 +22,10 @@ run_case() {
   timeout $(left 80) python3 benchmarks/step_time.py --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
     --iters 5 "$@" 2>&1 | quiet  # (an option given here wins over these defaults)
 }
-for args in "--scale small --batch 16 --cases full,lora_fast,lora_fast_f32attn,hf_lora" \
+for args in "--scale small --batch 16 --cases full,lora_fast_keep,lora_fast,lora_fast_f32attn,hf_lora" \
             "--scale small --batch 4 --cases full,lora_fast,lora_fast_keep,lora_graphed,lora_compile_ro,hf_lora \
              --iters 15 --json $OUT/small_b4.json" \
-            "--scale medium --batch 4 --cases full,lora_fast,lora_graphed,hf_lora \
+            "--scale medium --batch 4 --cases full,lora_fast_keep,lora_fast,lora_graphed,hf_lora \
              --iters 15 --json $OUT/medium_b4.json"; do
   run_case $args
 done
