@@ -85,13 +85,17 @@ class LowRankLinear(torch.autograd.Function):
         if ctx.merged:
             # no dropout: one GEMM with `W + s B A` (built at [out, in], r-deep: cheap) instead of a second pass
             # over the [N, out] output (`y + s u B^T` costs about as much as the base GEMM itself)
-            merged = torch.addmm(w, b, a, alpha=scaling)
-            kept = merged if keep_merged and ctx.needs_input_grad[0] else None  # backward's dx reuses it
-            if ctx.needs_input_grad[4] and 'forward' in CONCAT_RANK_GEMMS:  # dB needs u = x A^T (not validation):
-                # y and u from one GEMM over [W + s B A; A], one pass over x; u copied out: only y holds the output
+            concat = ctx.needs_input_grad[4] and 'forward' in CONCAT_RANK_GEMMS  # (dB needs u: not validation)
+            if concat:  # `W + s B A` built into the first rows of [W + s B A; s A], no cat: one GEMM gives y and u
                 out = w.shape[0]
-                yu = F.linear(xc, torch.cat([merged, a * scaling]), None if bias is None else torch.cat(
-                    [bias, bias.new_zeros(a.shape[0])]))
+                stacked = w.new_empty(out + a.shape[0], w.shape[1])
+                merged = torch.addmm(w, b, a, alpha=scaling, out=stacked[:out])
+                torch.mul(a, scaling, out=stacked[out:])
+            else:
+                merged = torch.addmm(w, b, a, alpha=scaling)
+            kept = merged if keep_merged and ctx.needs_input_grad[0] else None  # backward's dx reuses it
+            if concat:  # one pass over x for both; y and u are column views of the product (u: row stride out + r)
+                yu = F.linear(xc, stacked, None if bias is None else torch.cat([bias, bias.new_zeros(a.shape[0])]))
                 y, u = yu[..., :out], yu[..., out:].reshape(-1, a.shape[0])
             else:
                 y = F.linear(xc, merged, bias)
@@ -161,7 +165,8 @@ class LowRankLinear(torch.autograd.Function):
 
 
 # Where one GEMM gives both a base product and the rank-r product that reads the same big operand, instead of a
-# second memory-bound pass over x or g: 'forward' (merged: y and u = x A^T over [W + s B A; A]), 'dropout_forward'
+# second memory-bound pass over x or g: 'forward' (merged: y and u = x A^T over [W + s B A; s A], the merged weight
+# built in place into its rows: no cat, the same launch count as without; since session 10), 'dropout_forward'
 # (y = [x | u] [W | s B]^T, x cast into the buffer beside u), 'backward' (dx and s g B over [W | s B]). Off: all
 # three on measured on an H100 (bf16, rank 16, 30 s) 0.296 vs 0.335 s at musicgen-medium batch 4 but 0.212 vs 0.204 s
 # at small batch 16, 0.273 vs 0.247 s with dropout 0.05, 0.170 vs 0.141 s at small batch 4 (strided outputs, wider

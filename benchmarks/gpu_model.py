@@ -254,6 +254,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, dict]:
     parser.add_argument('--card', type=int, default=2048)
     parser.add_argument('--cases', default='full,lora_fast,lora_fast_f32attn,hf_lora')
     parser.add_argument('--lora-dropout', type=float, default=0.0)
+    parser.add_argument('--concat-rank-gemms', default=','.join(fast_lora.CONCAT_PARTS),
+                        help="the lora_fast_concat case's fast_lora.CONCAT_RANK_GEMMS parts")
     parser.add_argument('--peak-tflops', type=float, default=750.0, help='sustained bf16 GEMM rate')
     parser.add_argument('--attention-tflops', type=float, default=350.0, help='sustained flash-attention rate')
     parser.add_argument('--bandwidth-gbs', type=float, default=2600.0, help='sustained memory bandwidth')

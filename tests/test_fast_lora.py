@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from audiocraft_lora import base_models, fast_lora
 from audiocraft_lora.errors import LoRAConfigError
@@ -112,6 +113,21 @@ def test_the_weight_is_merged_only_for_training_sized_batches(rows, merged):
         torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
 
 
+class _OpNames(TorchDispatchMode):
+    """The names of the kernel-running ATen ops run under it (views and metadata left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in ('view', '_unsafe_view', 't', 'slice', 'reshape', 'expand', 'as_strided', 'empty',
+                        'new_empty', 'empty_strided', 'detach', 'alias', 'transpose', 'split', 'select'):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize('parts', [(), ('forward',), ('dropout_forward',), ('backward',), CONCAT_PARTS],
                          ids=lambda p: '+'.join(p) or 'split')
 @pytest.mark.parametrize('dropout, bias', [(0.0, False), (0.0, True), (0.1, False)])
@@ -150,6 +166,14 @@ def test_rank_r_products_from_the_base_gemms_read_less_and_give_the_same_values(
         assert forward.count == {'x': 0 if 'dropout_forward' in parts else 1}
     else:  # merged: x (W + s B A)^T and x A^T
         assert forward.count == {'x': 1 if 'forward' in parts else 2}
+        if parts == ('forward',) and not bias:  # built in place: no cat, as many kernels as the split forward
+            monkeypatch.setattr(fast_lora, 'CONCAT_RANK_GEMMS', frozenset())
+            with _OpNames() as split:
+                low_rank_linear(x, w, bias_t, a, b, 0.7, dropout)
+            monkeypatch.setattr(fast_lora, 'CONCAT_RANK_GEMMS', frozenset(parts))
+            with _OpNames() as concat:
+                low_rank_linear(x, w, bias_t, a, b, 0.7, dropout)
+            assert 'cat' not in concat.names and len(concat.names) == len(split.names), (concat.names, split.names)
     # dx, g B, dB read g; dA reads x (dropout(x), kept, with dropout)
     assert backward.count == {'x': 0 if dropout else 1, 'g': 2 if 'backward' in parts else 3}
     x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
