@@ -70,6 +70,8 @@ class AdapterCasts:
 
     def get(self, index: int, dtype: torch.dtype) -> torch.Tensor:
         """The copy of weight `index` in `dtype`, refreshing every stale copy first if this one is stale."""
+        if not _HOOK:  # (a registry unpickled in another process was not built by __init__ there)
+            _count_optimizer_steps()
         if self.stamps[index] != self._stamp(index, dtype):
             self.refresh(dtype)
         copy = self.copies[index]
