@@ -61,10 +61,15 @@ FOREACH_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 FOREACH_MAX_BLOCKS, FOREACH_CHUNK = 320, 65536
 
 
+# Ops the dispatcher sees once that run more than one kernel on CUDA (a zero fill, then the op's own kernel)
+COMPOSITE_LAUNCHES = {'slice_backward': 2, 'select_backward': 2, 'nll_loss_backward': 2}
+
+
 def foreach_launches(name: str, args: tp.Sequence[tp.Any]) -> int:
-    """Kernel launches of a foreach / fused-optimizer op on CUDA's fast route (1 for any other op)."""
+    """Kernel launches of a foreach / fused-optimizer op on CUDA's fast route, or of the composite ops above (1 for
+    any other op)."""
     if not (name.startswith('_foreach') or name.startswith('_fused_adam')):
-        return 1
+        return COMPOSITE_LAUNCHES.get(name, 1)
     lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
     if not lists:
         return 1

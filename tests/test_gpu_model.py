@@ -82,6 +82,7 @@ def test_modelled_step_keeps_the_dtypes_of_a_cuda_step(modelled):
 def test_foreach_ops_count_the_launches_of_cuda_multi_tensor_apply():
     small = [torch.zeros(16, 16) for _ in range(300)]
     assert gpu_model.foreach_launches('add', [small[0], small[1]]) == 1
+    assert gpu_model.foreach_launches('slice_backward', [small[0]]) == 2  # a zero fill, then the copy
     assert gpu_model.foreach_launches('_foreach_copy_', [small, small]) == 5  # 300 tensors, 64 a launch (2 lists)
     assert gpu_model.foreach_launches('_foreach_mul_', [small, 0.5]) == 3  # 110 a launch (1 list)
     assert gpu_model.foreach_launches('_foreach_norm', [small, 2]) == 4  # and one more to reduce the totals
