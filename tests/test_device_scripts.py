@@ -48,3 +48,20 @@ def test_every_benchmark_flag_a_device_script_passes_exists(script):
         source = (BENCHMARKS.parent / path).read_text()
         for flag in flags:
             assert f"'{flag}'" in source, f"{script.name} passes {flag} to {path}, which has no such option"
+
+
+def test_the_device_wheel_list_pins_what_the_tests_run_with():
+    """benchmarks/gpu_wheels.txt (what make_wheels.sh fetches for the GPU image) follows the versions installed here:
+    a drifted pin would run the device checks on other code than the tests."""
+    from importlib import metadata
+    pins = [line.split('==') for line in (BENCHMARKS / 'gpu_wheels.txt').read_text().splitlines()
+            if line.strip() and not line.startswith('#')]
+    assert len(pins) > 40 and any(name == 'audiocraft' for name, _ in pins)
+    for name, version in pins:
+        assert metadata.version(name) == version, (name, version, metadata.version(name))
+
+
+@pytest.mark.skipif(shutil.which('bash') is None, reason='no bash')
+def test_make_wheels_parses():
+    proc = subprocess.run(['bash', '-n', str(BENCHMARKS / 'make_wheels.sh')], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
