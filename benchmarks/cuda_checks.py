@@ -20,6 +20,8 @@ def logits(lm, codes, autocast):
 
 
 def main():
+    import warnings
+    warnings.filterwarnings('ignore')  # (Hydra's, AudioCraft's deprecations: gpu_quick.sh shows the last lines only)
     set_efficient_attention_backend('torch')
     pkg = base_models.load_lm_package(base_models.resolve_base('debug'))
     lm = base_models.build_lm(pkg).cuda().eval()
