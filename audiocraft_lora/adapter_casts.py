@@ -21,24 +21,20 @@ import typing as tp
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ['AdapterCasts', 'share_adapter_casts', 'lookup']
 
 Slot = tp.Tuple['AdapterCasts', int]
 
-_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process (any optimizer), from the first AdapterCasts on
-_HOOK: tp.List[tp.Any] = []
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process (any optimizer), counted by the hook below
 
 
 def _count_step(optimizer, args, kwargs) -> None:
     _OPTIMIZER_STEPS[0] += 1
 
 
-def _count_optimizer_steps() -> None:
-    """Register, once per process, the global optimizer step post-hook that makes every copy stale."""
-    if not _HOOK:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-        _HOOK.append(register_optimizer_step_post_hook(_count_step))
+register_optimizer_step_post_hook(_count_step)  # once per process: after any step, every copy is stale
 
 
 def _storage(weight: torch.Tensor) -> int:
@@ -49,7 +45,6 @@ class AdapterCasts:
     """Compute-dtype copies of a list of float32 adapter weights, refreshed together."""
 
     def __init__(self, weights: tp.Sequence[torch.Tensor] = ()):
-        _count_optimizer_steps()
         self.weights: tp.List[torch.Tensor] = []
         self.copies: tp.List[tp.Optional[torch.Tensor]] = []
         self.stamps: tp.List[tp.Any] = []  # (optimizer steps, version, data_ptr, dtype) of the last refresh
@@ -70,8 +65,6 @@ class AdapterCasts:
 
     def get(self, index: int, dtype: torch.dtype) -> torch.Tensor:
         """The copy of weight `index` in `dtype`, refreshing every stale copy first if this one is stale."""
-        if not _HOOK:  # (a registry unpickled in another process was not built by __init__ there)
-            _count_optimizer_steps()
         if self.stamps[index] != self._stamp(index, dtype):
             self.refresh(dtype)
         copy = self.copies[index]

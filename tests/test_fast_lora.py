@@ -45,6 +45,22 @@ def _grads(lm):
     return {k: p.grad.clone() for k, p in lora_parameters(lm).items()}
 
 
+def _train_step(lm, codes):
+    """(loss, adapter gradients) of one training forward and backward."""
+    lm.train()
+    loss = _loss(lm, codes)
+    loss.backward()
+    return loss.detach(), _grads(lm)
+
+
+def _assert_same_step(step0, step1):
+    """The same loss bit for bit, and the same adapter gradients up to float32 summation order."""
+    (loss0, grads0), (loss1, grads1) = step0, step1
+    torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
+    for key in grads0:
+        torch.testing.assert_close(grads1[key], grads0[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
 def test_low_rank_linear_matches_the_merged_weight_in_double():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -332,16 +348,12 @@ def test_activation_checkpointing_gives_the_same_gradients(debug_lm_pkg, codes, 
         assert lm.transformer.checkpointing == ('torch' if checkpointing == 'torch' else 'none')
         if checkpointing != 'none' and (fraction < 1 or checkpointing == 'selective'):
             assert info['checkpointed_layers'] == ([0] if fraction < 1 else [0, 1])  # of the debug base's 2 layers
-        lm.train()
         torch.manual_seed(3)
-        loss = _loss(lm, codes)
-        loss.backward()
-        results.append((loss.detach(), _grads(lm)))
-    (loss0, grads0), (loss1, grads1) = results
-    torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
+        results.append(_train_step(lm, codes))
+    (_, grads0), (_, grads1) = results
     for key in grads0:
         assert grads1[key].abs().sum() > 0 or grads0[key].abs().sum() == 0, key
-        torch.testing.assert_close(grads1[key], grads0[key], atol=1e-6, rtol=1e-5, msg=key)
+    _assert_same_step(*results)
 
 
 def test_selective_checkpointing_recomputes_only_cheap_work(debug_lm_pkg, codes):
@@ -615,11 +627,5 @@ def test_kept_merged_weights_under_activation_checkpointing_give_the_same_step(d
                                          checkpoint_rest=rest if checkpointing != 'none' else 'none'),
                        False, torch.bfloat16)
         assert set_keep_merged(lm, keep) > 0
-        lm.train()
-        loss = _loss(lm, codes)
-        loss.backward()
-        results.append((loss.detach(), _grads(lm)))
-    (loss0, grads0), (loss1, grads1) = results
-    torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
-    for key in grads0:
-        torch.testing.assert_close(grads1[key], grads0[key], atol=1e-6, rtol=1e-5, msg=key)
+        results.append(_train_step(lm, codes))
+    _assert_same_step(*results)

@@ -81,15 +81,15 @@ def test_modelled_step_keeps_the_dtypes_of_a_cuda_step(modelled):
 
 def test_foreach_ops_count_the_launches_of_cuda_multi_tensor_apply():
     small = [torch.zeros(16, 16) for _ in range(300)]
-    assert gpu_model.foreach_launches('add', [small[0], small[1]]) == 1
-    assert gpu_model.foreach_launches('slice_backward', [small[0]]) == 2  # a zero fill, then the copy
-    assert gpu_model.foreach_launches('_foreach_copy_', [small, small]) == 5  # 300 tensors, 64 a launch (2 lists)
-    assert gpu_model.foreach_launches('_foreach_mul_', [small, 0.5]) == 3  # 110 a launch (1 list)
-    assert gpu_model.foreach_launches('_foreach_norm', [small, 2]) == 4  # and one more to reduce the totals
+    assert gpu_model.kernel_launches('add', [small[0], small[1]]) == 1
+    assert gpu_model.kernel_launches('slice_backward', [small[0]]) == 2  # a zero fill, then the copy
+    assert gpu_model.kernel_launches('_foreach_copy_', [small, small]) == 5  # 300 tensors, 64 a launch (2 lists)
+    assert gpu_model.kernel_launches('_foreach_mul_', [small, 0.5]) == 3  # 110 a launch (1 list)
+    assert gpu_model.kernel_launches('_foreach_norm', [small, 2]) == 4  # and one more to reduce the totals
     big = [torch.zeros(1, 0) for _ in range(3)] + [torch.empty(320 * 65536 + 1)]  # (shapes only: no data needed)
-    assert gpu_model.foreach_launches('_foreach_add_', [big, big]) == 2  # over 320 blocks of 65,536
+    assert gpu_model.kernel_launches('_foreach_add_', [big, big]) == 2  # over 320 blocks of 65,536
     lists = [small[:40]] * 5  # fused AdamW: params, grads, exp_avgs, exp_avg_sqs, steps: 36 a launch
-    assert gpu_model.foreach_launches('_fused_adamw_', lists) == 2
+    assert gpu_model.kernel_launches('_fused_adamw_', lists) == 2
 
 
 def test_modelled_lora_step_takes_its_adapter_casts_from_one_foreach_copy(modelled):
