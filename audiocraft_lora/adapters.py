@@ -6,7 +6,7 @@ An adapter folder is what training exports and what `audiocraft-lora generate/me
       adapter_model.safetensors   LoRA tensors under canonical names (see `audiocraft_lora.lora`), float32
       adapter_config.json         {"format": "audiocraft-lora", "format_version": 1, "lora": {...LoRASettings},
                                    "targets": [...used targets], "scaling": alpha/rank,
-                                   "base_model": "<id or path as given>", "base_fingerprint": "<sha256>",
+                                   "base_model": "<hub id or absolute folder>", "base_fingerprint": "<sha256>",
                                    "base_kind": "hub|audiocraft_dir|hf_dir|debug", ...extra}
 
 The json is written with sorted keys. Loading ignores unknown keys (forward compatible). Applying an adapter to a

@@ -52,8 +52,9 @@ def resolve_base(name: tp.Optional[str], cache_dir: tp.Optional[Path] = None) ->
     if name == 'debug':
         from .debug_base import ensure_debug_base
         return BaseModel(name, 'debug', str(ensure_debug_base(cache_dir)))
-    path = Path(os.path.expanduser(name))
+    path = launch_path(name)
     if path.exists():
+        name = str(path)  # adapters and checkpoints record a folder that resolves from any working folder
         if path.is_file():
             raise BaseModelError(f"base_model={name} is a file; give the folder that holds state_dict.bin and "
                                  "compression_state_dict.bin (AudioCraft) or config.json (Hugging Face).")
@@ -72,10 +73,17 @@ def resolve_base(name: tp.Optional[str], cache_dir: tp.Optional[Path] = None) ->
                                  "(musicgen / musicgen_melody) saved by transformers' save_pretrained.")
         raise BaseModelError(f"base_model={name} is a folder but holds neither state_dict.bin + "
                              "compression_state_dict.bin (AudioCraft) nor config.json (Hugging Face MusicGen).")
-    if _HUB_ID.match(name) and not name.startswith(('.', '/', '~')):
+    if _HUB_ID.match(name) and not name.startswith(('.', '/', '~')):  # (launch_path(name) is no folder)
         return BaseModel(name, 'hub', name)
     raise BaseModelError(f"base_model={name} can't be found: no such folder, and it is not a hub id like "
                          "facebook/musicgen-small.")
+
+
+def launch_path(name: str) -> Path:
+    """`name` as an absolute path: a relative one is taken from the folder the command was launched from (under
+    `dora run`, whose working folder is the XP's, the folder `dora run` was typed in)."""
+    from dora import git_save
+    return Path(git_save.to_absolute_path(os.path.expanduser(name)))
 
 
 def _hf_model_type(config_path: Path) -> tp.Optional[str]:
@@ -101,7 +109,9 @@ def _load_package(base: BaseModel, filename: str) -> dict:
             f"Base {base.name}: {filename} is not in the local Hugging Face cache"
             f"{' and HF_HUB_OFFLINE is set' if offline else ' and the hub is unreachable'} ({type(exc).__name__}). "
             "Download it once where the hub is reachable (huggingface-cli download "
-            f"{base.name}), or point base_model to a local AudioCraft or HF-transformers folder.") from exc
+            f"{base.name}), or point base_model to a local AudioCraft or HF-transformers folder (there is no folder "
+            f"{launch_path(base.name)}; a relative path is taken from the folder the command was launched "
+            "from).") from exc
 
 
 def load_lm_package(base: BaseModel) -> dict:

@@ -51,6 +51,8 @@ def _try_import(module_name: str):
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> int:
+    from .quiet import quiet_dependency_notices
+    quiet_dependency_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, 'command', None):

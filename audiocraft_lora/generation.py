@@ -60,7 +60,8 @@ def generate_sample(model, prompt: Prompt, seed: int, sampling: SamplingSettings
     if prompt.duration > model.max_duration and sampling.extend_stride >= model.max_duration:
         raise UserError(f"extend_stride {sampling.extend_stride} must be < the model's max duration "
                         f"{model.max_duration} s to generate {prompt.duration} s.")
-    model.set_generation_params(use_sampling=True, top_k=sampling.top_k, top_p=sampling.top_p,
+    top_k = min(sampling.top_k, model.lm.card)  # (all tokens either way: AudioCraft's torch.topk refuses k > card)
+    model.set_generation_params(use_sampling=True, top_k=top_k, top_p=sampling.top_p,
                                 temperature=sampling.temperature, duration=prompt.duration,
                                 cfg_coef=sampling.cfg_coef, two_step_cfg=sampling.two_step_cfg,
                                 extend_stride=sampling.extend_stride)

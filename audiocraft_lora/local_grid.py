@@ -20,8 +20,7 @@ import sys
 import typing as tp
 
 from . import train
-
-ROOT = train.ROOT
+from .checkout import ROOT
 
 
 def grid_sheeps(name: str) -> tp.Tuple[tp.Any, list]:

@@ -83,6 +83,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
             self._validate_data(cfg)
         with checkpointing.model_hash_reads_16_bit():
             super().__init__(cfg)
+        # a top_k of at least the codebook size keeps every token; torch.topk (AudioCraft's sampler) refuses more
+        self.generation_params['top_k'] = min(int(self.generation_params['top_k']), int(cfg.transformer_lm.card))
         self.nonfinite_guard = NonFiniteGuard.from_config(cfg.get('nonfinite'))
         self.stateful.register('nonfinite', self.nonfinite_guard)  # running count of skipped steps
 
@@ -124,7 +126,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
             splits, sample_rate=cfg.sample_rate, channels=cfg.channels,
             segment_duration=cfg.dataset.segment_duration, min_segment_ratio=cfg.dataset.min_segment_ratio,
             base_dir=git_save.to_absolute_path('.'))  # relative manifest paths: where `dora run` was launched
-        logger.info("Dataset check:\n%s", report.summary_table())
+        logger.info("%s", report.summary_table())
         report.raise_if_errors()
 
     # ---------------------------------------------------------------- model

@@ -12,8 +12,8 @@ from pathlib import Path
 import sys
 import typing as tp
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / 'config'
+from .checkout import CONFIG_DIR, ROOT
+from .quiet import quiet_dependency_notices
 
 
 def setup_environment() -> None:
@@ -32,6 +32,7 @@ def dora_dir() -> Path:
 
 
 setup_environment()
+quiet_dependency_notices()
 
 from dora import git_save, hydra_main  # noqa: E402
 import flashy  # noqa: E402

@@ -18,6 +18,7 @@ import typing as tp
 import torch
 
 from .adapters import Adapter
+from .errors import UserError
 from .lora import LoRASettings
 
 SPLIT = 'valid'
@@ -78,6 +79,7 @@ def valid_cross_entropy(base: str, adapters: tp.Mapping[str, Adapter], dataset_o
     """
     from . import train
     from audiocraft.modules.transformer import set_efficient_attention_backend
+    from hydra.errors import MissingConfigException
     groups: tp.Dict[str, tp.List[str]] = {}
     for label, adapter in adapters.items():
         groups.setdefault(json.dumps(adapter.settings.to_dict(), sort_keys=True), []).append(label)
@@ -92,7 +94,13 @@ def valid_cross_entropy(base: str, adapters: tp.Mapping[str, Adapter], dataset_o
             argv = (recipe + [f'base_model={base}', f'device={device}', 'dataset.num_workers=0',
                      'logging.log_tensorboard=false', 'logging.log_wandb=false']
                     + autocast + lora_overrides(settings) + list(dataset_overrides))
-            xp = train.main.get_xp(argv)
+            try:
+                xp = train.main.get_xp(argv)
+            except MissingConfigException as exc:  # e.g. the dset yaml of the adapter's XP was moved or deleted
+                raise UserError(f"valid CE: {str(exc).splitlines()[0]} in {train.CONFIG_DIR} (overrides: "
+                                f"{' '.join(dataset_overrides)}). Fix: recreate it (`audiocraft-lora prepare ... "
+                                "--name <name>`) or pass the data explicitly (--valid dset=audio/<name>, or a "
+                                "manifest folder).") from exc
             xp.folder.mkdir(parents=True, exist_ok=True)
             set_efficient_attention_backend(xp.cfg.efficient_attention_backend)
             threads = torch.get_num_threads()

@@ -19,7 +19,7 @@ import typing as tp
 
 from dora.log import fatal
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / 'config'
+from audiocraft_lora.checkout import CONFIG_DIR
 
 # LoRA on attention only (self + cross), against the recipes' default: attention and feed-forward.
 ATTENTION_TARGETS = ['self_attn.in_proj', 'self_attn.out_proj', 'cross_attention.in_proj', 'cross_attention.out_proj']
@@ -40,6 +40,8 @@ def base_args(default_recipe: str) -> tp.List[str]:
         argv.append(f'dset={dset}')
     base = os.environ.get('LORA_SWEEP_BASE')
     if base:
+        if Path(base).expanduser().exists():  # a local folder: absolute (XPs may run from another folder)
+            base = str(Path(base).expanduser().resolve())
         argv.append(f'base_model={base}')
     argv += shlex.split(os.environ.get('LORA_SWEEP_ARGS', ''))
     return argv

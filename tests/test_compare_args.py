@@ -35,3 +35,9 @@ def test_valid_overrides_auto_explicit_and_folder(tmp_path):
                                               for s in ('train', 'valid', 'evaluate', 'generate')]
     with pytest.raises(UserError, match='no such manifest folder'):
         valid_overrides([str(tmp_path / 'nope')])
+
+
+def test_valid_ce_of_a_dataset_that_is_gone_says_how_to_give_the_data(dora_dir):
+    from audiocraft_lora.valid_ce import valid_cross_entropy
+    with pytest.raises(UserError, match=r"Could not find 'dset/audio/moved_away'.*--valid dset=audio/<name>"):
+        valid_cross_entropy('debug', {}, ['dset=audio/moved_away'])

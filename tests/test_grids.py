@@ -152,3 +152,15 @@ def test_debug_sweep_runs_here_its_table_shows_the_metrics_and_lora_eval_reruns_
     history = json.loads((dora_dir / 'xps' / done[0] / 'history.json').read_text())
     assert list(history[0]) == ['evaluate'] and history[0]['evaluate']['ce'] > 0
     assert f"{history[0]['evaluate']['ce']:.4f}" in proc.stdout  # LoRAEvalExplorer's table
+
+
+def test_sweep_base_given_as_a_relative_folder_is_recorded_absolute(tmp_path, monkeypatch):
+    from grids import _sweep
+    (tmp_path / 'local' / 'musicgen-small').mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith('LORA_SWEEP_')]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv('LORA_SWEEP_BASE', 'local/musicgen-small')  # XPs run in their own folders: not relative
+    assert _sweep.base_args('lora_small')[-1] == f"base_model={tmp_path / 'local' / 'musicgen-small'}"
+    monkeypatch.setenv('LORA_SWEEP_BASE', 'facebook/musicgen-small')  # a hub id stays as it is
+    assert _sweep.base_args('lora_small')[-1] == 'base_model=facebook/musicgen-small'

@@ -63,9 +63,14 @@ def manifest_entry(path: tp.Union[str, Path], duration: float, sample_rate: int,
     Paths are made absolute without resolving symlinks: a mirrored symlink must stay the path AudioCraft opens, so
     that its sidecar (next to the link) is found.
     """
+    return AudioMeta(path=written_path(path, relative_to), duration=float(duration), sample_rate=int(sample_rate))
+
+
+def written_path(path: tp.Union[str, Path], relative_to: tp.Optional[tp.Union[str, Path]] = None) -> str:
+    """`path` as a manifest or dset yaml holds it: absolute, or relative to `relative_to` (the folder `dora run`
+    will be launched from) when given. Symlinks are kept (a mirrored clip's sidecar sits next to the link)."""
     absolute = os.path.abspath(str(path))
-    written = os.path.relpath(absolute, os.path.abspath(str(relative_to))) if relative_to is not None else absolute
-    return AudioMeta(path=written, duration=float(duration), sample_rate=int(sample_rate))
+    return os.path.relpath(absolute, os.path.abspath(str(relative_to))) if relative_to is not None else absolute
 
 
 def write_manifest(split_dir: tp.Union[str, Path], metas: tp.Sequence[AudioMeta]) -> Path:

@@ -18,7 +18,8 @@ from audiocraft.data.audio_dataset import AudioMeta
 
 from ..errors import DataError
 from .audio_files import AudioReadError, probe_audio
-from .manifests import SPLITS, manifest_entry, write_dset_yaml, write_manifest
+from ..checkout import CONFIG_DIR
+from .manifests import SPLITS, manifest_entry, write_dset_yaml, write_manifest, written_path
 from .placement import ClipPlacer, PlacedAudio
 from .sources import SourceClip, collect_clips
 from .splits import assign_splits
@@ -87,7 +88,7 @@ def default_name(source: tp.Union[str, Path]) -> str:
 
 
 def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, *,
-                    egs_root: tp.Union[str, Path] = 'egs', config_root: tp.Union[str, Path] = 'config',
+                    egs_root: tp.Union[str, Path] = 'egs', config_root: tp.Union[str, Path] = CONFIG_DIR,
                     description: tp.Optional[str] = None, valid_ratio: float = 0.2, seed: int = 0,
                     num_generate: int = 4, relative_to: tp.Optional[tp.Union[str, Path]] = None,
                     segment_seconds: tp.Optional[float] = None, sample_rate: int = 32000, channels: int = 1,
@@ -99,13 +100,15 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
         source (str or Path): A folder of audio files, or a metadata .json/.jsonl (see `sources.py`).
         name (str, optional): Dataset name (`dset=audio/<name>`); default: from the source folder name.
         egs_root (str or Path): Where `<name>/<split>/data.jsonl` go.
-        config_root (str or Path): Where `dset/audio/<name>.yaml` goes.
+        config_root (str or Path): Where `dset/audio/<name>.yaml` goes; default: the checkout's `config/`, the
+            tree `dora run` reads (`dset=audio/<name>` from any folder).
         description (str, optional): Caption for every clip that has none of its own.
         valid_ratio (float): Fraction of clips held out for validation when the source gives no split.
         seed (int): Seed of that split.
         num_generate (int): At most this many valid clips form the `generate` split.
-        relative_to (str or Path, optional): Write manifest paths relative to this folder (AudioCraft resolves
-            them against the folder `dora run` is launched from); absolute paths otherwise.
+        relative_to (str or Path, optional): Write manifest paths and the dset yaml's split folders relative to
+            this folder (AudioCraft resolves them against the folder `dora run` is launched from); absolute paths
+            otherwise.
         segment_seconds (float, optional): Cut longer files into chunks of this length (written as FLAC).
         sample_rate (int): Sample rate of converted or cut audio.
         channels (int): Channels of converted or cut audio.
@@ -148,7 +151,8 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
 
     split_dirs = {split: egs_root / name / split for split in SPLITS}
     manifests = {split: write_manifest(split_dirs[split], splits[split]) for split in SPLITS}
-    dset_yaml = write_dset_yaml(config_root, name, split_dirs)
+    dset_yaml = write_dset_yaml(config_root, name, {split: written_path(folder, relative_root)
+                                                    for split, folder in split_dirs.items()})
 
     if placer.not_writable:
         warnings.append(f"{len(placer.not_writable)} source folder(s) are not writable: those clips were mirrored "

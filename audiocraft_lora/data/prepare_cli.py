@@ -4,6 +4,8 @@ AudioCraft is imported only in `run`, so that `audiocraft-lora --help` stays fas
 """
 import argparse
 
+from ..checkout import CONFIG_DIR
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `audiocraft-lora prepare`."""
@@ -18,11 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--num-generate', type=int, default=4,
                         help="at most this many valid clips form the generate split (default: 4)")
     parser.add_argument('--egs-root', default='egs', help="where <name>/<split>/data.jsonl go (default: egs)")
-    parser.add_argument('--config-root', default='config',
-                        help="where dset/audio/<name>.yaml goes (default: config)")
+    parser.add_argument('--config-root', default=str(CONFIG_DIR),
+                        help="where dset/audio/<name>.yaml goes (default: the checkout's config/, which `dora run` "
+                             "reads from any folder)")
     parser.add_argument('--relative-to', metavar='DIR',
-                        help="write manifest paths relative to DIR, the folder you will launch `dora run` from "
-                             "(default: absolute paths)")
+                        help="write manifest paths and the dset yaml's split folders relative to DIR, the folder you "
+                             "will launch `dora run` from (default: absolute paths)")
     parser.add_argument('--segment-seconds', type=float, metavar='S',
                         help="cut longer files into S-second FLAC chunks (default: keep files whole; AudioCraft "
                              "random-crops them at train time)")

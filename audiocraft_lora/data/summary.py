@@ -68,5 +68,6 @@ def length_histogram(durations: tp.Sequence[float], width: int = 40) -> tp.List[
 
 
 def train_command(name: str, segment_duration: int) -> str:
-    """The exact next command after `prepare`."""
-    return f"dora run solver=musicgen/lora_small dset=audio/{name} dataset.segment_duration={segment_duration}"
+    """The exact next command after `prepare`, from the current folder."""
+    from ..checkout import dora_run
+    return f"{dora_run()} solver=musicgen/lora_small dset=audio/{name} dataset.segment_duration={segment_duration}"

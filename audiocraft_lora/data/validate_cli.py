@@ -5,6 +5,8 @@ AudioCraft is imported only in `run`, so that `audiocraft-lora --help` stays fas
 """
 import argparse
 
+from ..checkout import CONFIG_DIR
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `audiocraft-lora validate`."""
@@ -12,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the dataset config to check: <config-root>/dset/audio/NAME.yaml, all of its splits")
     parser.add_argument('--manifest', action='append', metavar='PATH',
                         help="check one data.jsonl(.gz) (or its folder) instead; repeat for several")
-    parser.add_argument('--config-root', default='config', help="folder holding dset/ (default: config)")
+    parser.add_argument('--config-root', default=str(CONFIG_DIR),
+                        help="folder holding dset/ (default: the checkout's config/, the tree `dora run` reads)")
     parser.add_argument('--sample-rate', type=int, default=32000, help="the model's sample rate (default: 32000)")
     parser.add_argument('--channels', type=int, default=1, help="the model's channels (default: 1)")
     parser.add_argument('--segment-duration', type=float, default=30.0,
