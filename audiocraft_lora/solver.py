@@ -227,6 +227,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
     # ---------------------------------------------------------------- non-finite guard
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
         """AudioCraft's step; in training, a non-finite loss or grad norm skips the step before optimizer.step()."""
+        if self.speed_settings.cuda_graphs:  # a new iteration: the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         if not self.is_training:
             return super().run_step(idx, batch, metrics)
         faults.kill_point('train_step', epoch=self.epoch, step=idx, rank=flashy.distrib.rank())

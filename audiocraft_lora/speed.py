@@ -8,6 +8,7 @@
     lora.checkpoint_fraction: 1.0         # fraction of the layers checkpointed (evenly spaced)
     lora.checkpoint_rest: none            # none | selective: what the other layers do
     lora.compile: none                    # none | inductor | aot_eager | ...: torch.compile each transformer layer
+    lora.compile_mode: default            # default | reduce-overhead (CUDA graphs) | max-autotune...: inductor's mode
     lora.pin_memory: auto                 # auto | true | false: page-locked batches (auto: when training on CUDA)
     lora.encode_chunk: 4                  # EnCodec encodes a batch this many items at a time (0: all at once)
     lora.dropout_replay: false            # LoRA dropout masks drawn again in backward, not kept (auto may set it)
@@ -18,7 +19,9 @@
 `compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
 for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). Each layer is
 one graph (compiling.py removes AudioCraft's two graph breaks in self-attention); peft's parametrized q/k/v (plain
-path) breaks more.
+path) breaks more. `compile_mode: reduce-overhead` (inductor only) replays each layer's kernels as CUDA graphs: no
+host cost per kernel, the lever for steps bound by kernel launches (batch 4, 15 s segments); the solver marks the
+start of every step for them (`cudagraph_mark_step_begin`). On CPU inductor skips the graphs (same values).
 
 Activation checkpointing trades compute for memory. `torch` recomputes a whole layer in backward (every matmul runs
 twice: least memory, ~1.3x the FLOPs). `selective` keeps the outputs of the large matmuls and of attention and
@@ -60,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 CHECKPOINTING = ('auto', 'none', 'selective', 'torch')
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
 @dataclass
@@ -81,6 +85,9 @@ class SpeedSettings:
     compile: str = field(default='none', metadata={
         'help': "none, or a torch.compile backend (inductor on GPU; aot_eager to check correctness on CPU) applied "
                 "to each transformer layer for training and validation."})
+    compile_mode: str = field(default='default', metadata={
+        'help': "torch.compile's mode with compile=inductor: default | reduce-overhead (CUDA graphs of each layer: "
+                "no per-kernel host cost) | max-autotune | max-autotune-no-cudagraphs."})
     checkpoint_fraction: float = field(default=1.0, metadata={
         'help': 'With activation checkpointing: the fraction of layers checkpointed, evenly spaced (1.0: all). '
                 'Trades memory (activations of the other layers are kept) for less recompute time.'})
@@ -122,6 +129,11 @@ class SpeedSettings:
         settings.validate()
         return settings
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether compiled layers are replayed as CUDA graphs (inductor's modes that use them, on CUDA tensors)."""
+        return self.compile == 'inductor' and self.compile_mode in ('reduce-overhead', 'max-autotune')
+
     def validate(self) -> None:
         if str(self.base_dtype) not in ('auto', *DTYPES):
             raise LoRAConfigError(f"lora.base_dtype must be auto, float32, bfloat16 or float16, got "
@@ -138,6 +150,11 @@ class SpeedSettings:
             if self.compile not in torch._dynamo.list_backends(exclude_tags=()):
                 raise LoRAConfigError(f"lora.compile={self.compile!r} is not a torch.compile backend; choose none or "
                                       f"one of {sorted(torch._dynamo.list_backends(exclude_tags=()))}.")
+        if self.compile_mode not in COMPILE_MODES:
+            raise LoRAConfigError(f"lora.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}.")
+        if self.compile_mode != 'default' and self.compile != 'inductor':
+            raise LoRAConfigError(f"lora.compile_mode={self.compile_mode} is a mode of inductor: set "
+                                  f"lora.compile=inductor too (got lora.compile={self.compile}).")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise LoRAConfigError(f"lora.activation_checkpointing must be one of {list(CHECKPOINTING)}, got "
                                   f"{self.activation_checkpointing!r}.")
@@ -218,9 +235,10 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
         from .compiling import causal_marker_masks, traceable_unbind
         traceable_unbind()
         causal_marker_masks(model)
+        mode = {} if settings.compile_mode == 'default' else {'mode': settings.compile_mode}
         for layer in transformer.layers:
-            layer.compile(backend=settings.compile)
-        info['compile'] = settings.compile
+            layer.compile(backend=settings.compile, **mode)
+        info['compile'] = settings.compile + (f' ({settings.compile_mode})' if mode else '')
     return info
 
 

@@ -17,12 +17,13 @@ done
 export PYTHONPATH="${PYTHONPATH:-}:$PWD"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-dora_on_cuda() {  # `dora_on_cuda SECONDS`: the demo recipe trained on the GPU, bf16 autocast (bf16 frozen base, auto plan)
-  local gen=""
+dora_on_cuda() {  # `dora_on_cuda SECONDS [LOG [OVERRIDES...]]`: the demo recipe trained on the GPU, bf16 autocast
+  local seconds="$1" log="$OUT/${2:-cuda_dora}.log" gen=""  # (bf16 frozen base, auto plan)
+  shift; shift || true
   command -v ffmpeg >/dev/null || gen="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
-  timeout $(left "$1") python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda autocast=true \
-    autocast_dtype=bfloat16 dataset.num_workers=0 $gen > "$OUT/cuda_dora.log" 2>&1
+  timeout $(left "$seconds") python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda \
+    autocast=true autocast_dtype=bfloat16 dataset.num_workers=0 $gen "$@" > "$log" 2>&1
   echo "dora rc=$?"
   grep -E "Summary|exported|speed settings|Estimated peak|Activation checkpointing|Could not estimate|Error|error" \
-    "$OUT/cuda_dora.log" | tail -14
+    "$log" | tail -14
 }

@@ -240,11 +240,10 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
                               checkpoint_rest='selective' if case == 'lora_mixed' else 'none',
                               compile=('inductor' if device == 'cuda' else 'aot_eager')
-                              if case in ('lora_compile', 'lora_compile_ro') else 'none')
+                              if case in ('lora_compile', 'lora_compile_ro') else 'none',
+                              compile_mode='reduce-overhead' if case == 'lora_compile_ro' and device == 'cuda'
+                              else 'default')
         apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
-        if case == 'lora_compile_ro' and device == 'cuda':
-            for layer in lm.transformer.layers:  # compiled again, replacing apply_to_model's default mode
-                layer.compile(backend='inductor', mode='reduce-overhead')
         if case == 'lora_graphed':
             if device != 'cuda':
                 raise RuntimeError('lora_graphed needs a CUDA device (CUDA graphs)')

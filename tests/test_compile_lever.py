@@ -127,6 +127,52 @@ def test_compiled_layers_under_checkpointing_match_eager(debug_lm_pkg, checkpoin
 def test_unknown_compile_backend_is_refused():
     with pytest.raises(LoRAConfigError, match=r"lora.compile='tensorrtx' is not a torch.compile backend"):
         SpeedSettings(compile='tensorrtx').validate()
+    with pytest.raises(LoRAConfigError, match=r"compile_mode=reduce-overhead is a mode of inductor"):
+        SpeedSettings(compile='aot_eager', compile_mode='reduce-overhead').validate()
+    with pytest.raises(LoRAConfigError, match=r"lora.compile_mode must be one of"):
+        SpeedSettings(compile='inductor', compile_mode='fast').validate()
+
+
+def test_inductor_in_reduce_overhead_mode_matches_eager(debug_lm_pkg):
+    """inductor itself, in the mode that replays CUDA graphs on a GPU (skipped on CPU tensors: its kernels)."""
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    from audiocraft_lora import base_models
+    set_efficient_attention_backend('torch')
+    torch._dynamo.reset()
+    lm = base_models.build_lm(debug_lm_pkg)
+    inject_lora(lm, LoRASettings(rank=4, dropout=0.0, init='random'))
+    compiled = copy.deepcopy(lm)
+    settings = SpeedSettings(compile='inductor', compile_mode='reduce-overhead')
+    assert settings.cuda_graphs
+    info = apply_to_model(compiled, settings, autocast=False, autocast_dtype=torch.float32)
+    assert info['compile'] == 'inductor (reduce-overhead)'
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
+    text = ['trap beat', 'lofi']
+    loss, grads = _loss_and_grads(lm, codes, text)
+    torch.compiler.cudagraph_mark_step_begin()
+    compiled_loss, compiled_grads = _loss_and_grads(compiled, codes, text)
+    assert compiled_loss == pytest.approx(loss, rel=1e-5)
+    assert all(torch.allclose(compiled_grads[k], grads[k], rtol=1e-4, atol=1e-6) for k in grads)
+
+
+def test_every_solver_step_starts_a_cuda_graph_iteration_with_reduce_overhead(dora_dir, monkeypatch):
+    from helpers import DEBUG_ARGS, build_solver
+    solver, _ = build_solver(DEBUG_ARGS)
+    marks = []
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(solver.is_training))
+    batch = next(iter(solver.dataloaders['train']))
+    solver._current_stage = 'train'
+    solver.model.train()
+    solver.run_step(0, batch, {})
+    assert marks == []  # eager layers: nothing to mark
+    solver.speed_settings = SpeedSettings(compile='inductor', compile_mode='reduce-overhead')  # (layers left eager)
+    solver.run_step(1, batch, {})
+    solver._current_stage = 'valid'
+    solver.model.eval()
+    with torch.no_grad():
+        solver.run_step(0, batch, {})
+    solver._current_stage = None
+    assert marks == [True, False]  # a training step and a validation step
 
 
 def test_dora_run_with_compiled_layers_trains_and_generates(tmp_path):

@@ -159,3 +159,16 @@ def test_steps_on_one_batch_fit_it(dora_dir, overrides):
     leaves the loss where it was. (benchmarks/cuda_checks.py runs the same on CUDA.)"""
     ces = fit_one_batch(['device=cpu'] + overrides)
     assert ces[-1] < 0.92 * ces[0], ces
+
+
+def test_every_speed_setting_is_in_the_recipes_and_outside_the_xp_signature():
+    """A `lora.*` speed key missing from lora_default.yaml can't be overridden (Hydra struct); one missing from
+    dora.exclude would give the same training a new XP (and no resume) when only its speed changes."""
+    from dataclasses import fields
+    from omegaconf import OmegaConf
+    from audiocraft_lora.checkout import CONFIG_DIR
+    from audiocraft_lora.speed import SpeedSettings
+    declared = OmegaConf.load(CONFIG_DIR / 'solver' / 'musicgen' / 'lora_default.yaml').lora
+    excluded = set(OmegaConf.load(CONFIG_DIR / 'config.yaml').dora.exclude)
+    for field in fields(SpeedSettings):
+        assert field.name in declared and f'lora.{field.name}' in excluded, field.name
