@@ -142,12 +142,15 @@ def _check_header(path: Path, expect: Expectations, result: FileCheck) -> None:
             else:
                 how = f'cut to its first {expect.channels}'
             result.add(WARNING, 'channel_mismatch', f"{header.channels} channel(s), {how} by the dataset at every "
-                                                    f"step.")
+                                                    f"step{CONVERT_ONCE}.")
     if header.sample_rate != expect.sample_rate:
         lowpass = (f"; it has no content above {header.sample_rate / 2000:g} kHz, so the model learns muffled audio"
                    if header.sample_rate < expect.sample_rate else '')
         result.add(WARNING, 'sample_rate_mismatch', f"{header.sample_rate} Hz, resampled to {expect.sample_rate} Hz "
-                                                    f"by the dataset at every step{lowpass}.")
+                                                    f"by the dataset at every step{CONVERT_ONCE}{lowpass}.")
+
+
+CONVERT_ONCE = " (`audiocraft-lora prepare ... --convert` converts such files once instead)"
 
 
 def _check_content(path: Path, result: FileCheck) -> None:
