@@ -271,8 +271,10 @@ class RandomState:
                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
             'generators': {name: gen.get_state() for name, gen in self.generators.items()},
         }
-        if torch.cuda.is_available():
-            state['cuda'] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # the generator of this rank's own device: rank 0 writes the checkpoint, every rank restores it onto its
+            # device (all ranks are seeded alike and draw alike, so their generators move in step)
+            state['cuda_device'] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -289,5 +291,7 @@ class RandomState:
         for name, gen_state in state.get('generators', {}).items():
             if name in self.generators:
                 self.generators[name].set_state(gen_state)
-        if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state['cuda'])
+        if 'cuda_device' in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state['cuda_device'])  # onto torch.cuda.current_device(): this rank's
+        elif 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state['cuda'])  # (checkpoints written before: every device of rank 0)

@@ -66,6 +66,9 @@ def _check_generate_samples(cfg: omegaconf.DictConfig) -> None:
             "both to false for no samples (or generate.every to more than optim.epochs).")
 
 
+OPTIMIZER_KERNEL_FLAGS = ('fused', 'foreach', 'capturable')  # how torch's Adam(W) steps, not what it learned
+
+
 class LoRAMusicGenSolver(MusicGenSolver):
     """MusicGen solver that trains a LoRA adapter; see the module docstring."""
 
@@ -151,6 +154,12 @@ class LoRAMusicGenSolver(MusicGenSolver):
         logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
         self.model = lm.to(self.device)
         self.memory_estimate = memory_plan.plan_training(self)  # may switch the LM's checkpointing (auto)
+        planned = self.speed_settings
+        if planned.cuda_graphs and planned.activation_checkpointing != 'none' and self.device != 'cpu':
+            logger.warning("lora.compile_mode=%s with activation checkpointing (%s) is not checked on a GPU yet; "
+                           "torch reports CUDA graph trees failing on checkpointed graphs (pytorch/pytorch#154306). "
+                           "If the first step fails, use lora.compile_mode=default, or a batch that fits without "
+                           "checkpointing.", planned.compile_mode, planned.activation_checkpointing)
         assert self.cfg.transformer_lm.card == self.compression_model.cardinality
         assert self.cfg.transformer_lm.n_q == self.compression_model.num_codebooks
         if self.cfg.fsdp.use:
@@ -338,6 +347,17 @@ class LoRAMusicGenSolver(MusicGenSolver):
         """AudioCraft's rule, plus `stop_at_epoch` (not part of the XP signature) to stop early and resume later."""
         stop_at = self.cfg.get('stop_at_epoch')
         return super().should_stop_training() or (stop_at is not None and self.epoch > stop_at)
+
+    def load_state_dict(self, state: dict) -> None:
+        """flashy's; the optimizer keeps the kernel this run chose (`lora.fused_optimizer`, a speed key that may
+        change between resumes), not the checkpoint's: torch's Optimizer.load_state_dict takes every param-group
+        field from the checkpoint, `fused`/`foreach` included."""
+        optimizer = getattr(self, 'optimizer', None)
+        kernels = [{key: group[key] for key in OPTIMIZER_KERNEL_FLAGS if key in group}
+                   for group in optimizer.param_groups] if optimizer is not None else []
+        super().load_state_dict(state)
+        for group, flags in zip(optimizer.param_groups if optimizer is not None else [], kernels):
+            group.update(flags)
 
     def restore(self, load_best: bool = False, replay_metrics: bool = False,
                 ignore_state_keys: tp.List[str] = []) -> bool:

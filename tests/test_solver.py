@@ -172,3 +172,38 @@ def test_every_speed_setting_is_in_the_recipes_and_outside_the_xp_signature():
     excluded = set(OmegaConf.load(CONFIG_DIR / 'config.yaml').dora.exclude)
     for field in fields(SpeedSettings):
         assert field.name in declared and f'lora.{field.name}' in excluded, field.name
+
+
+def test_resume_keeps_this_runs_optimizer_kernel_not_the_checkpoints(dora_dir):
+    """lora.fused_optimizer may change between resumes (a CPU checkpoint resumed on a GPU): torch's
+    Optimizer.load_state_dict would otherwise bring back the checkpoint's foreach/fused flags."""
+    written, _ = build_solver(DEBUG_ARGS + ['lora.fused_optimizer=false'])
+    _train_steps(written, 1)
+    state = written.state_dict()
+    resumed, _ = build_solver(DEBUG_ARGS + ['lora.fused_optimizer=true'])
+    resumed.load_state_dict(state)
+    group = resumed.optimizer.param_groups[0]
+    assert group['fused'] is True and not group['foreach']
+    assert resumed.optimizer.state_dict()['state'][0]['step'] == 1  # what was learned did come back
+    _train_steps(resumed, 1)  # and the fused kernel steps with it
+
+
+def test_cuda_generator_is_saved_per_device_and_restored_on_each_ranks_own(monkeypatch):
+    """Rank 0 writes the checkpoint; rank r trains on cuda:r, whose generator moved like rank 0's cuda:0 (same seed,
+    same draws). Saving every device's state from rank 0 would restore untouched generators on ranks >= 1."""
+    from audiocraft_lora.checkpointing import RandomState
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': torch.tensor([7, 7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, device='cuda': calls.append(('device', s.tolist())))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: calls.append(('all', len(states))))
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    source = RandomState(torch.nn.Module())
+    state = source.state_dict()
+    assert state['cuda_device'].tolist() == [7, 7] and 'cuda' not in state
+    source.load_state_dict(state)
+    old = dict(state, cuda=[torch.zeros(2, dtype=torch.uint8)] * 2)  # a checkpoint written before
+    del old['cuda_device']
+    source.load_state_dict(old)
+    assert calls == [('device', [7, 7]), ('all', 2)]
