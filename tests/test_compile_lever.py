@@ -24,7 +24,8 @@ def _loss_and_grads(lm, codes, text):
     return loss.item(), {k: p.grad.clone() for k, p in AdapterParameters(lm).named_parameters()}
 
 
-def test_compiled_layers_match_eager_and_keep_names(debug_lm_pkg):
+def _eager_and_compiled(debug_lm_pkg, settings: SpeedSettings):
+    """(eager LM with random LoRA, its copy with `settings` applied in float32, apply_to_model's info)."""
     from audiocraft.modules.transformer import set_efficient_attention_backend
     from audiocraft_lora import base_models
     set_efficient_attention_backend('torch')
@@ -32,7 +33,12 @@ def test_compiled_layers_match_eager_and_keep_names(debug_lm_pkg):
     lm = base_models.build_lm(debug_lm_pkg)
     inject_lora(lm, LoRASettings(rank=4, dropout=0.0, init='random'))
     compiled = copy.deepcopy(lm)
-    info = apply_to_model(compiled, SpeedSettings(compile='aot_eager'), autocast=False, autocast_dtype=torch.float32)
+    info = apply_to_model(compiled, settings, autocast=False, autocast_dtype=torch.float32)
+    return lm, compiled, info
+
+
+def test_compiled_layers_match_eager_and_keep_names(debug_lm_pkg):
+    lm, compiled, info = _eager_and_compiled(debug_lm_pkg, SpeedSettings(compile='aot_eager'))
     assert info['compile'] == 'aot_eager'
     assert list(compiled.state_dict()) == list(lm.state_dict())  # nn.Module.compile: no `_orig_mod` in names
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
@@ -108,15 +114,7 @@ def test_the_traceable_mask_is_audiocrafts_wherever_it_is_more_than_is_causal(de
                                            {'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5,
                                             'checkpoint_rest': 'selective'}])
 def test_compiled_layers_under_checkpointing_match_eager(debug_lm_pkg, checkpointing):
-    from audiocraft.modules.transformer import set_efficient_attention_backend
-    from audiocraft_lora import base_models
-    set_efficient_attention_backend('torch')
-    torch._dynamo.reset()
-    lm = base_models.build_lm(debug_lm_pkg)
-    inject_lora(lm, LoRASettings(rank=4, dropout=0.0, init='random'))
-    compiled = copy.deepcopy(lm)
-    apply_to_model(compiled, SpeedSettings(compile='aot_eager', **checkpointing), autocast=False,
-                   autocast_dtype=torch.float32)
+    lm, compiled, _ = _eager_and_compiled(debug_lm_pkg, SpeedSettings(compile='aot_eager', **checkpointing))
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
     loss, grads = _loss_and_grads(lm, codes, ['trap beat', 'lofi'])
     compiled_loss, compiled_grads = _loss_and_grads(compiled, codes, ['trap beat', 'lofi'])
@@ -135,16 +133,9 @@ def test_unknown_compile_backend_is_refused():
 
 def test_inductor_in_reduce_overhead_mode_matches_eager(debug_lm_pkg):
     """inductor itself, in the mode that replays CUDA graphs on a GPU (skipped on CPU tensors: its kernels)."""
-    from audiocraft.modules.transformer import set_efficient_attention_backend
-    from audiocraft_lora import base_models
-    set_efficient_attention_backend('torch')
-    torch._dynamo.reset()
-    lm = base_models.build_lm(debug_lm_pkg)
-    inject_lora(lm, LoRASettings(rank=4, dropout=0.0, init='random'))
-    compiled = copy.deepcopy(lm)
     settings = SpeedSettings(compile='inductor', compile_mode='reduce-overhead')
     assert settings.cuda_graphs
-    info = apply_to_model(compiled, settings, autocast=False, autocast_dtype=torch.float32)
+    lm, compiled, info = _eager_and_compiled(debug_lm_pkg, settings)
     assert info['compile'] == 'inductor (reduce-overhead)'
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
     text = ['trap beat', 'lofi']

@@ -16,9 +16,9 @@ import typing as tp
 
 from audiocraft.data.audio_dataset import AudioMeta
 
+from ..checkout import CONFIG_DIR
 from ..errors import DataError
 from .audio_files import AudioReadError, probe_audio
-from ..checkout import CONFIG_DIR
 from .manifests import SPLITS, manifest_entry, write_dset_yaml, write_manifest, written_path
 from .placement import ClipPlacer, PlacedAudio
 from .sources import SourceClip, collect_clips
