@@ -52,6 +52,7 @@ def main():
     fast_vs_plain(pkg, codes)
     adapter_casts_on_cuda(pkg, codes)
     checkpointing_on_cuda(pkg, codes)
+    checkpointing_on_cuda(pkg, codes, dropout=0.1)
     dropout_replay_on_cuda()
     memory_estimate_on_cuda(pkg)
     solver_fits_one_batch()
@@ -107,22 +108,28 @@ def memory_estimate_on_cuda(pkg):
           f"here, {optimizer:.3f} GiB of the estimate)")
 
 
-def checkpointing_on_cuda(pkg, codes):
+def checkpointing_on_cuda(pkg, codes, dropout: float = 0.0):
     """Selective / mixed / whole-layer checkpointing vs none under bf16 autocast on CUDA (flash attention kernels are
-    kept by the selective policy by name): same loss, same adapter gradients."""
+    kept by the selective policy by name): same loss, same adapter gradients. With LoRA dropout also the masks drawn
+    again in backward (`dropout_replay`), alone and under selective checkpointing: the same masks as kept ones."""
     from audiocraft_lora.lora import lora_parameters
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
-    settings = LoRASettings(rank=8, alpha=16, init='random', dropout=0.0)
+    settings = LoRASettings(rank=8, alpha=16, init='random', dropout=dropout)
     reference = base_models.build_lm(pkg)
     inject_lora(reference, settings)
     results = {}
-    for name, kwargs in (('none', {}), ('selective', {'activation_checkpointing': 'selective'}),
-                         ('mixed', {'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5,
-                                    'checkpoint_rest': 'selective'}),
-                         ('torch', {'activation_checkpointing': 'torch'})):
+    cases = [('none', {}), ('selective', {'activation_checkpointing': 'selective'}),
+             ('mixed', {'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5,
+                        'checkpoint_rest': 'selective'}),
+             ('torch', {'activation_checkpointing': 'torch'})]
+    if dropout:
+        cases += [('replay', {'dropout_replay': True}),
+                  ('selective+replay', {'activation_checkpointing': 'selective', 'dropout_replay': True})]
+    for name, kwargs in cases:
         lm = copy.deepcopy(reference)
         apply_to_model(lm, SpeedSettings(**kwargs), True, torch.bfloat16)
         lm = lm.cuda().train()
+        torch.manual_seed(0)  # the same dropout masks in every case
         out = logits(lm, codes, True)
         ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
         ce.backward()
@@ -130,7 +137,7 @@ def checkpointing_on_cuda(pkg, codes):
     loss0, grads0 = results['none']
     for name, (loss, grads) in results.items():
         worst = max(float((grads[k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads0.items())
-        print(f"checkpointing {name} vs none (bf16 autocast): loss {loss:.6f} vs {loss0:.6f}, "
+        print(f"checkpointing {name} vs none (bf16 autocast, LoRA dropout {dropout}): loss {loss:.6f} vs {loss0:.6f}, "
               f"worst relative grad difference {worst:.2e}")
 
 
