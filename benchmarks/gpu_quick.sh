@@ -8,9 +8,9 @@
 # `lora_fast_f32attn` (lora.attention_in_autocast_dtype=false); `lora_fast_keep` is what the solver runs on a GPU
 # (keep_merged_weights=auto keeps them where they fit; step_time runs no memory plan, so lora_fast has them off)
 # beside `lora_fast` at small b16 (medium b4 drops it for time), a CUDA dora run
-# (bf16, auto memory plan), then `lora_fast_concat` with one part of fast_lora.CONCAT_RANK_GEMMS on per line, then the
-# CUDA dora run again with `lora.compile_mode=reduce-overhead` (the solver's CUDA graphs: does it train? also with
-# selective checkpointing, which torch reports failing under CUDA graph trees). Batch-4
+# (bf16, auto memory plan) and again with `lora.compile_mode=reduce-overhead` (the solver's CUDA graphs: does it
+# train?), then `lora_fast_concat` with one part of fast_lora.CONCAT_RANK_GEMMS on per line, then the graphs run with
+# selective checkpointing (which torch reports failing under CUDA graph trees). Batch-4
 # steps are host-bound and vary +-30% run to run: their median is taken over 15 steps.
 # gpu_check.sh is the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run.
 set -uo pipefail
@@ -33,13 +33,13 @@ for args in "--scale small --batch 16 --cases full,lora_fast_keep,lora_fast,lora
 done
 echo "== dora run lora_debug on cuda, bf16 autocast [$((SECONDS-START)) s]"
 dora_on_cuda 40
+echo "== dora run lora_debug on cuda, lora.compile=inductor lora.compile_mode=reduce-overhead [$((SECONDS-START)) s]"
+dora_on_cuda 30 cuda_dora_graphs lora.compile=inductor lora.compile_mode=reduce-overhead
 for args in "--scale small --batch 16 --cases lora_fast,lora_fast_concat --concat-rank-gemms forward" \
             "--scale small --batch 16 --cases lora_fast,lora_fast_concat --concat-rank-gemms backward" \
             "--scale medium --batch 4 --cases lora_fast,lora_fast_concat --concat-rank-gemms forward"; do
   run_case $args
 done
-echo "== dora run lora_debug on cuda, lora.compile=inductor lora.compile_mode=reduce-overhead [$((SECONDS-START)) s]"
-dora_on_cuda 30 cuda_dora_graphs lora.compile=inductor lora.compile_mode=reduce-overhead
 echo "== the same with lora.activation_checkpointing=selective (CUDA graphs on checkpointed layers) [$((SECONDS-START)) s]"
 dora_on_cuda 30 cuda_dora_graphs_sac lora.compile=inductor lora.compile_mode=reduce-overhead \
   lora.activation_checkpointing=selective
