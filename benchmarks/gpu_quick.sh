@@ -34,13 +34,13 @@ done
 echo "== dora run lora_debug on cuda, bf16 autocast [$((SECONDS-START)) s]"
 dora_on_cuda 40
 echo "== dora run lora_debug on cuda, lora.compile=inductor lora.compile_mode=reduce-overhead [$((SECONDS-START)) s]"
-dora_on_cuda 30 cuda_dora_graphs lora.compile=inductor lora.compile_mode=reduce-overhead
+dora_on_cuda 90 cuda_dora_graphs lora.compile=inductor lora.compile_mode=reduce-overhead
 for args in "--scale small --batch 16 --cases lora_fast,lora_fast_concat --concat-rank-gemms forward" \
             "--scale small --batch 16 --cases lora_fast,lora_fast_concat --concat-rank-gemms backward" \
             "--scale medium --batch 4 --cases lora_fast,lora_fast_concat --concat-rank-gemms forward"; do
   run_case $args
 done
 echo "== the same with lora.activation_checkpointing=selective (CUDA graphs on checkpointed layers) [$((SECONDS-START)) s]"
-dora_on_cuda 30 cuda_dora_graphs_sac lora.compile=inductor lora.compile_mode=reduce-overhead \
+dora_on_cuda 90 cuda_dora_graphs_sac lora.compile=inductor lora.compile_mode=reduce-overhead \
   lora.activation_checkpointing=selective
 echo "== done [$((SECONDS-START)) s]"
