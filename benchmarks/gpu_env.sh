@@ -17,8 +17,8 @@ done
 export PYTHONPATH="${PYTHONPATH:-}:$PWD"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-dora_on_cuda() {  # `dora_on_cuda SECONDS [LOG [OVERRIDES...]]` (SECONDS: its timeout): the demo recipe trained on the GPU, bf16 autocast
-  local seconds="$1" log="$OUT/${2:-cuda_dora}.log" gen=""  # (bf16 frozen base, auto plan)
+dora_on_cuda() {  # `dora_on_cuda SECONDS [LOG [OVERRIDES...]]` (SECONDS: its timeout): the demo recipe trained on
+  local seconds="$1" log="$OUT/${2:-cuda_dora}.log" gen=""  # the GPU, bf16 autocast (bf16 frozen base, auto plan)
   shift; shift || true
   command -v ffmpeg >/dev/null || gen="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
   timeout $(left "$seconds") python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda \
