@@ -8,7 +8,7 @@ import torch
 from audiocraft_lora.errors import LoRAConfigError
 from audiocraft_lora.lora import AdapterParameters, LoRASettings, inject_lora
 from audiocraft_lora.speed import SpeedSettings, apply_to_model
-from helpers import conditioned_logits, run_dora
+from helpers import DEBUG_ARGS, build_solver, conditioned_logits, run_dora
 
 
 def _loss_and_grads(lm, codes, text):
@@ -147,7 +147,6 @@ def test_inductor_in_reduce_overhead_mode_matches_eager(debug_lm_pkg):
 
 
 def test_every_solver_step_starts_a_cuda_graph_iteration_with_reduce_overhead(dora_dir, monkeypatch):
-    from helpers import DEBUG_ARGS, build_solver
     solver, _ = build_solver(DEBUG_ARGS)
     marks = []
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(solver.is_training))
