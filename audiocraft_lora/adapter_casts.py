@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ['AdapterCasts', 'share_adapter_casts', 'lookup']
+__all__ = ['AdapterCasts', 'share_adapter_casts', 'unshare_adapter_casts', 'lookup']
 
 Slot = tp.Tuple['AdapterCasts', int]
 
@@ -126,3 +126,13 @@ def slots_of(module: nn.Module, name: str = '') -> tp.Tuple[tp.Optional[Slot], t
     if not slots or name not in slots:
         return None, None
     return slots[name]
+
+
+def unshare_adapter_casts(model: nn.Module) -> int:
+    """Take `share_adapter_casts` back: each projection of `model` casts its own adapter again (what a CUDA graph of
+    a layer needs: a replay runs no Python staleness check). Returns how many modules had slots."""
+    count = 0
+    for module in model.modules():
+        if module.__dict__.pop('_lora_cast_slots', None) is not None:
+            count += 1
+    return count

@@ -167,7 +167,8 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     index = _leanest_on_any_rank(index, solver.device) if auto else index
     chosen = plans[min(index, len(plans) - 1)]
     summary = {'plan': plan_name(chosen), 'peak_gib': round(estimate.peak_gib, 3),
-               'budget_gib': round(budget / 2 ** 30, 3), 'seconds': round(time.time() - start, 1)}
+               'budget_gib': round(budget / 2 ** 30, 3), 'seconds': round(time.time() - start, 1),
+               'needed_bytes': needed(estimate), 'budget_bytes': budget, 'step_bytes': estimate.step}
     if auto:
         apply_plan(solver.model, chosen)
         mode, fraction, rest, replay = chosen
@@ -179,7 +180,10 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
                            "dataset.batch_size=%d per GPU)", plan_name(chosen), time.time() - start,
                            largest_batch(estimate, shape.batch, budget))
         if keep_auto:
-            summary['keep_merged_weights'] = _keep_merged_if_it_fits(solver, cm, shape, autocast_dtype, budget)
+            kept = _keep_merged_if_it_fits(solver, cm, shape, autocast_dtype, budget)
+            summary['keep_merged_weights'] = kept is not None
+            if kept is not None:
+                summary['needed_bytes'], summary['step_bytes'] = needed(kept), kept.step
         return summary
     world = flashy.distrib.world_size()
     advice = what_fits(estimate, shape, budget, world)
@@ -195,11 +199,12 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
 
 
 def _keep_merged_if_it_fits(solver: tp.Any, compression_model: tp.Optional[nn.Module], shape: StepShape,
-                            autocast_dtype: tp.Optional[torch.dtype], budget: int) -> bool:
+                            autocast_dtype: tp.Optional[torch.dtype], budget: int) -> tp.Optional[Estimate]:
     """`lora.keep_merged_weights=auto` on the chosen plan: keep the merged weights from forward to backward (one GEMM
-    launch fewer per projection) when the step's estimate with them still fits `budget`."""
+    launch fewer per projection) when the step's estimate with them still fits `budget`; returns that estimate if
+    they are kept, else None."""
     if not set_keep_merged(solver.model, True):
-        return False
+        return None
     try:
         estimate = estimate_step(solver.model, compression_model, shape, autocast_dtype)
     except Exception:  # as without the estimate: don't keep them
@@ -209,7 +214,7 @@ def _keep_merged_if_it_fits(solver: tp.Any, compression_model: tp.Optional[nn.Mo
         set_keep_merged(solver.model, False)
     solver.logger.info("Merged LoRA weights kept for backward (lora.keep_merged_weights=auto): %s%s", keep,
                        '' if estimate is None else f" (estimated {describe(estimate, budget)})")
-    return keep
+    return estimate if keep else None
 
 
 def _unplanned(solver: tp.Any, auto: bool, error: Exception) -> None:
@@ -234,3 +239,63 @@ def _leanest_on_any_rank(index: int, device: tp.Any) -> int:
     value = torch.tensor([float(index)], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return int(value.item())
+
+
+def plan_graphs(solver: tp.Any) -> int:
+    """After `plan_training`: how many input signatures get CUDA graphs of the layers (`lora.graph_layers`,
+    `lora.graph_shapes`; 0: none), and install them on the solver's LM. `auto` takes what fits the budget next to the
+    step's estimate (each signature's static tensors: `layer_graphs.static_bytes`, and room for a step beyond them:
+    `fallback_bytes`); `true` takes at least one."""
+    from . import layer_graphs
+    from .errors import LoRAConfigError
+    settings: SpeedSettings = solver.speed_settings
+    choice = str(settings.graph_layers).lower()
+    layer_graphs.remove(solver.model)
+    if choice == 'false':
+        return 0
+    if torch.device(solver.device).type != 'cuda':
+        if choice == 'true':
+            raise LoRAConfigError("lora.graph_layers=true needs the solver on a CUDA device (device=cuda); "
+                                  "use lora.graph_layers=auto to run without CUDA graphs elsewhere.")
+        return 0
+    clash = settings.graph_layers_clash(planned=True)
+    if clash:
+        log = solver.logger.warning if choice == 'true' else solver.logger.info
+        log("CUDA graphs of the layers (lora.graph_layers=%s): off, with %s.", choice, clash)
+        return 0
+    shapes = int(settings.graph_shapes)
+    planned = getattr(solver, 'memory_estimate', None) or {}
+    if planned.get('budget_bytes') is not None and planned.get('needed_bytes') is not None:
+        shared, per_shape, fallback = graph_static_bytes(solver, int(planned.get('step_bytes') or 0))
+        left = int(planned['budget_bytes']) - int(planned['needed_bytes']) - shared - fallback
+        fit = max(0, left // per_shape)
+        gib = per_shape / 2 ** 30
+        if fit < shapes:
+            solver.logger.info("CUDA graphs of the layers: %d signature(s) of %.2f GiB each fit the memory budget "
+                               "next to the step's estimate (lora.graph_shapes=%d).", fit, gib, shapes)
+        shapes = min(shapes, fit)
+        if shapes < 1:
+            if choice != 'true':
+                return 0
+            solver.logger.warning("lora.graph_layers=true: the graphs' static tensors (%.2f GiB) don't fit the memory "
+                                  "budget next to the step's estimate; the step may run out of memory.", gib)
+            shapes = 1
+    graphs = layer_graphs.install(solver.model, max_shapes=shapes)
+    solver.logger.info("CUDA graphs of the %d transformer layers (lora.graph_layers=%s): up to %d signature(s), "
+                       "captured at the first training step of each.", len(graphs.layers), choice, shapes)
+    return shapes
+
+
+def graph_static_bytes(solver: tp.Any, step_bytes: int = 0) -> tp.Tuple[int, int, int]:
+    """(`layer_graphs.static_bytes`, and `fallback_bytes` for a step of `step_bytes`) for the solver's LM and batch
+    (a prepended condition, melody's chroma, counted as long as the tokens)."""
+    from .layer_graphs import fallback_bytes, static_bytes
+    lm, cfg = solver.model, solver.cfg
+    frames = ceil_frames(float(cfg.dataset.segment_duration), solver.compression_model.frame_rate)
+    fuser = getattr(lm, 'fuser', None)
+    if fuser is not None and getattr(fuser, 'fuse2cond', {}).get('prepend'):
+        frames *= 2
+    adapter = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    layers, batch, dim = len(lm.transformer.layers), int(cfg.dataset.batch_size), int(lm.dim)
+    shared, per_shape = static_bytes(layers, batch, frames, dim, adapter_params=adapter)
+    return shared, per_shape, fallback_bytes(layers, batch, frames, dim, step_bytes)

@@ -38,7 +38,7 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from . import checkpointing, faults, memory_plan
+from . import checkpointing, faults, layer_graphs, memory_plan
 from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
@@ -154,6 +154,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
         self.model = lm.to(self.device)
         self.memory_estimate = memory_plan.plan_training(self)  # may switch the LM's checkpointing (auto)
+        self.graph_shapes = memory_plan.plan_graphs(self)  # CUDA graphs of the layers (lora.graph_layers)
         planned = self.speed_settings
         if planned.cuda_graphs and planned.activation_checkpointing != 'none' and self.device != 'cpu':
             logger.warning("lora.compile_mode=%s with activation checkpointing (%s) is not checked on a GPU yet; "
@@ -264,7 +265,11 @@ class LoRAMusicGenSolver(MusicGenSolver):
     def train(self) -> dict:
         """AudioCraft's train stage, plus `skipped_steps` (this epoch) and `skipped_steps_total`."""
         self.nonfinite_guard.start_epoch()
-        return self.nonfinite_guard.epoch_metrics(super().train())
+        metrics = self.nonfinite_guard.epoch_metrics(super().train())
+        graphs = layer_graphs.installed(self.model)
+        if graphs is not None:
+            self.logger.info("CUDA graphs (lora.graph_layers): %s", graphs.summary())
+        return metrics
 
     # ---------------------------------------------------------------- export
     def export_adapter(self, folder: tp.Optional[tp.Union[str, Path]] = None, use_best: bool = True) -> Path:

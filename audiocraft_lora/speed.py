@@ -15,13 +15,16 @@
     lora.index_select_logits: true        # the logits' delay pattern reverted with index_select (patterns.py)
     lora.attention_in_autocast_dtype: true  # attention inputs/outputs stay bf16 under autocast (attention_dtype.py)
     lora.keep_merged_weights: auto        # auto | true | false: keep forward's W + sBA for backward (auto: if it fits)
+    lora.graph_layers: auto               # auto | true | false: training layers replayed as CUDA graphs (layer_graphs)
+    lora.graph_shapes: 8                  # at most this many input signatures (text lengths) get graphs
 
 `compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
 for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). Each layer is
 one graph (compiling.py removes AudioCraft's two graph breaks in self-attention); peft's parametrized q/k/v (plain
-path) breaks more. `compile_mode: reduce-overhead` (inductor only) replays each layer's kernels as CUDA graphs: no
-host cost per kernel, the lever for steps bound by kernel launches (batch 4, 15 s segments); the solver marks the
-start of every step for them (`cudagraph_mark_step_begin`). On CPU inductor skips the graphs (same values).
+path) breaks more. `compile_mode: reduce-overhead` (inductor only) replays each layer's kernels as CUDA graphs; the
+solver marks the start of every step for them (`cudagraph_mark_step_begin`). On an H100 it was slower than eager at
+musicgen-small batch 4 (0.181 vs 0.173 s, session 12); `graph_layers` (below) is the lever for launch-bound steps.
+On CPU inductor skips the graphs (same values).
 
 Activation checkpointing trades compute for memory. `torch` recomputes a whole layer in backward (every matmul runs
 twice: least memory, ~1.3x the FLOPs). `selective` keeps the outputs of the large matmuls and of attention and
@@ -43,6 +46,15 @@ projection and step (144 at musicgen-small, 288 at medium: what a batch-4 or 15 
 for one [out, in] copy per projection held from forward to backward (the size of the bf16 base: ~0.7 GiB at small,
 ~3.2 GiB at medium; nothing under whole-layer checkpointing, whose forward runs again in backward). The same values
 bit for bit. `auto` keeps them when the memory plan's estimate with them still fits the budget (CUDA), else not.
+
+`graph_layers` records each transformer layer's forward and backward as CUDA graphs at the first training step of
+each input signature and replays them (layer_graphs.py): eager mode's kernels and values, no host cost per kernel
+(musicgen-small, batch 4 x 30 s on an H100: 0.058 s a step against 0.166 s eager and 0.116 s for full fine-tuning).
+Signatures differ by the length of the text conditioning (the batch's longest description); `graph_shapes` of them
+get graphs (each holds its layers' static outputs and gradients: `layer_graphs.static_bytes`), later ones run
+eagerly. `auto` turns it on on CUDA with the fast path, no `compile`, and a memory plan without checkpointing or
+replayed dropout masks, for as many signatures as fit the memory budget next to the step's estimate; `true` asks for
+it where those hold (refused where they can't).
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -118,6 +130,14 @@ class SpeedSettings:
         'help': "auto | true | false: fast-path projections keep the merged W + s B A their forward built for their "
                 "backward (one GEMM launch fewer each, one [out, in] copy held until backward). auto: when the "
                 "memory plan's estimate with it fits lora.memory_budget_gib (CUDA)."})
+    graph_layers: tp.Any = field(default='auto', metadata={
+        'help': "auto | true | false: replay each transformer layer's training forward and backward as CUDA graphs "
+                "(layer_graphs.py; the same kernels and values, no per-kernel host cost). auto: on CUDA, with the "
+                "fast path, no compile, no activation checkpointing or dropout replay, when it fits the memory "
+                "budget."})
+    graph_shapes: int = field(default=8, metadata={
+        'help': "With graph_layers: how many input signatures (lengths of the batch's text conditioning) get graphs; "
+                "steps of other lengths run eagerly. Each holds its layers' static outputs and gradients."})
     memory_budget_gib: tp.Any = field(default='auto', metadata={
         'help': "GPU memory a training step may use, for activation_checkpointing=auto and the start-up estimate: "
                 "auto (what the GPU has free) | a number of GiB | none (no estimate; auto means none)."})
@@ -166,6 +186,15 @@ class SpeedSettings:
         for key in ('index_select_logits', 'attention_in_autocast_dtype'):
             if not isinstance(getattr(self, key), bool):
                 raise LoRAConfigError(f"lora.{key} must be true or false, got {getattr(self, key)!r}.")
+        if str(self.graph_layers).lower() not in ('auto', 'true', 'false'):
+            raise LoRAConfigError(f"lora.graph_layers must be auto, true or false, got {self.graph_layers!r}.")
+        if not isinstance(self.graph_shapes, int) or isinstance(self.graph_shapes, bool) or self.graph_shapes < 1:
+            raise LoRAConfigError(f"lora.graph_shapes must be a whole number >= 1, got {self.graph_shapes!r}.")
+        if str(self.graph_layers).lower() == 'true':
+            clash = self.graph_layers_clash()
+            if clash:
+                raise LoRAConfigError(f"lora.graph_layers=true can't be used with {clash}: set lora.graph_layers=auto "
+                                      "(it turns itself off where it can't apply) or change that setting.")
         if not isinstance(self.dropout_replay, bool):
             raise LoRAConfigError(f"lora.dropout_replay must be true or false, got {self.dropout_replay!r}.")
         budget = str(self.memory_budget_gib).lower()
@@ -185,6 +214,19 @@ class SpeedSettings:
         if self.checkpoint_rest != 'none' and self.activation_checkpointing == 'none':
             raise LoRAConfigError("lora.checkpoint_rest applies to the layers left out by lora.checkpoint_fraction: "
                                   "set lora.activation_checkpointing=torch (or selective) as well.")
+
+    def graph_layers_clash(self, planned: bool = False) -> tp.Optional[str]:
+        """The setting that rules CUDA graphs of the layers out, or None. `planned`: after the memory plan (so
+        `activation_checkpointing` is no longer auto)."""
+        if not self.fast_path:
+            return 'lora.fast_path=false (peft\'s parametrized q/k/v is not graphed)'
+        if self.compile != 'none':
+            return f'lora.compile={self.compile} (torch.compile has its own graphs: lora.compile_mode=reduce-overhead)'
+        if self.activation_checkpointing not in (('none',) if planned else ('none', 'auto')):
+            return f'lora.activation_checkpointing={self.activation_checkpointing}'
+        if self.dropout_replay:
+            return 'lora.dropout_replay=true (the masks are replayed from CPU-side generator state)'
+        return None
 
     def resolve_base_dtype(self, autocast: bool, autocast_dtype: torch.dtype) -> torch.dtype:
         """The storage dtype of frozen projections; raises if it can't be used with this autocast setting."""

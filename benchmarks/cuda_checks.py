@@ -1,6 +1,7 @@
 """CUDA checks run by hand on a GPU machine (the test suite is CPU-only): exactness and adapter-only updates."""
 import contextlib
 import copy
+import math
 import typing as tp
 
 import torch
@@ -55,6 +56,7 @@ def main():
     checkpointing_on_cuda(pkg, codes, dropout=0.1)
     dropout_replay_on_cuda()
     memory_estimate_on_cuda(pkg)
+    graphs_on_cuda(pkg)
     solver_fits_one_batch()
 
 
@@ -240,6 +242,74 @@ def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20) -> tp.List[float
         return [float(solver.run_step(idx, batch, {})['ce']) for idx in range(steps)]
     finally:
         solver._current_stage = None
+
+
+def _graph_steps(lm, codes, lengths, opt):
+    """Losses and adapter gradients of a training step per text length (bf16 autocast, fused AdamW step after
+    each), with an eval forward in between."""
+    losses, grads = [], []
+    for length in lengths:
+        lm.train()
+        generator = torch.Generator(device='cuda').manual_seed(length)
+        text = torch.randn(codes.shape[0], length, lm.dim, device='cuda', generator=generator)
+        condition = {'description': (text, torch.ones(codes.shape[0], length, device='cuda'))}
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = lm.compute_predictions(codes, [], condition)
+            ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+        ce.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lm.parameters() if p.requires_grad]).clone())
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(ce))
+        lm.eval()
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+            lm.compute_predictions(codes, [], condition)
+    return losses, grads
+
+
+def graphs_on_cuda(pkg):
+    """lora.graph_layers: the layers replayed as CUDA graphs give eager's losses and gradients (text lengths
+    changing between steps, beyond graph_shapes too, eval calls in between, adapters updated by fused AdamW), and
+    with LoRA dropout draw a new mask at every replay."""
+    from audiocraft_lora import layer_graphs
+    from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
+    lengths = [3, 9, 3, 12, 9, 3]
+    for dropout in (0.0, 0.1):
+        runs = []
+        for graphed in (False, True):
+            torch.manual_seed(0)
+            lm = base_models.build_lm(pkg)
+            inject_lora(lm, LoRASettings(rank=8, alpha=16, dropout=dropout, init='random'))
+            lm = lm.cuda()
+            apply_to_model(lm, SpeedSettings(), autocast=True, autocast_dtype=torch.bfloat16)
+            graphs = layer_graphs.install(lm, max_shapes=2) if graphed else None
+            opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
+            torch.cuda.synchronize()
+            runs.append(_graph_steps(lm, codes, lengths, opt))
+        (eager_losses, eager_grads), (losses, grads) = runs
+        worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(grads, eager_grads))
+        if dropout == 0.0:
+            print(f"CUDA graphs of the layers vs eager (bf16, text lengths {lengths}, graph_shapes=2): losses "
+                  f"{[round(x, 5) for x in losses]} vs {[round(x, 5) for x in eager_losses]}, bit-equal "
+                  f"{losses == eager_losses}, worst relative grad difference {worst:.2e}; {graphs.summary()}")
+        else:
+            same = sum(a == b for a, b in zip(losses, eager_losses))
+            print(f"CUDA graphs with LoRA dropout 0.1: losses {[round(x, 4) for x in losses]} vs eager "
+                  f"{[round(x, 4) for x in eager_losses]} (other masks: {same} of {len(losses)} equal); finite "
+                  f"{all(map(math.isfinite, losses))}")
+    # the same input twice, no optimizer step: a new dropout mask at each replay gives another loss
+    lm.train()
+    text = torch.randn(codes.shape[0], 3, lm.dim, device='cuda')
+    twice = []
+    for _ in range(2):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = lm.compute_predictions(codes, [], {'description': (text, torch.ones(4, 3, device='cuda'))})
+            ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+        ce.backward()
+        twice.append(float(ce))
+    print(f"CUDA graphs, dropout 0.1, one input replayed twice: losses {twice} (new mask each replay: "
+          f"{twice[0] != twice[1]})")
 
 
 def solver_fits_one_batch():

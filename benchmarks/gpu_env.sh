@@ -21,9 +21,10 @@ dora_on_cuda() {  # `dora_on_cuda SECONDS [LOG [OVERRIDES...]]` (SECONDS: its ti
   local seconds="$1" log="$OUT/${2:-cuda_dora}.log" gen=""  # the GPU, bf16 autocast (bf16 frozen base, auto plan)
   shift; shift || true
   command -v ffmpeg >/dev/null || gen="generate.lm.unprompted_samples=false generate.lm.prompted_samples=false"
-  timeout $(left "$seconds") python3 -m dora -P audiocraft_lora run solver=musicgen/lora_debug device=cuda \
+  # (--clear: speed keys are outside the XP signature, so without it a second run resumes the first, finished XP)
+  timeout $(left "$seconds") python3 -m dora -P audiocraft_lora run --clear solver=musicgen/lora_debug device=cuda \
     autocast=true autocast_dtype=bfloat16 dataset.num_workers=0 $gen "$@" > "$log" 2>&1
   echo "dora rc=$?"
-  grep -E "Summary|exported|speed settings|Estimated peak|Activation checkpointing|Could not estimate|Error|error" \
-    "$log" | tail -14
+  grep -E "Summary|exported|speed settings|Estimated peak|Activation checkpointing|Could not estimate|Error|error|CUDA graph" \
+    "$log" | tail -16
 }

@@ -23,9 +23,11 @@ Cases (`--cases`, comma separated):
   lora_compile_ro lora_compile with torch.compile's mode='reduce-overhead' (CUDA graphs: each layer's forward and
                   backward replayed as one graph, a few launches instead of hundreds; not a solver setting yet: this
                   case measures whether it pays); aot_eager on CPU, as lora_compile
-  lora_graphed    lora_fast with each transformer layer replayed as CUDA graphs (graphed_layers.py:
-                  make_graphed_callables of the eager layer: eager's kernels and values, no Python at replay); CUDA
-                  only
+  lora_graphed    lora_fast with the transformer layers replayed as CUDA graphs (lora.graph_layers=true,
+                  audiocraft_lora/layer_graphs.py: make_graphed_callables of the eager layers: eager's kernels and
+                  values, no Python at replay); CUDA only. Its `peak GiB` misses what the graphs' memory pool holds
+                  between replays: compare `resv GiB` (torch.cuda.max_memory_reserved)
+  lora_graphed_keep lora_graphed with the merged weights kept (what the solver runs on a GPU with LoRA dropout 0)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
   encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
@@ -74,8 +76,8 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
 }
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat',
          'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
-         'hf_lora', 'hf_full', 'encode')
-CUDA_ONLY = ('lora_graphed',)
+         'lora_graphed_keep', 'hf_lora', 'hf_full', 'encode')
+CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -234,7 +236,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
                               index_select_logits=case not in ('lora_plain', 'lora_fast_ac'),
                               attention_in_autocast_dtype=case != 'lora_fast_f32attn',
-                              keep_merged_weights=case == 'lora_fast_keep',
+                              keep_merged_weights=case in ('lora_fast_keep', 'lora_graphed_keep'),
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
                               else 'selective' if case == 'lora_sac' else 'none',
                               checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
@@ -244,11 +246,11 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               compile_mode='reduce-overhead' if case == 'lora_compile_ro' and device == 'cuda'
                               else 'default')
         apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
-        if case == 'lora_graphed':
+        if case in CUDA_ONLY:
             if device != 'cuda':
-                raise RuntimeError('lora_graphed needs a CUDA device (CUDA graphs)')
-            from graphed_layers import graph_layers
-            graph_layers(lm)
+                raise RuntimeError(f'{case} needs a CUDA device (CUDA graphs)')
+            from audiocraft_lora import layer_graphs
+            layer_graphs.install(lm, max_shapes=1)
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
     with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
@@ -400,7 +402,10 @@ def measure(case: str, args) -> dict:
               'saved_MiB': saved.mib, 'state_MiB': state_bytes(model, params, optimizer) / 2 ** 20,
               'gflop': flop_counter.get_total_flops() / 1e9, 'launches': launches.count if launches else None,
               'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': float(loss.detach()),
-              'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == 'cuda' else None}
+              'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == 'cuda' else None,
+              'reserved_GiB': torch.cuda.max_memory_reserved() / 2 ** 30 if args.device == 'cuda' else None}
+    from audiocraft_lora import layer_graphs
+    layer_graphs.remove(model)  # (the graphs' pool would stay allocated into the next case)
     del model, optimizer, params, loss_fn, saved
     gc.collect()
     if args.device == 'cuda':
@@ -418,14 +423,16 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
     for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
-                 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed'):
+                 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
+                 'lora_graphed_keep'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
                 if a['step_s'] is not None:
                     out[f'{case}/{ref} step'] = a['step_s'] / b['step_s']
                 out[f'{case}/{ref} flop'] = a['gflop'] / b['gflop']
-                for key, name in (('peak_GiB', 'peak'), ('state_plus_saved_GiB', 'state+saved'),
+                for key, name in (('peak_GiB', 'peak'), ('reserved_GiB', 'reserved'),
+                                  ('state_plus_saved_GiB', 'state+saved'),
                                   ('saved_MiB', 'saved')):
                     if a.get(key) is not None and b.get(key):
                         out[f'{case}/{ref} {name}'] = a[key] / b[key]
@@ -473,7 +480,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
           + (f" gpu={torch.cuda.get_device_name()}" if args.device == 'cuda' else ''), flush=True)
     peak_name = 'est. GiB' if args.count_only else 'peak GiB'
     print(f"{'case':<14} {'step (s)':>9} {'frames/s':>10} {'GFLOP':>9} {peak_name:>9} {'saved MiB':>10} "
-          f"{'state MiB':>10} {'trainable M':>12} {'launches':>9}", flush=True)
+          f"{'state MiB':>10} {'trainable M':>12} {'launches':>9} {'resv GiB':>9}", flush=True)
     results: tp.Dict[str, dict] = {}
     for case in args.cases.split(','):
         try:
@@ -490,12 +497,14 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         timing = f"{r['step_s']:>9.4f} {r['frames_per_s']:>10.0f}" if r['step_s'] is not None else f"{'-':>9} {'-':>10}"
         est = f"  est. {r['est_GiB']:.2f} GiB" if r.get('est_GiB') else ''
         launched = r['launches'] if r['launches'] is not None else '-'
+        reserved = f"{r['reserved_GiB']:.2f}" if r.get('reserved_GiB') is not None else '-'
         print(f"{case:<14} {timing} {r['gflop']:>9.1f} {peak:>9} "
-              f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f} {launched:>9}{est}",
+              f"{r['saved_MiB']:>10.1f} {r['state_MiB']:>10.1f} {r['trainable_M']:>12.3f} {launched:>9} "
+              f"{reserved:>9}{est}",
               flush=True)
     rat = ratios(results)
     print('ratios:\n' + '\n'.join(f'{k:<30} {v:.3f}' for k, v in rat.items()
-                                  if ' step' in k or ' peak' in k or ' launches' in k),
+                                  if ' step' in k or ' peak' in k or ' launches' in k or ' reserved' in k),
           flush=True)
     out = {'args': {k: v for k, v in vars(args).items() if k != 'autocast_dtype'}, 'results': results,
            'ratios': rat}

@@ -1,0 +1,215 @@
+"""CUDA graphs of the LM's transformer layers in training steps (`lora.graph_layers`).
+
+At batch 4, or 15 s segments, a LoRA step on a GPU is bound by the host: the GPU work of musicgen-small at batch 4 x
+30 s is ~0.65x that of full fine-tuning, but the ~2,200 kernel launches, AudioCraft's attention, peft and the fast
+path's Python take longer than the kernels (`benchmarks/gpu_model.py`). `torch.cuda.make_graphed_callables` records
+each layer's forward and backward once and then replays each as one launch, with the very kernels eager mode runs:
+the same values as eager (unlike inductor's), none of the Python at replay. Measured on an H100 (session 12,
+`benchmarks/step_time.py`): musicgen-small batch 4 x 30 s, 0.058 s a step against 0.166 s eager and 0.116 s for
+AudioCraft's full fine-tuning; medium batch 4, 0.163 vs 0.295 and 0.238 s.
+
+How it stays exact and lean:
+
+- One capture per input signature (the shapes of the layer input and of the text conditioning, dtypes, autocast),
+  of *all* layers at once: forward graphs in layer order, backward graphs in reverse, as the step runs them, so the
+  captures may share one memory pool (`make_graphed_callables` of a tuple). Every signature uses that same pool
+  (only one signature runs in a step), and the same static layer inputs; what each signature adds is its layers'
+  static outputs and gradients (`static_bytes`).
+- Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
+  longest description of the batch, so its length varies. Each new length is captured when first seen (a second or
+  two), up to `max_shapes`; a step whose signature is beyond that runs eagerly with each layer recomputed in
+  backward (counted: `stats`): the pool holds a step's activations for the graphs, so an eager step keeps only its
+  layer inputs beside it (`fallback_bytes`), at ~1.3x an eager step's time.
+- Only training steps replay (grad enabled, module in training mode, CUDA tensors, no attention mask, no streaming
+  state): validation, the memory estimate's fake tensors and AudioCraft's token-by-token generation run the eager
+  layer.
+- Nothing outside the graphs may change what they read behind their back: the shared adapter casts
+  (adapter_casts), refreshed by a Python check, are taken away (each projection casts its adapter inside the graph);
+  LoRA dropout masks are drawn inside the graph from CUDA's generator (graph-safe: a new mask at every replay), so
+  replayed dropout masks (`dropout_replay`, CPU generator state) and activation checkpointing are not combined with
+  it (`speed.resolve_graph_layers`).
+
+Parameter and state-dict names don't change (each layer's `forward` becomes an instance attribute; `remove` undoes
+it). Tests: tests/test_layer_graphs.py (the dispatch, on CPU, with torch's capture function stood in for), and
+benchmarks/cuda_checks.py (the real graphs on a GPU: six steps over changing text lengths give eager's losses and
+gradients bit for bit; with LoRA dropout each replay draws a new mask).
+"""
+import functools
+import logging
+import time
+import typing as tp
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'static_bytes', 'fallback_bytes']
+
+Key = tp.Tuple[tp.Any, ...]
+
+
+class _LayerCall(nn.Module):
+    """`layer(x, cross_attention_src=cross)` with positional tensors only (what make_graphed_callables takes), through
+    the layer's eager forward."""
+
+    def __init__(self, layer: nn.Module, eager: tp.Callable):
+        super().__init__()
+        self.layer = layer
+        self.eager = eager
+
+    def forward(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        return self.eager(x, cross_attention_src=cross)
+
+
+def static_bytes(num_layers: int, batch: int, frames: int, dim: int, text_tokens: int = 64,
+                 adapter_params: int = 0, itemsize: int = 4) -> tp.Tuple[int, int]:
+    """(bytes shared by every signature, bytes each signature adds) that the graphs keep allocated: the static layer
+    inputs, once; per signature each layer's static output, its input's gradient and the incoming gradient, the text
+    conditioning and the adapter gradients. Layer inputs are the float32 residual stream (`itemsize`)."""
+    activation = batch * frames * dim * itemsize
+    shared = num_layers * activation
+    per_shape = 3 * num_layers * activation + batch * text_tokens * dim * itemsize + 4 * adapter_params
+    return shared, per_shape
+
+
+def fallback_bytes(num_layers: int, batch: int, frames: int, dim: int, step_bytes: int, itemsize: int = 4) -> int:
+    """What a step beyond `max_shapes` (eager, each layer recomputed in backward) holds beside the graphs' pool: its
+    layer inputs and one layer's share of the step (`step_bytes`: the memory estimate's step)."""
+    return num_layers * batch * frames * dim * itemsize + step_bytes // max(1, num_layers)
+
+
+class LayerGraphs:
+    """The graphs of one LM's transformer layers, keyed by input signature, and the dispatch of each layer's call.
+
+    `capture` is torch.cuda.make_graphed_callables (tests stand something else in on CPU); `device_type` is where
+    calls are graphed."""
+
+    def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
+                 capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda'):
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+        self.layers = list(layers)
+        self.eager = [layer.forward for layer in self.layers]  # bound before `install` shadows them
+        self.max_shapes = int(max_shapes)
+        self.capture = capture or torch.cuda.make_graphed_callables
+        self.pool = pool
+        self.device_type = device_type
+        self.sets: tp.Dict[Key, tp.Tuple[tp.Tuple[tp.Callable, ...], tp.List[bool]]] = {}  # graphs, input grads
+        self.inputs: tp.Dict[Key, tp.List[torch.Tensor]] = {}  # static layer inputs, shared by the signatures
+        self.active: tp.Optional[Key] = None  # the signature of the step in flight (set by the first layer)
+        self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0}
+
+    # ------------------------------------------------------------------ dispatch
+    def graphable(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
+                  cross: tp.Optional[torch.Tensor], src_mask: tp.Optional[torch.Tensor]) -> bool:
+        """Whether this call is a training step's that the graphs can replay."""
+        return (not args and not kwargs and src_mask is None and cross is not None and layer.training
+                and torch.is_grad_enabled() and x.device.type == self.device_type
+                and cross.device == x.device and not getattr(layer, '_streaming_state', None)
+                and type(x) is torch.Tensor and type(cross) is torch.Tensor)  # (no fake/functional tensors)
+
+    def signature(self, x: torch.Tensor, cross: torch.Tensor) -> Key:
+        device_type = x.device.type
+        return (tuple(x.shape), x.dtype, x.requires_grad, tuple(cross.shape), cross.dtype, cross.requires_grad,
+                x.device, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+    def forward(self, index: int, x: torch.Tensor, *args, cross_attention_src: tp.Optional[torch.Tensor] = None,
+                src_mask: tp.Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """Layer `index`'s call: its graph for this signature, or its eager forward."""
+        layer = self.layers[index]
+        if not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask):
+            return self.eager[index](x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
+        cross = cross_attention_src
+        if index == 0:
+            key = self.signature(x, cross)
+            if key not in self.sets and len(self.sets) < self.max_shapes:
+                self.sets[key] = self._capture(key, x, cross)
+            self.active = key if key in self.sets else None
+        entry = self.sets.get(self.active) if self.active is not None else None
+        if entry is None or x.requires_grad != entry[1][index] or tuple(x.shape) != self.active[0]:
+            # Eagerly, recomputed in backward: the graphs' pool keeps a step's activations for itself, so an eager
+            # step beside it keeps only its layer inputs (torch's checkpoint: the same values, masks included)
+            self.stats['eager_calls'] += 1
+            return checkpoint(self.eager[index], x, cross_attention_src=cross, use_reentrant=False)
+        self.stats['graphed_calls'] += 1
+        return entry[0][index](x, cross)
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, key: Key, x: torch.Tensor,
+                 cross: torch.Tensor) -> tp.Tuple[tp.Tuple[tp.Callable, ...], tp.List[bool]]:
+        start = time.time()
+        grads = [bool(x.requires_grad)]  # whether each layer's input needs a gradient
+        for layer in self.layers[:-1]:
+            grads.append(grads[-1] or any(p.requires_grad for p in layer.parameters()))
+        shape_key = (tuple(x.shape), x.dtype, x.device, tuple(grads))
+        inputs = self.inputs.get(shape_key)
+        if inputs is None:  # the same static inputs for every signature: one step runs one signature
+            inputs = [x.detach().clone().requires_grad_(grad) for grad in grads]
+            self.inputs[shape_key] = inputs
+        static_cross = cross.detach().clone()  # one buffer for every layer: they all get the same values
+        calls = tuple(_LayerCall(layer, eager) for layer, eager in zip(self.layers, self.eager))
+        samples = tuple((inputs[i], static_cross) for i in range(len(calls)))
+        if self.pool is None and self.device_type == 'cuda':
+            self.pool = torch.cuda.graph_pool_handle()
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)  # (graphs can't hold autocast's cached casts; same values)
+        try:
+            graphed = self.capture(calls, samples, num_warmup_iters=3, pool=self.pool)
+        finally:
+            torch.set_autocast_cache_enabled(cache)
+        seconds = time.time() - start
+        self.stats['captures'] += 1
+        self.stats['capture_seconds'] += seconds
+        logger.info("CUDA graphs of %d transformer layers captured for layer input %s and text conditioning %s in "
+                    "%.1f s (signature %d of at most %d, lora.graph_shapes)", len(calls), list(x.shape),
+                    list(cross.shape), seconds, len(self.sets) + 1, self.max_shapes)
+        return tuple(graphed), grads
+
+    def summary(self) -> str:
+        calls = self.stats['graphed_calls'] + self.stats['eager_calls']
+        return (f"{self.stats['graphed_calls']} of {calls} training layer calls replayed as CUDA graphs, "
+                f"{len(self.sets)} signature(s) captured in {self.stats['capture_seconds']:.1f} s"
+                + (f"; {self.stats['eager_calls']} eager and recomputed in backward (text lengths beyond "
+                   f"lora.graph_shapes={self.max_shapes})" if self.stats['eager_calls'] else ''))
+
+
+def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,
+            device_type: str = 'cuda') -> LayerGraphs:
+    """Route the training calls of every transformer layer of AudioCraft LM `model` through CUDA graphs (each layer's
+    `forward` becomes an instance attribute; names, parameters and state dict don't change). Takes the shared
+    adapter casts away (graphed projections cast their adapters themselves). Returns the `LayerGraphs`."""
+    from .adapter_casts import unshare_adapter_casts
+    transformer = getattr(model, 'transformer', None)
+    if transformer is None or not hasattr(transformer, 'layers'):
+        raise TypeError("lora.graph_layers needs AudioCraft's StreamingTransformer LM (model.transformer.layers).")
+    remove(model)
+    unshare_adapter_casts(model)
+    # The first backward after a capture meets the adapters' AccumulateGrad nodes that the capture's warmup made on
+    # its side stream, and torch warns once that it may synchronise there (measured: same values, bit for bit).
+    warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match", category=UserWarning)
+    graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type)
+    for index, layer in enumerate(graphs.layers):
+        layer.forward = functools.partial(graphs.forward, index)
+    model.__dict__['_lora_layer_graphs'] = graphs
+    return graphs
+
+
+def installed(model: nn.Module) -> tp.Optional[LayerGraphs]:
+    """The `LayerGraphs` installed on `model`, if any."""
+    return model.__dict__.get('_lora_layer_graphs')
+
+
+def remove(model: nn.Module) -> bool:
+    """Undo `install` (the layers' own forward again; captured graphs are dropped). Returns whether there was one."""
+    graphs = model.__dict__.pop('_lora_layer_graphs', None)
+    if graphs is None:
+        return False
+    for layer in graphs.layers:
+        layer.__dict__.pop('forward', None)
+    graphs.sets.clear()  # (the graphs' memory goes back to the allocator once nothing else holds them)
+    graphs.inputs.clear()
+    graphs.active, graphs.pool = None, None
+    return True

@@ -1,0 +1,218 @@
+"""lora.graph_layers: which calls the CUDA graphs of the layers take, how they are captured, and when the solver
+turns them on. The graphs themselves need a GPU (benchmarks/cuda_checks.py checks their losses against eager steps);
+here torch's capture function is stood in for by one that returns the callables it was given (what a graph replays
+is what they compute), so the dispatch runs on CPU."""
+import copy
+import logging
+import types
+
+import pytest
+import torch
+
+from audiocraft_lora import layer_graphs, memory_plan
+from audiocraft_lora.errors import LoRAConfigError
+from audiocraft_lora.lora import AdapterParameters, LoRASettings, inject_lora
+from audiocraft_lora.speed import SpeedSettings, apply_to_model
+
+
+class RecordingCapture:
+    """make_graphed_callables' signature; records each capture and returns the callables (their eager forward)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, callables, samples, num_warmup_iters=3, pool=None):
+        self.calls.append({'callables': callables, 'samples': samples, 'pool': pool})
+        return callables
+
+
+def _lm(debug_lm_pkg, dropout=0.0):
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    from audiocraft_lora import base_models
+    set_efficient_attention_backend('torch')
+    lm = base_models.build_lm(debug_lm_pkg)
+    inject_lora(lm, LoRASettings(rank=4, dropout=dropout, init='random'))
+    apply_to_model(lm, SpeedSettings(), autocast=False, autocast_dtype=torch.float32)
+    return lm
+
+
+def _step(lm, codes, length):
+    """Loss and adapter gradients of one training forward/backward on `codes`, with a text conditioning of `length`
+    tokens (what a batch's longest description gives; the debug LM's own conditioner gives one token)."""
+    lm.train()
+    for p in lm.parameters():
+        p.grad = None
+    generator = torch.Generator().manual_seed(length)
+    text = torch.randn(codes.shape[0], length, lm.dim, generator=generator)
+    out = lm.compute_predictions(codes, [], {'description': (text, torch.ones(codes.shape[0], length))})
+    loss = torch.nan_to_num(out.logits).float().pow(2).mean()
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in AdapterParameters(lm).named_parameters()}
+
+
+LENGTHS = [2, 5, 2, 7, 5]
+
+
+def test_one_capture_per_text_length_of_all_layers_with_shared_inputs_and_pool(debug_lm_pkg):
+    lm = _lm(debug_lm_pkg)
+    reference = copy.deepcopy(lm)
+    capture, pool = RecordingCapture(), object()
+    graphs = layer_graphs.install(lm, max_shapes=2, capture=capture, device_type='cpu')
+    graphs.pool = pool
+    layers = list(lm.transformer.layers)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(0))
+    lengths = []
+    for length in LENGTHS:
+        loss, grads = _step(lm, codes, length)
+        ref_loss, ref_grads = _step(reference, codes, length)
+        assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
+        lengths.append(graphs.active and graphs.active[3][1])
+    # lengths 2 (twice): one signature; 5 the second; 7 is beyond max_shapes=2 and runs eagerly; 5 replays again
+    assert len(capture.calls) == 2
+    for call in capture.calls:
+        assert [c.layer for c in call['callables']] == layers  # all layers at once, in order: one shared pool
+        assert call['pool'] is pool
+        assert len({id(sample[1]) for sample in call['samples']}) == 1  # one text buffer for every layer
+        assert [sample[0].requires_grad for sample in call['samples']] == [False] + [True] * (len(layers) - 1)
+    first, second = capture.calls
+    assert all(a[0] is b[0] for a, b in zip(first['samples'], second['samples']))  # layer inputs shared
+    assert first['samples'][0][1].shape[1] != second['samples'][0][1].shape[1]
+    assert lengths[3] is None and lengths[0] == lengths[2] and lengths[1] == lengths[4]
+    n = len(layers)
+    assert graphs.stats['graphed_calls'] == 4 * n and graphs.stats['eager_calls'] == n
+    assert 'beyond lora.graph_shapes=2' in graphs.summary()
+
+
+def test_eval_no_grad_and_off_device_calls_run_eagerly(debug_lm_pkg):
+    from helpers import conditioned_logits
+    lm = _lm(debug_lm_pkg)
+    reference = copy.deepcopy(lm)
+    capture = RecordingCapture()
+    graphs = layer_graphs.install(lm, capture=capture, device_type='cpu')
+    codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(1))
+    text = ['trap beat']
+    assert torch.equal(conditioned_logits(lm, codes, text), conditioned_logits(reference, codes, text))
+    lm.train()
+    with torch.no_grad():  # training mode without grad
+        lm.transformer(torch.randn(2, 30, lm.dim), cross_attention_src=torch.randn(2, 3, lm.dim))
+    assert capture.calls == [] and graphs.stats['graphed_calls'] == graphs.stats['eager_calls'] == 0
+    cuda_graphs = layer_graphs.install(lm, capture=capture)  # the real device type: these CPU calls aren't its
+    _step(lm, codes, 3)
+    assert capture.calls == [] and cuda_graphs.stats['graphed_calls'] == 0
+
+
+def test_install_keeps_names_takes_shared_casts_away_and_remove_undoes_it(debug_lm_pkg):
+    lm = _lm(debug_lm_pkg)
+    from audiocraft_lora.adapter_casts import share_adapter_casts
+    assert share_adapter_casts(lm) > 0
+    names = list(lm.state_dict())
+    layer_graphs.install(lm, device_type='cpu')
+    assert list(lm.state_dict()) == names
+    assert not any('_lora_cast_slots' in m.__dict__ for m in lm.modules())
+    assert all('forward' in layer.__dict__ for layer in lm.transformer.layers)
+    assert layer_graphs.installed(lm) is not None
+    assert layer_graphs.remove(lm) and layer_graphs.installed(lm) is None
+    assert not any('forward' in layer.__dict__ for layer in lm.transformer.layers)
+    assert not layer_graphs.remove(lm)
+
+
+def test_remove_lets_the_captured_graphs_go(debug_lm_pkg):
+    """What holds a graph holds its memory pool: after `remove`, nothing of ours refers to the captured callables."""
+    import gc
+    import weakref
+    lm = _lm(debug_lm_pkg)
+    graphs = layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu')
+    codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(2))
+    _step(lm, codes, 3)
+    captured = [weakref.ref(call) for call in graphs.capture.calls[0]['callables']]
+    graphs.capture.calls.clear()
+    layer_graphs.remove(lm)
+    gc.collect()
+    assert graphs.sets == {} and graphs.inputs == {} and graphs.pool is None
+    assert all(ref() is None for ref in captured)
+
+
+@pytest.mark.parametrize('settings, message', [
+    ({'graph_layers': 'sometimes'}, 'lora.graph_layers must be auto, true or false'),
+    ({'graph_shapes': 0}, 'lora.graph_shapes must be a whole number >= 1'),
+    ({'graph_layers': True, 'compile': 'inductor'}, 'lora.compile=inductor'),
+    ({'graph_layers': 'true', 'activation_checkpointing': 'selective'}, 'lora.activation_checkpointing=selective'),
+    ({'graph_layers': 'true', 'dropout_replay': True}, 'lora.dropout_replay=true'),
+    ({'graph_layers': 'true', 'fast_path': False}, 'lora.fast_path=false'),
+])
+def test_settings_that_cant_be_graphed_are_refused(settings, message):
+    with pytest.raises(LoRAConfigError, match=message.replace('.', r'\.')):
+        SpeedSettings(**settings).validate()
+
+
+def test_auto_accepts_what_true_refuses():
+    for clash in ({'compile': 'inductor'}, {'activation_checkpointing': 'selective'}, {'dropout_replay': True},
+                  {'fast_path': False}):
+        SpeedSettings(graph_layers='auto', **clash).validate()  # (it turns itself off: plan_graphs)
+
+
+def _solver(lm, device='cuda', budget=None, needed=None, **settings):
+    cfg = types.SimpleNamespace(dataset=types.SimpleNamespace(batch_size=4, segment_duration=2.0))
+    estimate = None if budget is None else {'budget_bytes': budget, 'needed_bytes': needed}
+    settings = {'activation_checkpointing': 'none', **settings}  # (as plan_training leaves it: never auto)
+    return types.SimpleNamespace(model=lm, device=device, cfg=cfg, memory_estimate=estimate,
+                                 compression_model=types.SimpleNamespace(frame_rate=50),
+                                 speed_settings=SpeedSettings(**settings),
+                                 logger=logging.getLogger('test_layer_graphs'))
+
+
+def test_auto_takes_the_signatures_that_fit_the_budget(debug_lm_pkg):
+    lm = _lm(debug_lm_pkg)
+    solver = _solver(lm)
+    shared, per_shape, fallback = memory_plan.graph_static_bytes(solver, step_bytes=0)
+    assert shared == len(lm.transformer.layers) * 4 * 100 * lm.dim * 4  # batch 4 x 100 frames, float32
+    assert fallback == shared  # (a step of nothing but its layer inputs)
+    needed = 10 * 2 ** 30
+    solver = _solver(lm, budget=needed + 2 * shared + 3 * per_shape + 1, needed=needed)
+    assert memory_plan.plan_graphs(solver) == 3 and layer_graphs.installed(lm).max_shapes == 3
+    solver = _solver(lm, budget=needed + 2 * shared + 100 * per_shape, needed=needed)
+    assert memory_plan.plan_graphs(solver) == 8  # lora.graph_shapes
+    assert memory_plan.plan_graphs(_solver(lm, budget=needed, needed=needed)) == 0
+    assert layer_graphs.installed(lm) is None
+    assert memory_plan.plan_graphs(_solver(lm, budget=needed, needed=needed, graph_layers='true')) == 1
+    assert memory_plan.plan_graphs(_solver(lm)) == 8  # no budget (lora.memory_budget_gib=none): as asked
+
+
+def test_graphs_stay_off_where_they_cant_apply(debug_lm_pkg, caplog):
+    lm = _lm(debug_lm_pkg)
+    assert memory_plan.plan_graphs(_solver(lm, device='cpu')) == 0
+    with pytest.raises(LoRAConfigError, match='needs the solver on a CUDA device'):
+        memory_plan.plan_graphs(_solver(lm, device='cpu', graph_layers='true'))
+    assert memory_plan.plan_graphs(_solver(lm, graph_layers='false')) == 0
+    with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
+        # what the memory plan chose (activation_checkpointing=auto resolved) rules graphs out
+        assert memory_plan.plan_graphs(_solver(lm, activation_checkpointing='selective')) == 0
+        assert memory_plan.plan_graphs(_solver(lm, dropout_replay=True)) == 0
+    assert 'off, with lora.activation_checkpointing=selective' in caplog.text
+    assert layer_graphs.installed(lm) is None
+
+
+def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(debug_lm_pkg):
+    """The graphs' pool keeps a step's activations, so a step of a new text length beyond lora.graph_shapes must not
+    keep a second set beside it: its layers save their inputs only (torch's checkpoint) and give the same results."""
+    lm = _lm(debug_lm_pkg, dropout=0.1)
+    reference = copy.deepcopy(lm)
+    graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu')
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(3))
+    _step(lm, codes, 2)  # captured
+
+    def saved_during(model, length):
+        count = [0]
+
+        def pack(tensor):
+            count[0] += 1
+            return tensor
+        torch.manual_seed(5)  # (the same LoRA dropout masks in both models)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss, grads = _step(model, codes, length)
+        return count[0], loss, grads
+    saved, loss, grads = saved_during(lm, 5)
+    ref_saved, ref_loss, ref_grads = saved_during(reference, 5)
+    assert graphs.stats['eager_calls'] == len(lm.transformer.layers)
+    assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
+    assert saved < ref_saved / 2, (saved, ref_saved)
