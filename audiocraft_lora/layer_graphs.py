@@ -29,6 +29,9 @@ How it stays exact and lean:
   replayed dropout masks (`dropout_replay`, CPU generator state) and activation checkpointing are not combined with
   it (`speed.resolve_graph_layers`).
 
+A capture that fails (other than for memory) leaves the layers eager with a warning under `lora.graph_layers=auto`
+and raises under `true`; running out of memory raises, and the solver's advice names `lora.graph_layers=false`.
+
 Parameter and state-dict names don't change (each layer's `forward` becomes an instance attribute; `remove` undoes
 it). Tests: tests/test_layer_graphs.py (the dispatch, on CPU, with torch's capture function stood in for), and
 benchmarks/cuda_checks.py (the real graphs on a GPU: six steps over changing text lengths give eager's losses and
@@ -88,7 +91,8 @@ class LayerGraphs:
     calls are graphed."""
 
     def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
-                 capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda'):
+                 capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
+                 strict: bool = False):
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.layers = list(layers)
@@ -101,6 +105,8 @@ class LayerGraphs:
         self.inputs: tp.Dict[Key, tp.List[torch.Tensor]] = {}  # static layer inputs, shared by the signatures
         self.active: tp.Optional[Key] = None  # the signature of the step in flight (set by the first layer)
         self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0}
+        self.strict = strict  # a capture that fails raises (lora.graph_layers=true), else training goes on eagerly
+        self.failed: tp.Optional[str] = None
 
     # ------------------------------------------------------------------ dispatch
     def graphable(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
@@ -120,13 +126,24 @@ class LayerGraphs:
                 src_mask: tp.Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Layer `index`'s call: its graph for this signature, or its eager forward."""
         layer = self.layers[index]
-        if not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask):
+        if self.failed or not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask):
             return self.eager[index](x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
         cross = cross_attention_src
         if index == 0:
             key = self.signature(x, cross)
             if key not in self.sets and len(self.sets) < self.max_shapes:
-                self.sets[key] = self._capture(key, x, cross)
+                try:
+                    self.sets[key] = self._capture(key, x, cross)
+                except torch.OutOfMemoryError:
+                    raise  # (the solver's advice names lora.graph_layers=false)
+                except Exception as error:
+                    if self.strict:
+                        raise
+                    self.failed = f"{type(error).__name__}: {error}"
+                    self.sets.clear()
+                    logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes "
+                                   "on without them. Set lora.graph_layers=false to skip them.", self.failed)
+                    return self.eager[index](x, cross_attention_src=cross)
             self.active = key if key in self.sets else None
         entry = self.sets.get(self.active) if self.active is not None else None
         if entry is None or x.requires_grad != entry[1][index] or tuple(x.shape) != self.active[0]:
@@ -177,10 +194,11 @@ class LayerGraphs:
 
 
 def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,
-            device_type: str = 'cuda') -> LayerGraphs:
+            device_type: str = 'cuda', strict: bool = False) -> LayerGraphs:
     """Route the training calls of every transformer layer of AudioCraft LM `model` through CUDA graphs (each layer's
     `forward` becomes an instance attribute; names, parameters and state dict don't change). Takes the shared
-    adapter casts away (graphed projections cast their adapters themselves). Returns the `LayerGraphs`."""
+    adapter casts away (graphed projections cast their adapters themselves). `strict`: a failed capture raises
+    instead of leaving the layers eager. Returns the `LayerGraphs`."""
     from .adapter_casts import unshare_adapter_casts
     transformer = getattr(model, 'transformer', None)
     if transformer is None or not hasattr(transformer, 'layers'):
@@ -190,7 +208,8 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
     # The first backward after a capture meets the adapters' AccumulateGrad nodes that the capture's warmup made on
     # its side stream, and torch warns once that it may synchronise there (measured: same values, bit for bit).
     warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match", category=UserWarning)
-    graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type)
+    graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type,
+                         strict=strict)
     for index, layer in enumerate(graphs.layers):
         layer.forward = functools.partial(graphs.forward, index)
     model.__dict__['_lora_layer_graphs'] = graphs

@@ -250,7 +250,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
             raise OutOfMemory(out_of_memory_advice(
                 self.speed_settings, int(self.cfg.dataset.batch_size) * flashy.distrib.world_size(),  # per rank here
                 float(self.cfg.dataset.segment_duration), str(exc),
-                lora_dropout=has_fast_dropout(self.model))) from None
+                lora_dropout=has_fast_dropout(self.model),
+                graphs=layer_graphs.installed(self.model) is not None)) from None
 
     def _compute_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
                                mask: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[torch.Tensor]]:

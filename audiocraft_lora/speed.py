@@ -400,7 +400,7 @@ def _plan_position(settings: SpeedSettings) -> float:
 
 
 def out_of_memory_advice(settings: SpeedSettings, batch_size: int, segment_duration: float, error: str,
-                         lora_dropout: bool = False) -> str:
+                         lora_dropout: bool = False, graphs: bool = False) -> str:
     """What to change after a training step ran out of GPU memory: the next leaner plan (replayed dropout masks first
     when the fast path has `lora_dropout`), then batch size / segment length. Speed settings are outside the XP
     signature, so rerunning resumes the same XP."""
@@ -409,6 +409,10 @@ def out_of_memory_advice(settings: SpeedSettings, batch_size: int, segment_durat
              f"with dataset.batch_size={batch_size}, dataset.segment_duration={segment_duration}, "
              f"lora.activation_checkpointing={settings.activation_checkpointing} "
              f"(checkpoint_fraction={settings.checkpoint_fraction}, checkpoint_rest={settings.checkpoint_rest})."]
+    if graphs:  # (their pool and static tensors come first: they only buy speed)
+        lines.append("The transformer layers ran as CUDA graphs (lora.graph_layers), whose memory pool and static "
+                     "tensors stay allocated: rerun the same command with `lora.graph_layers=false` first (outside "
+                     "the XP signature: it resumes from the last checkpoint), or a smaller `lora.graph_shapes`.")
     replay_helps = lora_dropout and settings.fast_path
     for index, plan in enumerate(PLANS):
         if index > position and (replay_helps or not plan[3]):

@@ -216,3 +216,22 @@ def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(d
     assert graphs.stats['eager_calls'] == len(lm.transformer.layers)
     assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
     assert saved < ref_saved / 2, (saved, ref_saved)
+
+
+def test_a_failed_capture_leaves_the_layers_eager_unless_asked_for(debug_lm_pkg, caplog):
+    def failing(callables, samples, num_warmup_iters=3, pool=None):
+        raise RuntimeError('operation not permitted when stream is capturing')
+    lm = _lm(debug_lm_pkg)
+    reference = copy.deepcopy(lm)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(4))
+    graphs = layer_graphs.install(lm, capture=failing, device_type='cpu')
+    with caplog.at_level(logging.WARNING, logger='audiocraft_lora.layer_graphs'):
+        for length in (2, 5):
+            loss, grads = _step(lm, codes, length)
+            ref_loss, ref_grads = _step(reference, codes, length)
+            assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
+    assert 'training goes on without them' in caplog.text and 'not permitted' in graphs.failed
+    assert caplog.text.count('failed') == 1  # (tried once)
+    layer_graphs.install(lm, capture=failing, device_type='cpu', strict=True)  # lora.graph_layers=true
+    with pytest.raises(RuntimeError, match='not permitted'):
+        _step(lm, codes, 2)

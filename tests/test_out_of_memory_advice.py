@@ -47,3 +47,11 @@ def test_with_lora_dropout_the_first_rung_replays_the_masks():
     assert 'Rerun the same command with `lora.activation_checkpointing=selective' in replayed
     plain_path = out_of_memory_advice(SpeedSettings(fast_path=False), 16, 30.0, error, lora_dropout=True)
     assert 'dropout_replay' not in plain_path  # the replay is the fast path's
+
+
+def test_with_cuda_graphs_of_the_layers_turning_them_off_comes_first():
+    error = 'CUDA out of memory. Tried to allocate 2 GiB'
+    advice = out_of_memory_advice(SpeedSettings(), 16, 30.0, error, lora_dropout=True, graphs=True)
+    assert advice.split('rerun the same command with `', 1)[1].startswith('lora.graph_layers=false`')
+    assert advice.index('lora.graph_layers=false') < advice.index('lora.dropout_replay=True')
+    assert 'graph_layers' not in out_of_memory_advice(SpeedSettings(), 16, 30.0, error, lora_dropout=True)
