@@ -6,10 +6,10 @@
 # what the graphs' pool holds) at small b4, small b16, medium b16 (only on a GPU with more than 120 GB: an H200),
 # small b16 x 15 s (the lora_small recipe) and medium b4: `lora_graphed` / `lora_graphed_keep` are the solver's GPU
 # defaults (lora.graph_layers=auto; the merged weights kept where they fit and LoRA dropout is 0), `lora_fast_keep`
-# the same eagerly; a CUDA dora run with the defaults (its log says what was captured and replayed), then each part
-# of fast_lora.CONCAT_RANK_GEMMS alone. Eager batch-4 steps are host-bound and vary +-30% run to run: their median is
-# taken over 15 steps. gpu_check.sh is the long one. Results in $OUT (the tables in the log); DEADLINE (s, default
-# 340) bounds the run.
+# the same eagerly; a CUDA dora run with the defaults (its log says what was captured and replayed), then the parts
+# of fast_lora.CONCAT_RANK_GEMMS under the graphs (small b16 is GPU-bound at 0.75x full fine-tuning: what's left).
+# Eager batch-4 steps are host-bound and vary +-30% run to run: their median is taken over 15 steps. gpu_check.sh is
+# the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run.
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
@@ -39,8 +39,9 @@ for args in "--scale small --batch 16 --frames 750 --cases full,lora_fast_keep,l
 done
 echo "== dora run lora_debug on cuda, bf16 autocast, speed defaults (CUDA graphs of the layers) [$((SECONDS-START)) s]"
 dora_on_cuda 40
-for args in "--scale small --batch 16 --cases lora_fast,lora_fast_concat --concat-rank-gemms forward" \
-            "--scale small --batch 16 --cases lora_fast,lora_fast_concat --concat-rank-gemms backward"; do
+for args in "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms forward" \
+            "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms backward" \
+            "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms forward,backward"; do
   run_case $args
 done
 echo "== done [$((SECONDS-START)) s]"

@@ -28,6 +28,7 @@ Cases (`--cases`, comma separated):
                   values, no Python at replay); CUDA only. Its `peak GiB` misses what the graphs' memory pool holds
                   between replays: compare `resv GiB` (torch.cuda.max_memory_reserved)
   lora_graphed_keep lora_graphed with the merged weights kept (what the solver runs on a GPU with LoRA dropout 0)
+  lora_graphed_concat lora_graphed with the CONCAT_RANK_GEMMS parts of --concat-rank-gemms (as lora_fast_concat)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
   encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
@@ -76,8 +77,8 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
 }
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat',
          'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
-         'lora_graphed_keep', 'hf_lora', 'hf_full', 'encode')
-CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep')
+         'lora_graphed_keep', 'lora_graphed_concat', 'hf_lora', 'hf_full', 'encode')
+CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -202,7 +203,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     from audiocraft_lora import fast_lora
     fast_lora.CONCAT_RANK_GEMMS = frozenset(  # (read in forward and backward: set for the whole case)
-        getattr(args, 'concat_rank_gemms', ','.join(fast_lora.CONCAT_PARTS)).split(',') if case == 'lora_fast_concat'
+        getattr(args, 'concat_rank_gemms', ','.join(fast_lora.CONCAT_PARTS)).split(',') if case.endswith('_concat')
         else ())
     device, dtype = args.device, args.autocast_dtype
     torch.manual_seed(0)
@@ -424,8 +425,8 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
     for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
                  'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
-                 'lora_graphed_keep'):
-        for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast'):
+                 'lora_graphed_keep', 'lora_graphed_concat'):
+        for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
                 if a['step_s'] is not None:
@@ -457,7 +458,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--json', default=None, help='also write the results here')
     parser.add_argument('--lora-dropout', type=float, default=0.0, help='LoRA dropout of the lora/hf_lora cases')
     parser.add_argument('--concat-rank-gemms', default='forward,dropout_forward,backward',
-                        help="the lora_fast_concat case's fast_lora.CONCAT_RANK_GEMMS parts")
+                        help="the lora_fast_concat / lora_graphed_concat cases' fast_lora.CONCAT_RANK_GEMMS parts")
     parser.add_argument('--estimate', action='store_true',
                         help="also print audiocraft_lora.memory_plan's estimate of each AudioCraft case's peak memory "
                              "(what lora.activation_checkpointing=auto plans with), next to the measured peak")
