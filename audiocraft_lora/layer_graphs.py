@@ -25,18 +25,24 @@ How it stays exact and lean:
   layer.
 - Nothing outside the graphs may change what they read behind their back: the shared adapter casts
   (adapter_casts), refreshed by a Python check, are taken away (each projection casts its adapter inside the graph);
-  LoRA dropout masks are drawn inside the graph from CUDA's generator (graph-safe: a new mask at every replay), so
+  LoRA dropout masks are drawn inside the graph from CUDA's generator (graph-safe: a new mask at every replay; the
+  capture itself runs on a forked generator, so replays draw the masks eager steps would), so
   replayed dropout masks (`dropout_replay`, CPU generator state) and activation checkpointing are not combined with
   it (`speed.resolve_graph_layers`).
 
 A capture that fails (other than for memory) leaves the layers eager with a warning under `lora.graph_layers=auto`
 and raises under `true`; running out of memory raises, and the solver's advice names `lora.graph_layers=false`.
 
+Gradients: a graph's backward hands autograd its static gradient buffers, which become the parameters' `.grad`
+(no copy); they must be cleared with `zero_grad(set_to_none=True)` (torch's default, what AudioCraft's step does)
+between backward passes: accumulating two backward passes into them would double the second.
+
 Parameter and state-dict names don't change (each layer's `forward` becomes an instance attribute; `remove` undoes
 it). Tests: tests/test_layer_graphs.py (the dispatch, on CPU, with torch's capture function stood in for), and
 benchmarks/cuda_checks.py (the real graphs on a GPU: six steps over changing text lengths give eager's losses and
 gradients bit for bit; with LoRA dropout each replay draws a new mask).
 """
+import contextlib
 import functools
 import logging
 import time
@@ -107,6 +113,7 @@ class LayerGraphs:
         self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0}
         self.strict = strict  # a capture that fails raises (lora.graph_layers=true), else training goes on eagerly
         self.failed: tp.Optional[str] = None
+        self.on_failure: tp.Optional[tp.Callable[[], tp.Any]] = None  # what undoes install's changes (eager again)
 
     # ------------------------------------------------------------------ dispatch
     def graphable(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
@@ -141,6 +148,10 @@ class LayerGraphs:
                         raise
                     self.failed = f"{type(error).__name__}: {error}"
                     self.sets.clear()
+                    self.inputs.clear()
+                    self.pool = None
+                    if self.on_failure is not None:
+                        self.on_failure()
                     logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes "
                                    "on without them. Set lora.graph_layers=false to skip them.", self.failed)
                     return self.eager[index](x, cross_attention_src=cross)
@@ -166,15 +177,21 @@ class LayerGraphs:
         if inputs is None:  # the same static inputs for every signature: one step runs one signature
             inputs = [x.detach().clone().requires_grad_(grad) for grad in grads]
             self.inputs[shape_key] = inputs
-        static_cross = cross.detach().clone()  # one buffer for every layer: they all get the same values
+        # one text buffer for every layer: each replay copies the same values into it
+        static_cross = cross.detach().clone().requires_grad_(cross.requires_grad)
         calls = tuple(_LayerCall(layer, eager) for layer, eager in zip(self.layers, self.eager))
         samples = tuple((inputs[i], static_cross) for i in range(len(calls)))
         if self.pool is None and self.device_type == 'cuda':
             self.pool = torch.cuda.graph_pool_handle()
         cache = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)  # (graphs can't hold autocast's cached casts; same values)
+        # The warmup and capture draw no random numbers from the run's stream (fork_rng): replays then draw what
+        # eager steps would (LoRA dropout masks bit for bit), and a resumed run, which captures again at other
+        # steps, draws what the uninterrupted one did.
+        devices = [x.device] if x.device.type == 'cuda' else []
         try:
-            graphed = self.capture(calls, samples, num_warmup_iters=3, pool=self.pool)
+            with torch.random.fork_rng(devices=devices), _thread_local_capture():
+                graphed = self.capture(calls, samples, num_warmup_iters=3, pool=self.pool)
         finally:
             torch.set_autocast_cache_enabled(cache)
         seconds = time.time() - start
@@ -193,6 +210,20 @@ class LayerGraphs:
                    f"lora.graph_shapes={self.max_shapes})" if self.stats['eager_calls'] else ''))
 
 
+@contextlib.contextmanager
+def _thread_local_capture():
+    """make_graphed_callables captures in cudaStreamCaptureModeGlobal, where a CUDA call of any other thread
+    (the DataLoader's pin-memory thread allocating page-locked memory, `lora.pin_memory`) breaks the capture; in
+    thread-local mode only this thread's calls are checked. (make_graphed_callables takes no mode: its
+    `torch.cuda.graph` is given one for the capture.)"""
+    original = torch.cuda.graph
+    torch.cuda.graph = functools.partial(original, capture_error_mode='thread_local')  # type: ignore
+    try:
+        yield
+    finally:
+        torch.cuda.graph = original  # type: ignore
+
+
 def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,
             device_type: str = 'cuda', strict: bool = False) -> LayerGraphs:
     """Route the training calls of every transformer layer of AudioCraft LM `model` through CUDA graphs (each layer's
@@ -204,12 +235,15 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
     if transformer is None or not hasattr(transformer, 'layers'):
         raise TypeError("lora.graph_layers needs AudioCraft's StreamingTransformer LM (model.transformer.layers).")
     remove(model)
-    unshare_adapter_casts(model)
+    shared = unshare_adapter_casts(model) > 0
     # The first backward after a capture meets the adapters' AccumulateGrad nodes that the capture's warmup made on
     # its side stream, and torch warns once that it may synchronise there (measured: same values, bit for bit).
     warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match", category=UserWarning)
     graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type,
                          strict=strict)
+    if shared:  # a failed capture gives the eager steps their shared adapter casts back
+        from .adapter_casts import share_adapter_casts
+        graphs.on_failure = functools.partial(share_adapter_casts, model)
     for index, layer in enumerate(graphs.layers):
         layer.forward = functools.partial(graphs.forward, index)
     model.__dict__['_lora_layer_graphs'] = graphs

@@ -3,6 +3,7 @@ turns them on. The graphs themselves need a GPU (benchmarks/cuda_checks.py check
 here torch's capture function is stood in for by one that returns the callables it was given (what a graph replays
 is what they compute), so the dispatch runs on CPU."""
 import copy
+import functools
 import logging
 import types
 
@@ -15,22 +16,68 @@ from audiocraft_lora.lora import AdapterParameters, LoRASettings, inject_lora
 from audiocraft_lora.speed import SpeedSettings, apply_to_model
 
 
+class _Replay(torch.autograd.Function):
+    """What torch's graphed callable does with its static tensors, eagerly: the arguments are copied into the capture's
+    sample tensors (unless they are those), the callable runs on them, its outputs come back detached, and backward
+    takes the gradients of the samples and parameters. (The copies go through `.data`, as a graph replay bumps no
+    version counter: a static tensor reused too early gives wrong values here, as it would on a GPU.)"""
+
+    @staticmethod
+    def forward(ctx, graph, *inputs):
+        args = inputs[:len(graph.samples)]
+        for static, arg in zip(graph.samples, args):
+            if static.data_ptr() != arg.data_ptr():
+                static.data.copy_(arg)
+        with torch.enable_grad():
+            graph.output = graph.callable(*graph.samples)
+        ctx.graph = graph
+        return graph.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        graph = ctx.graph
+        wanted = [t for t in graph.samples if t.requires_grad] + graph.params
+        grads = iter(torch.autograd.grad(graph.output, wanted, grad))
+        sample_grads = [next(grads) if t.requires_grad else None for t in graph.samples]
+        return (None, *sample_grads, *grads)
+
+
+class _Graph:
+    def __init__(self, callable, samples):
+        self.callable, self.samples = callable, samples
+        self.params = [p for p in callable.parameters() if p.requires_grad]
+
+    def __call__(self, *args):
+        return _Replay.apply(self, *args, *self.params)
+
+
 class RecordingCapture:
-    """make_graphed_callables' signature; records each capture and returns the callables (their eager forward)."""
+    """make_graphed_callables' signature and, eagerly, its graphs' semantics (`_Replay`); records each capture."""
 
     def __init__(self):
         self.calls = []
 
     def __call__(self, callables, samples, num_warmup_iters=3, pool=None):
         self.calls.append({'callables': callables, 'samples': samples, 'pool': pool})
-        return callables
+        return tuple(_Graph(c, s) for c, s in zip(callables, samples))
 
 
-def _lm(debug_lm_pkg, dropout=0.0):
+def _lm(debug_lm_pkg, dropout=0.0, layers=None):
+    """The debug LM with random LoRA (fast path); `layers`: that many transformer layers, random weights (the debug
+    LM has 2: static tensors shared between the third layer and the second would go unseen)."""
+    from audiocraft.models import builders
     from audiocraft.modules.transformer import set_efficient_attention_backend
+    from omegaconf import OmegaConf
     from audiocraft_lora import base_models
     set_efficient_attention_backend('torch')
-    lm = base_models.build_lm(debug_lm_pkg)
+    if layers is None:
+        lm = base_models.build_lm(debug_lm_pkg)
+    else:
+        cfg = base_models.lm_config(debug_lm_pkg)
+        OmegaConf.set_struct(cfg, False)
+        cfg.transformer_lm.num_layers, cfg.device, cfg.dtype = layers, 'cpu', 'float32'
+        torch.manual_seed(0)
+        lm = builders.get_lm_model(cfg)
     inject_lora(lm, LoRASettings(rank=4, dropout=dropout, init='random'))
     apply_to_model(lm, SpeedSettings(), autocast=False, autocast_dtype=torch.float32)
     return lm
@@ -54,7 +101,7 @@ LENGTHS = [2, 5, 2, 7, 5]
 
 
 def test_one_capture_per_text_length_of_all_layers_with_shared_inputs_and_pool(debug_lm_pkg):
-    lm = _lm(debug_lm_pkg)
+    lm = _lm(debug_lm_pkg, layers=4)
     reference = copy.deepcopy(lm)
     capture, pool = RecordingCapture(), object()
     graphs = layer_graphs.install(lm, max_shapes=2, capture=capture, device_type='cpu')
@@ -219,19 +266,67 @@ def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(d
 
 
 def test_a_failed_capture_leaves_the_layers_eager_unless_asked_for(debug_lm_pkg, caplog):
+    from audiocraft_lora.adapter_casts import share_adapter_casts
+
     def failing(callables, samples, num_warmup_iters=3, pool=None):
         raise RuntimeError('operation not permitted when stream is capturing')
     lm = _lm(debug_lm_pkg)
     reference = copy.deepcopy(lm)
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(4))
+    share_adapter_casts(lm)  # (as under autocast)
     graphs = layer_graphs.install(lm, capture=failing, device_type='cpu')
+    assert not any('_lora_cast_slots' in m.__dict__ for m in lm.modules())
     with caplog.at_level(logging.WARNING, logger='audiocraft_lora.layer_graphs'):
         for length in (2, 5):
             loss, grads = _step(lm, codes, length)
             ref_loss, ref_grads = _step(reference, codes, length)
             assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
     assert 'training goes on without them' in caplog.text and 'not permitted' in graphs.failed
+    assert graphs.inputs == {} and graphs.pool is None
+    assert any('_lora_cast_slots' in m.__dict__ for m in lm.modules())  # the eager steps' shared casts are back
     assert caplog.text.count('failed') == 1  # (tried once)
     layer_graphs.install(lm, capture=failing, device_type='cpu', strict=True)  # lora.graph_layers=true
     with pytest.raises(RuntimeError, match='not permitted'):
         _step(lm, codes, 2)
+
+
+def test_a_text_conditioning_that_needs_a_gradient_gets_it(debug_lm_pkg):
+    """(A trained conditioner: its output needs a gradient, through every layer's cross-attention.)"""
+    lm = _lm(debug_lm_pkg, layers=3)
+    reference = copy.deepcopy(lm)
+    layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu')
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for model in (lm, reference):
+        model.train()
+        text = torch.randn(2, 4, model.dim, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
+        out = model.compute_predictions(codes, [], {'description': (text, torch.ones(2, 4))})
+        torch.nan_to_num(out.logits).float().pow(2).mean().backward()
+        grads.append(text.grad)
+    assert grads[0] is not None and torch.equal(grads[0], grads[1])
+
+
+def test_captures_draw_no_random_numbers_from_the_run_and_capture_thread_locally(debug_lm_pkg):
+    """A capture's warmup runs the layers (LoRA dropout draws masks): done on a forked generator, the replays draw the
+    masks an eager run draws, and a resumed run (capturing at other steps) the ones the uninterrupted run drew. And
+    make_graphed_callables' `torch.cuda.graph` captures in thread-local mode (a pin-memory thread can't break it)."""
+    seen = []
+
+    class WarmingCapture(RecordingCapture):
+        def __call__(self, callables, samples, num_warmup_iters=3, pool=None):
+            seen.append(torch.cuda.graph.keywords.get('capture_error_mode'))
+            torch.rand(1000)  # (the warmup's draws)
+            return super().__call__(callables, samples, num_warmup_iters, pool)
+    lm = _lm(debug_lm_pkg, dropout=0.1)
+    reference = copy.deepcopy(lm)
+    layer_graphs.install(lm, capture=WarmingCapture(), device_type='cpu')
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(8))
+    for length in (2, 5, 2):  # two captures
+        results = []
+        for model in (lm, reference):
+            torch.manual_seed(length)
+            results.append(_step(model, codes, length))
+        (loss, grads), (ref_loss, ref_grads) = results
+        assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
+    assert seen == ['thread_local', 'thread_local']
+    assert not isinstance(torch.cuda.graph, functools.partial)  # restored
