@@ -31,7 +31,9 @@ How it stays exact and lean:
   it (`speed.resolve_graph_layers`).
 
 A capture that fails (other than for memory) leaves the layers eager with a warning under `lora.graph_layers=auto`
-and raises under `true`; running out of memory raises, and the solver's advice names `lora.graph_layers=false`.
+and raises under `true` or with several ranks; running out of memory raises, and the solver's advice names
+`lora.graph_layers=false`. With several ranks (DDP) the ranks agree on every step whether it is graphed
+(`all_ranks_agree`: their adapter gradients must arrive, and be all-reduced, in the same order).
 
 Gradients: a graph's backward hands autograd its static gradient buffers, which become the parameters' `.grad`
 (no copy); they must be cleared with `zero_grad(set_to_none=True)` (torch's default, what AudioCraft's step does)
@@ -55,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'static_bytes', 'fallback_bytes']
+__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'static_bytes', 'fallback_bytes', 'all_ranks_agree']
 
 Key = tp.Tuple[tp.Any, ...]
 
@@ -98,7 +100,7 @@ class LayerGraphs:
 
     def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
                  capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
-                 strict: bool = False):
+                 strict: bool = False, agree: tp.Optional[tp.Callable[[bool, torch.device], bool]] = None):
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.layers = list(layers)
@@ -112,6 +114,7 @@ class LayerGraphs:
         self.active: tp.Optional[Key] = None  # the signature of the step in flight (set by the first layer)
         self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0}
         self.strict = strict  # a capture that fails raises (lora.graph_layers=true), else training goes on eagerly
+        self.agree = agree  # with several ranks: whether every rank's step is graphed (all_ranks_agree)
         self.failed: tp.Optional[str] = None
         self.on_failure: tp.Optional[tp.Callable[[], tp.Any]] = None  # what undoes install's changes (eager again)
 
@@ -138,14 +141,20 @@ class LayerGraphs:
         cross = cross_attention_src
         if index == 0:
             key = self.signature(x, cross)
-            if key not in self.sets and len(self.sets) < self.max_shapes:
+            graphed = key in self.sets or len(self.sets) < self.max_shapes
+            if self.agree is not None:
+                graphed = self.agree(graphed, x.device)
+            if graphed and key not in self.sets:
                 try:
                     self.sets[key] = self._capture(key, x, cross)
                 except torch.OutOfMemoryError:
                     raise  # (the solver's advice names lora.graph_layers=false)
                 except Exception as error:
                     if self.strict:
-                        raise
+                        raise RuntimeError(
+                            f"Capturing the CUDA graphs of the transformer layers failed ({type(error).__name__}: "
+                            f"{error}). Rerun with lora.graph_layers=false (outside the XP signature: it resumes "
+                            "from the last checkpoint).") from error
                     self.failed = f"{type(error).__name__}: {error}"
                     self.sets.clear()
                     self.inputs.clear()
@@ -155,7 +164,7 @@ class LayerGraphs:
                     logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes "
                                    "on without them. Set lora.graph_layers=false to skip them.", self.failed)
                     return self.eager[index](x, cross_attention_src=cross)
-            self.active = key if key in self.sets else None
+            self.active = key if graphed and key in self.sets else None
         entry = self.sets.get(self.active) if self.active is not None else None
         if entry is None or x.requires_grad != entry[1][index] or tuple(x.shape) != self.active[0]:
             # Eagerly, recomputed in backward: the graphs' pool keeps a step's activations for itself, so an eager
@@ -210,6 +219,18 @@ class LayerGraphs:
                    f"lora.graph_shapes={self.max_shapes})" if self.stats['eager_calls'] else ''))
 
 
+def all_ranks_agree(graphed: bool, device: torch.device) -> bool:
+    """Whether every rank graphs this step (a MIN all-reduce of one flag: a collective and a host sync a step).
+
+    With DDP (flashy's eager sync: an all-reduce per parameter as its gradient arrives) every rank must produce the
+    adapter gradients in the same order. A graphed layer hands all its gradients at once, an eager one in its own
+    order, and ranks see different text lengths, so one rank may be beyond `max_shapes` while another replays: the
+    ranks then all run that step eagerly."""
+    flag = torch.tensor([1 if graphed else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 @contextlib.contextmanager
 def _thread_local_capture():
     """make_graphed_callables captures in cudaStreamCaptureModeGlobal, where a CUDA call of any other thread
@@ -225,11 +246,13 @@ def _thread_local_capture():
 
 
 def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,
-            device_type: str = 'cuda', strict: bool = False) -> LayerGraphs:
+            device_type: str = 'cuda', strict: bool = False, distributed: bool = False) -> LayerGraphs:
     """Route the training calls of every transformer layer of AudioCraft LM `model` through CUDA graphs (each layer's
     `forward` becomes an instance attribute; names, parameters and state dict don't change). Takes the shared
     adapter casts away (graphed projections cast their adapters themselves). `strict`: a failed capture raises
-    instead of leaving the layers eager. Returns the `LayerGraphs`."""
+    instead of leaving the layers eager; `distributed`: the ranks agree on every step (`all_ranks_agree`), and a
+    failed capture raises (one rank eager while the others replay would pair their gradient all-reduces wrongly).
+    Returns the `LayerGraphs`."""
     from .adapter_casts import unshare_adapter_casts
     transformer = getattr(model, 'transformer', None)
     if transformer is None or not hasattr(transformer, 'layers'):
@@ -240,7 +263,7 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
     # its side stream, and torch warns once that it may synchronise there (measured: same values, bit for bit).
     warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match", category=UserWarning)
     graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type,
-                         strict=strict)
+                         strict=strict or distributed, agree=all_ranks_agree if distributed else None)
     if shared:  # a failed capture gives the eager steps their shared adapter casts back
         from .adapter_casts import share_adapter_casts
         graphs.on_failure = functools.partial(share_adapter_casts, model)

@@ -280,7 +280,8 @@ def plan_graphs(solver: tp.Any) -> int:
             solver.logger.warning("lora.graph_layers=true: the graphs' static tensors (%.2f GiB) don't fit the memory "
                                   "budget next to the step's estimate; the step may run out of memory.", gib)
             shapes = 1
-    graphs = layer_graphs.install(solver.model, max_shapes=shapes, strict=choice == 'true')
+    graphs = layer_graphs.install(solver.model, max_shapes=shapes, strict=choice == 'true',
+                                  distributed=flashy.distrib.is_distributed())
     solver.logger.info("CUDA graphs of the %d transformer layers (lora.graph_layers=%s): up to %d signature(s), "
                        "captured at the first training step of each.", len(graphs.layers), choice, shapes)
     return shapes

@@ -286,7 +286,7 @@ def test_a_failed_capture_leaves_the_layers_eager_unless_asked_for(debug_lm_pkg,
     assert any('_lora_cast_slots' in m.__dict__ for m in lm.modules())  # the eager steps' shared casts are back
     assert caplog.text.count('failed') == 1  # (tried once)
     layer_graphs.install(lm, capture=failing, device_type='cpu', strict=True)  # lora.graph_layers=true
-    with pytest.raises(RuntimeError, match='not permitted'):
+    with pytest.raises(RuntimeError, match='not permitted.*Rerun with lora.graph_layers=false'):
         _step(lm, codes, 2)
 
 
@@ -330,3 +330,36 @@ def test_captures_draw_no_random_numbers_from_the_run_and_capture_thread_locally
         assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
     assert seen == ['thread_local', 'thread_local']
     assert not isinstance(torch.cuda.graph, functools.partial)  # restored
+
+
+def _rank_steps(rank, init_file, pkg, lengths, out):
+    """One rank of `test_ranks_agree_on_every_step`: training steps of its own text lengths, max_shapes=1."""
+    import json
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        lm = _lm(pkg)
+        graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu',
+                                      distributed=True)
+        codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(9))
+        graphed = []
+        for length in lengths[rank]:
+            _step(lm, codes, length)
+            graphed.append(graphs.active is not None)
+        (out / f'{rank}.json').write_text(json.dumps({'graphed': graphed, 'stats': graphs.stats}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_every_step(debug_lm_pkg, tmp_path):
+    """With DDP the adapter gradients are all-reduced one by one as they arrive, so every rank must produce them in
+    the same order: a step is graphed on all ranks or on none (rank 0 meets a second text length beyond
+    graph_shapes=1 while rank 1 could replay, and the other way round)."""
+    import json
+    lengths = {0: [2, 5, 2, 7], 1: [2, 2, 5, 2]}
+    torch.multiprocessing.spawn(_rank_steps, args=(str(tmp_path / 'init'), debug_lm_pkg, lengths, tmp_path),
+                                nprocs=2)
+    ranks = [json.loads((tmp_path / f'{rank}.json').read_text()) for rank in (0, 1)]
+    assert ranks[0]['graphed'] == ranks[1]['graphed'] == [True, False, False, False]
+    layers = 2
+    for rank in ranks:
+        assert rank['stats']['graphed_calls'] == layers and rank['stats']['eager_calls'] == 3 * layers
