@@ -4,7 +4,7 @@
 # fitting a batch with every speed default), then #7's step-time table (LoRA vs AudioCraft full fine-tune vs HF
 # transformers + peft LoRA; `launches`: kernels per step; `resv GiB`: torch.cuda.max_memory_reserved, which counts
 # what the graphs' pool holds) at small b4, small b16, medium b16 (only on a GPU with more than 120 GB: an H200),
-# small b16 x 15 s (the lora_small recipe) and medium b4: `lora_graphed` / `lora_graphed_keep` are the solver's GPU
+# small b16 x 15 s with LoRA dropout 0.05 (the lora_small recipe as users run it) and medium b4: `lora_graphed` / `lora_graphed_keep` are the solver's GPU
 # defaults (lora.graph_layers=auto; the merged weights kept where they fit and LoRA dropout is 0), `lora_fast_keep`
 # the same eagerly; a CUDA dora run with the defaults (its log says what was captured and replayed), then the parts
 # of fast_lora.CONCAT_RANK_GEMMS under the graphs (small b16 is GPU-bound at 0.75x full fine-tuning: what's left).
@@ -32,7 +32,8 @@ if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head
   LIMIT=150 run_case --scale medium --batch 16 --cases full,lora_fast_keep,lora_graphed_keep,hf_lora \
     --json $OUT/medium_b16.json
 fi
-for args in "--scale small --batch 16 --frames 750 --cases full,lora_fast_keep,lora_graphed,hf_lora --iters 10" \
+for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases full,lora_fast,lora_graphed,hf_lora \
+             --iters 10" \
             "--scale medium --batch 4 --cases full,lora_fast_keep,lora_graphed_keep,hf_lora --iters 15 \
              --json $OUT/medium_b4.json"; do
   run_case $args
