@@ -4,10 +4,11 @@
 # fitting a batch with every speed default), then #7's step-time table (LoRA vs AudioCraft full fine-tune vs HF
 # transformers + peft LoRA; `launches`: kernels per step; `resv GiB`: torch.cuda.max_memory_reserved, which counts
 # what the graphs' pool holds) at small b4, small b16, medium b16 (only on a GPU with more than 120 GB: an H200),
-# small b16 x 15 s with LoRA dropout 0.05 (the lora_small recipe as users run it) and medium b4: `lora_graphed` / `lora_graphed_keep` are the solver's GPU
-# defaults (lora.graph_layers=auto; the merged weights kept where they fit and LoRA dropout is 0), `lora_fast_keep`
-# the same eagerly; a CUDA dora run with the defaults (its log says what was captured and replayed), then the parts
-# of fast_lora.CONCAT_RANK_GEMMS under the graphs (small b16 is GPU-bound at 0.75x full fine-tuning: what's left).
+# small b16 x 15 s with LoRA dropout 0.05 (the lora_small recipe as users run it) and medium b4: `lora_graphed` /
+# `lora_graphed_keep` are the solver's GPU defaults (lora.graph_layers=auto; the merged weights kept where they fit
+# and LoRA dropout is 0), `lora_fast_keep` the same eagerly; a CUDA dora run with the defaults (its log says what was
+# captured and replayed), then the parts of fast_lora.CONCAT_RANK_GEMMS under the graphs (small b16 is GPU-bound at
+# 0.75x full fine-tuning: what's left).
 # Eager batch-4 steps are host-bound and vary +-30% run to run: their median is taken over 15 steps. gpu_check.sh is
 # the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run.
 set -uo pipefail
