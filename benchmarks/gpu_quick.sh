@@ -30,8 +30,9 @@ for args in "--scale small --batch 4 --cases full,lora_fast_keep,lora_graphed,lo
 done
 if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 120000 ]; then
   # (an H200: AudioCraft's full fine-tune of medium at batch 16 x 30 s needs ~130 GiB; an H100 runs none of it)
-  LIMIT=150 run_case --scale medium --batch 16 --cases full,lora_fast_keep,lora_graphed_keep,hf_lora \
-    --json $OUT/medium_b16.json
+  # (lora_graphed_concat: every CONCAT_RANK_GEMMS part; the rank-r GEMMs are ~6% of the modelled LoRA step here)
+  LIMIT=170 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
+    --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_concat,hf_lora
 fi
 for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases full,lora_fast,lora_graphed,hf_lora \
              --iters 10" \
