@@ -224,10 +224,12 @@ def fast_vs_plain(pkg, codes):
               f"worst relative grad difference {worst:.2e}")
 
 
-def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20) -> tp.List[float]:
+def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20,
+                  prepare: tp.Optional[tp.Callable[[tp.Any], tp.Any]] = None) -> tp.List[float]:
     """The cross-entropies of `steps` solver steps (lr 1e-2, constant) on one fixed batch of the lora_debug recipe,
     the solver built as `dora run solver=musicgen/lora_debug <overrides>` builds it. A solver that trains fits it
-    (tests/test_solver.py: 6.01 -> 5.34 on CPU); one that trains nothing stays where it started."""
+    (tests/test_solver.py: 6.01 -> 5.34 on CPU); one that trains nothing stays where it started. `prepare(solver)`
+    runs before the first step."""
     from audiocraft_lora import train
     argv = ['solver=musicgen/lora_debug', 'dataset.num_workers=0', 'optim.lr=1e-2', 'schedule.lr_scheduler=null',
             'optim.epochs=1', f'optim.updates_per_epoch={steps}', *overrides]
@@ -236,6 +238,8 @@ def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20) -> tp.List[float
     with xp.enter():
         solver = train.get_solver(xp.cfg)
     solver.model.cfg_dropout.p = 0.0  # (CFG dropout may drop every condition of a tiny batch)
+    if prepare is not None:
+        prepare(solver)
     batch = next(iter(solver.dataloaders['train']))
     solver.model.train()
     solver._current_stage = 'train'  # as flashy's run_stage does, so solver.is_training holds

@@ -6,6 +6,7 @@ import copy
 import functools
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,28 @@ def test_ranks_agree_on_every_step(debug_lm_pkg, tmp_path):
     layers = 2
     for rank in ranks:
         assert rank['stats']['graphed_calls'] == layers and rank['stats']['eager_calls'] == 3 * layers
+
+
+def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir):
+    """The solver's own steps (AudioCraft's run_step: conditioners, CFG, cross-entropy, clipping, AdamW, zero_grad,
+    the non-finite guard), LoRA dropout 0.1, with the layers dispatched through the graphs (torch's capture stood in
+    for, as above): the same cross-entropies, step for step."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
+    from cuda_checks import fit_one_batch
+    overrides = ['device=cpu', 'autocast=false', 'lora.dropout=0.1']
+    installed = []
+
+    def graphed(solver):
+        installed.append(layer_graphs.install(solver.model, capture=RecordingCapture(), device_type='cpu'))
+    def seeded(**kwargs):  # (the LoRA init, the batch and the dropout masks)
+        import random
+        import numpy as np
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        return fit_one_batch(overrides, steps=5, **kwargs)
+    eager = seeded()
+    through_graphs = seeded(prepare=graphed)
+    assert through_graphs == eager
+    assert installed[0].stats['graphed_calls'] == 5 * len(installed[0].layers)
