@@ -15,8 +15,8 @@ set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA checks [$((SECONDS-START)) s]"
-timeout $(left 70) python3 benchmarks/cuda_checks.py > "$OUT/cuda_checks.txt" 2>&1; echo "rc=$?"
-quiet < "$OUT/cuda_checks.txt" | tail -24
+timeout $(left 90) python3 benchmarks/cuda_checks.py > "$OUT/cuda_checks.txt" 2>&1; echo "rc=$?"
+quiet < "$OUT/cuda_checks.txt" | tail -25
 run_case() {
   echo "-- $* [$((SECONDS-START)) s]"  # (LIMIT: its timeout, default 80 s)
   timeout $(left ${LIMIT:-80}) python3 benchmarks/step_time.py --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
