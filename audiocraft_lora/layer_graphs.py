@@ -31,7 +31,8 @@ How it stays exact and lean:
   it (`speed.resolve_graph_layers`).
 
 A capture that fails (other than for memory) leaves the layers eager with a warning under `lora.graph_layers=auto`
-and raises under `true` or with several ranks; running out of memory raises, and the solver's advice names
+where CUDA's generator still works (a capture that failed midway can leave it in capture mode), and raises under
+`true`, with several ranks, or with that generator broken; running out of memory raises, and the solver's advice names
 `lora.graph_layers=false`. With several ranks (DDP) the ranks agree on every step whether it is graphed
 (`all_ranks_agree`: their adapter gradients must arrive, and be all-reduced, in the same order).
 
@@ -150,7 +151,7 @@ class LayerGraphs:
                 except torch.OutOfMemoryError:
                     raise  # (the solver's advice names lora.graph_layers=false)
                 except Exception as error:
-                    if self.strict:
+                    if self.strict or not _random_numbers_work(x.device):
                         raise RuntimeError(
                             f"Capturing the CUDA graphs of the transformer layers failed ({type(error).__name__}: "
                             f"{error}). Rerun with lora.graph_layers=false (outside the XP signature: it resumes "
@@ -219,6 +220,17 @@ class LayerGraphs:
                    f"lora.graph_shapes={self.max_shapes})" if self.stats['eager_calls'] else ''))
 
 
+def _random_numbers_work(device: torch.device) -> bool:
+    """Whether `device`'s generator still draws eagerly: a capture that failed after it began can leave CUDA's
+    generator in capture mode (torch's capture_end raises before resetting it), where the next eager dropout fails
+    with "Offset increment outside graph capture"; training can't go on eagerly then."""
+    try:
+        torch.rand(1, device=device)
+        return True
+    except Exception:
+        return False
+
+
 def all_ranks_agree(graphed: bool, device: torch.device) -> bool:
     """Whether every rank graphs this step (a MIN all-reduce of one flag: a collective and a host sync a step).
 
@@ -226,6 +238,8 @@ def all_ranks_agree(graphed: bool, device: torch.device) -> bool:
     adapter gradients in the same order. A graphed layer hands all its gradients at once, an eager one in its own
     order, and ranks see different text lengths, so one rank may be beyond `max_shapes` while another replays: the
     ranks then all run that step eagerly."""
+    if torch.distributed.get_backend() == 'gloo':
+        device = torch.device('cpu')
     flag = torch.tensor([1 if graphed else 0], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())

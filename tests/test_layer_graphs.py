@@ -348,6 +348,7 @@ def _rank_steps(rank, init_file, pkg, lengths, out):
             graphed.append(graphs.active is not None)
         (out / f'{rank}.json').write_text(json.dumps({'graphed': graphed, 'stats': graphs.stats}))
     finally:
+        torch.distributed.barrier()  # (gloo aborts a rank whose peer tears down first)
         torch.distributed.destroy_process_group()
 
 
@@ -389,3 +390,46 @@ def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir):
     through_graphs = seeded(prepare=graphed)
     assert through_graphs == eager
     assert installed[0].stats['graphed_calls'] == 5 * len(installed[0].layers)
+
+
+def _rank_plan(rank, init_file, pkg, out):
+    """One rank of `test_ranks_install_the_graphs_together`: rank 0's budget holds 3 signatures, rank 1's 1."""
+    import json
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        lm = _lm(pkg)
+        shared, per_shape, fallback = memory_plan.graph_static_bytes(_solver(lm), step_bytes=0)
+        needed = 2 ** 30
+        room = {0: 3, 1: 1}[rank]
+        shapes = memory_plan.plan_graphs(_solver(lm, budget=needed + shared + fallback + room * per_shape,
+                                                 needed=needed))
+        graphs = layer_graphs.installed(lm)
+        (out / f'plan{rank}.json').write_text(json.dumps({
+            'shapes': shapes, 'max_shapes': graphs and graphs.max_shapes, 'agrees': graphs and graphs.agree is not None,
+            'strict': graphs and graphs.strict}))
+    finally:
+        torch.distributed.barrier()  # (gloo aborts a rank whose peer tears down first)
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_install_the_graphs_together(debug_lm_pkg, tmp_path):
+    """Each rank plans with its own free memory; with DDP they must all hold the graphs (they agree on every step
+    with a collective), with the same number of signatures: the fewest any rank can hold."""
+    import json
+    torch.multiprocessing.spawn(_rank_plan, args=(str(tmp_path / 'init'), debug_lm_pkg, tmp_path), nprocs=2)
+    plans = [json.loads((tmp_path / f'plan{rank}.json').read_text()) for rank in (0, 1)]
+    assert plans[0] == plans[1] == {'shapes': 1, 'max_shapes': 1, 'agrees': True, 'strict': True}
+
+
+def test_a_failed_capture_that_leaves_the_generator_broken_stops_training(debug_lm_pkg, monkeypatch):
+    """A capture that fails midway can leave CUDA's generator in capture mode, where every later eager dropout fails:
+    under auto that must stop with the fix (lora.graph_layers=false), not continue into a crash."""
+    def failing(callables, samples, num_warmup_iters=3, pool=None):
+        raise RuntimeError('operation not permitted when stream is capturing')
+    assert layer_graphs._random_numbers_work(torch.device('cpu'))
+    monkeypatch.setattr(layer_graphs, '_random_numbers_work', lambda device: False)
+    lm = _lm(debug_lm_pkg, dropout=0.1)
+    layer_graphs.install(lm, capture=failing, device_type='cpu')
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(10))
+    with pytest.raises(RuntimeError, match='Rerun with lora.graph_layers=false'):
+        _step(lm, codes, 2)
