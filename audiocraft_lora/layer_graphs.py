@@ -101,7 +101,8 @@ class LayerGraphs:
 
     def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
                  capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
-                 strict: bool = False, agree: tp.Optional[tp.Callable[[bool, torch.device], bool]] = None):
+                 strict: bool = False,
+                 agree: tp.Optional[tp.Callable[[tp.Sequence[int], torch.device], tp.List[int]]] = None):
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.layers = list(layers)
@@ -115,7 +116,7 @@ class LayerGraphs:
         self.active: tp.Optional[Key] = None  # the signature of the step in flight (set by the first layer)
         self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0}
         self.strict = strict  # a capture that fails raises (lora.graph_layers=true), else training goes on eagerly
-        self.agree = agree  # with several ranks: whether every rank's step is graphed (all_ranks_agree)
+        self.agree = agree  # with several ranks: the MIN of some flags over the ranks (all_ranks_agree)
         self.failed: tp.Optional[str] = None
         self.on_failure: tp.Optional[tp.Callable[[], tp.Any]] = None  # what undoes install's changes (eager again)
 
@@ -143,14 +144,19 @@ class LayerGraphs:
         if index == 0:
             key = self.signature(x, cross)
             graphed = key in self.sets or len(self.sets) < self.max_shapes
-            if self.agree is not None:
-                graphed = self.agree(graphed, x.device)
-            if graphed and key not in self.sets:
+            capturing = graphed and key not in self.sets
+            if self.agree is not None:  # every rank graphs this step, or none does; and who captures
+                graphed_everywhere, fewest_not_capturing = self.agree([int(graphed), 1 - int(capturing)], x.device)
+                graphed, anyone_captures = bool(graphed_everywhere), not fewest_not_capturing
+                capturing = capturing and graphed
+            if capturing:
                 try:
                     self.sets[key] = self._capture(key, x, cross)
-                except torch.OutOfMemoryError:
-                    raise  # (the solver's advice names lora.graph_layers=false)
                 except Exception as error:
+                    if self.agree is not None:  # (the other ranks wait in the collective below: tell them)
+                        self.agree([0], x.device)
+                    if isinstance(error, torch.OutOfMemoryError):
+                        raise  # (the solver's advice names lora.graph_layers=false)
                     if self.strict or not _random_numbers_work(x.device):
                         raise RuntimeError(
                             f"Capturing the CUDA graphs of the transformer layers failed ({type(error).__name__}: "
@@ -165,6 +171,10 @@ class LayerGraphs:
                     logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes "
                                    "on without them. Set lora.graph_layers=false to skip them.", self.failed)
                     return self.eager[index](x, cross_attention_src=cross)
+            if self.agree is not None and graphed and anyone_captures and not self.agree([1], x.device)[0]:
+                raise RuntimeError("Capturing the CUDA graphs of the transformer layers failed on another rank (its "
+                                   "log says why). Rerun with lora.graph_layers=false (outside the XP signature: it "
+                                   "resumes from the last checkpoint).")
             self.active = key if graphed and key in self.sets else None
         entry = self.sets.get(self.active) if self.active is not None else None
         if entry is None or x.requires_grad != entry[1][index] or tuple(x.shape) != self.active[0]:
@@ -231,18 +241,20 @@ def _random_numbers_work(device: torch.device) -> bool:
         return False
 
 
-def all_ranks_agree(graphed: bool, device: torch.device) -> bool:
-    """Whether every rank graphs this step (a MIN all-reduce of one flag: a collective and a host sync a step).
+def all_ranks_agree(values: tp.Sequence[int], device: torch.device) -> tp.List[int]:
+    """The smallest of each value over the ranks (one MIN all-reduce; a collective and a host sync).
 
     With DDP (flashy's eager sync: an all-reduce per parameter as its gradient arrives) every rank must produce the
     adapter gradients in the same order. A graphed layer hands all its gradients at once, an eager one in its own
-    order, and ranks see different text lengths, so one rank may be beyond `max_shapes` while another replays: the
-    ranks then all run that step eagerly."""
+    order, and ranks see different text lengths, so one rank may be beyond `max_shapes` while another replays: at
+    the first layer of each step the ranks agree whether every one of them graphs it (else they all run it eagerly)
+    and whether any captures; after a step's captures they agree that all went well (a rank whose capture failed
+    says so before it stops, and the others stop too instead of waiting in their next collective)."""
     if torch.distributed.get_backend() == 'gloo':
         device = torch.device('cpu')
-    flag = torch.tensor([1 if graphed else 0], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    flags = torch.tensor(list(values), dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    return [int(v) for v in flags.tolist()]
 
 
 @contextlib.contextmanager

@@ -433,3 +433,36 @@ def test_a_failed_capture_that_leaves_the_generator_broken_stops_training(debug_
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(10))
     with pytest.raises(RuntimeError, match='Rerun with lora.graph_layers=false'):
         _step(lm, codes, 2)
+
+
+def _rank_capture_fails(rank, init_file, pkg, out):
+    """One rank of `test_a_capture_failing_on_one_rank_stops_every_rank`: rank 1's capture fails."""
+    import json
+
+    def failing(callables, samples, num_warmup_iters=3, pool=None):
+        raise RuntimeError('operation not permitted when stream is capturing')
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        lm = _lm(pkg)
+        layer_graphs.install(lm, capture=RecordingCapture() if rank == 0 else failing, device_type='cpu',
+                             distributed=True)
+        codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(11))
+        try:
+            _step(lm, codes, 2)
+            outcome = 'trained'
+        except RuntimeError as error:
+            outcome = str(error)
+        (out / f'fail{rank}.json').write_text(json.dumps(outcome))
+    finally:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def test_a_capture_failing_on_one_rank_stops_every_rank(debug_lm_pkg, tmp_path):
+    """The rank whose capture failed tells the others before it stops: they stop with it, not wait in their next
+    collective until the timeout."""
+    import json
+    torch.multiprocessing.spawn(_rank_capture_fails, args=(str(tmp_path / 'init'), debug_lm_pkg, tmp_path), nprocs=2)
+    outcomes = [json.loads((tmp_path / f'fail{rank}.json').read_text()) for rank in (0, 1)]
+    assert 'failed on another rank' in outcomes[0] and 'lora.graph_layers=false' in outcomes[0]
+    assert 'not permitted' in outcomes[1] and 'lora.graph_layers=false' in outcomes[1]
