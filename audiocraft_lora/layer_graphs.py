@@ -210,7 +210,7 @@ class LayerGraphs:
         # steps, draws what the uninterrupted one did.
         devices = [x.device] if x.device.type == 'cuda' else []
         try:
-            with torch.random.fork_rng(devices=devices), _thread_local_capture():
+            with torch.random.fork_rng(devices=devices), _thread_local_capture(), _sync_expected():
                 graphed = self.capture(calls, samples, num_warmup_iters=3, pool=self.pool)
         finally:
             torch.set_autocast_cache_enabled(cache)
@@ -254,7 +254,23 @@ def all_ranks_agree(values: tp.Sequence[int], device: torch.device) -> tp.List[i
         device = torch.device('cpu')
     flags = torch.tensor(list(values), dtype=torch.int64, device=device)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-    return [int(v) for v in flags.tolist()]
+    with _sync_expected():
+        return [int(v) for v in flags.tolist()]
+
+
+@contextlib.contextmanager
+def _sync_expected():
+    """AudioCraft's step 1 of each epoch warns at every host-device synchronisation (`set_sync_debug_mode`): the
+    graphs' own (a capture, the ranks' agreement) are meant, so they are not reported."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 @contextlib.contextmanager
