@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The short device run, most wanted first (~5.5 min on an H100; on an H200, with medium b16, ~7: DEADLINE=420):
+# The short device run, most wanted first (~5.5 min on an H100; on an H200, with medium b16, ~9: DEADLINE=540):
 # CUDA exactness checks (incl. the CUDA graphs of the layers against eager steps, `graphs_on_cuda`, and the solver
 # fitting a batch with every speed default), then #7's step-time table (LoRA vs AudioCraft full fine-tune vs HF
 # transformers + peft LoRA; `launches`: kernels per step; `resv GiB`: torch.cuda.max_memory_reserved, which counts
