@@ -1,6 +1,6 @@
 """The memory plan of a training run: which activation checkpointing (and dropout-mask replay) fits the GPU.
 
-    lora.activation_checkpointing: auto   # the first plan of speed.PLANS whose estimated peak fits the budget
+    lora.activation_checkpointing: auto   # the first plan of plans.PLANS whose estimated peak fits the budget
     lora.memory_budget_gib: auto          # auto: what the GPU has for this process | a number of GiB | none
 
 `plan_training` runs before the first step (the solver's `build_model`): it estimates the step's peak memory for
@@ -27,7 +27,8 @@ from torch import nn
 from .errors import OutOfMemory
 from .memory_estimate import Estimate, StepShape, estimate_step
 from .recompute import set_checkpointing
-from .speed import DTYPES, PLANS, Plan, SpeedSettings, has_fast_dropout, set_dropout_replay, set_keep_merged
+from .plans import PLANS, Plan
+from .speed import DTYPES, SpeedSettings, has_fast_dropout, set_dropout_replay, set_keep_merged
 
 HEADROOM = 0.9       # of the budget, for the estimate's error (it runs 1-2% under at MusicGen's sizes)
 RESERVE = 2 ** 30    # beyond the tensors: cuBLAS/cuDNN workspaces, allocator blocks (0.5-0.7 GiB seen at batch 4)

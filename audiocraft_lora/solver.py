@@ -43,8 +43,9 @@ from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
+from .plans import out_of_memory_advice
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    chunk_encoder, has_fast_dropout, out_of_memory_advice, pin_loaders)
+                    chunk_encoder, has_fast_dropout, pin_loaders)
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@ injected with the `oom@train_step` fault, since the suite has no GPU)."""
 import pytest
 
 from audiocraft_lora.faults import ENV as FAULT
-from audiocraft_lora.speed import SpeedSettings, out_of_memory_advice
+from audiocraft_lora.plans import out_of_memory_advice
+from audiocraft_lora.speed import SpeedSettings
 from helpers import DEBUG_ARGS, run_dora
 
 
