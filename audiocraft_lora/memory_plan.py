@@ -280,24 +280,14 @@ def plan_graphs(solver: tp.Any) -> int:
                                   "budget next to the step's estimate; the step may run out of memory.", gib)
             shapes = 1
     distributed = flashy.distrib.is_distributed()
-    if distributed:  # every rank installs them, with the same number of signatures, or none does (all_ranks_agree)
-        shapes = _fewest_on_any_rank(shapes, solver.device)
+    if distributed:  # each rank planned with its own free memory; every rank installs the fewest any holds, or none
+        shapes = layer_graphs.all_ranks_agree([shapes], solver.device)[0]
     if shapes < 1:
         return 0
     graphs = layer_graphs.install(solver.model, max_shapes=shapes, strict=choice == 'true', distributed=distributed)
     solver.logger.info("CUDA graphs of the %d transformer layers (lora.graph_layers=%s): up to %d signature(s), "
                        "captured at the first training step of each.", len(graphs.layers), choice, shapes)
     return shapes
-
-
-def _fewest_on_any_rank(shapes: int, device: tp.Any) -> int:
-    """The fewest graph signatures any rank can hold (each plans with its own free memory): with DDP the ranks must
-    agree on every step whether it is graphed, so they must all have the graphs."""
-    if torch.distributed.get_backend() == 'gloo':
-        device = 'cpu'
-    value = torch.tensor([shapes], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return int(value.item())
 
 
 def graph_static_bytes(solver: tp.Any, step_bytes: int = 0) -> tp.Tuple[int, int, int]:
