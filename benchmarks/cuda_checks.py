@@ -251,8 +251,8 @@ def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20,
 
 
 def _graph_steps(lm, codes, lengths, opt):
-    """Losses and adapter gradients of a training step per text length (bf16 autocast, fused AdamW step after
-    each), with an eval forward in between."""
+    """Losses, adapter gradients and the CUDA generator's offset (what dropout drew) after a training step per text
+    length (bf16 autocast, fused AdamW step after each), with an eval forward in between."""
     losses, grads, offsets = [], [], []
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     for length in lengths:
@@ -272,8 +272,7 @@ def _graph_steps(lm, codes, lengths, opt):
         lm.eval()
         with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
             lm.compute_predictions(codes, [], condition)
-    _graph_steps.offsets = offsets  # (the CUDA generator's offset after each step: what dropout drew)
-    return losses, grads
+    return losses, grads, offsets
 
 
 def graphs_on_cuda(pkg):
@@ -285,7 +284,7 @@ def graphs_on_cuda(pkg):
     codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
     lengths = [3, 9, 3, 12, 9, 3]
     for dropout in (0.0, 0.1):
-        runs, offsets = [], []
+        runs = []
         for graphed in (False, True):
             torch.manual_seed(0)
             lm = base_models.build_lm(pkg)
@@ -296,8 +295,7 @@ def graphs_on_cuda(pkg):
             opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
             torch.cuda.synchronize()
             runs.append(_graph_steps(lm, codes, lengths, opt))
-            offsets.append(_graph_steps.offsets)
-        (eager_losses, eager_grads), (losses, grads) = runs
+        (eager_losses, eager_grads, eager_offsets), (losses, grads, offsets) = runs
         worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(grads, eager_grads))
         if dropout == 0.0:
             print(f"CUDA graphs of the layers vs eager (bf16, text lengths {lengths}, graph_shapes=2): losses "
@@ -306,8 +304,8 @@ def graphs_on_cuda(pkg):
         else:  # (captures draw from a forked generator: replays draw eager's masks)
             print(f"CUDA graphs with LoRA dropout 0.1: losses {[round(x, 4) for x in losses]} vs eager "
                   f"{[round(x, 4) for x in eager_losses]}, bit-equal {losses == eager_losses}, worst relative grad "
-                  f"difference {worst:.2e}; generator offsets after each step equal: {offsets[0] == offsets[1]} "
-                  f"({offsets[1]})")
+                  f"difference {worst:.2e}; generator offsets after each step equal: {offsets == eager_offsets} "
+                  f"({offsets})")
     # the same input twice, no optimizer step: a new dropout mask at each replay gives another loss
     lm.train()
     text = torch.randn(codes.shape[0], 3, lm.dim, device='cuda')
@@ -348,7 +346,7 @@ def graphs_beside_a_pinning_thread(pkg):
     thread = threading.Thread(target=pin, daemon=True)
     thread.start()
     try:
-        losses, _ = _graph_steps(lm, codes, [3, 5, 7, 3], opt)
+        losses, _, _ = _graph_steps(lm, codes, [3, 5, 7, 3], opt)
         outcome = f"captured {graphs.stats['captures']} signatures, losses finite {all(map(math.isfinite, losses))}"
     except Exception as error:  # noqa
         outcome = f"capture failed: {type(error).__name__}: {str(error)[:200]}"

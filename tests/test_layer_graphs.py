@@ -52,6 +52,10 @@ class _Graph:
         return _Replay.apply(self, *args, *self.params)
 
 
+def _failing_capture(callables, samples, num_warmup_iters=3, pool=None):
+    raise RuntimeError('operation not permitted when stream is capturing')
+
+
 class RecordingCapture:
     """make_graphed_callables' signature and, eagerly, its graphs' semantics (`_Replay`); records each capture."""
 
@@ -269,13 +273,11 @@ def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(d
 def test_a_failed_capture_leaves_the_layers_eager_unless_asked_for(debug_lm_pkg, caplog):
     from audiocraft_lora.adapter_casts import share_adapter_casts
 
-    def failing(callables, samples, num_warmup_iters=3, pool=None):
-        raise RuntimeError('operation not permitted when stream is capturing')
     lm = _lm(debug_lm_pkg)
     reference = copy.deepcopy(lm)
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(4))
     share_adapter_casts(lm)  # (as under autocast)
-    graphs = layer_graphs.install(lm, capture=failing, device_type='cpu')
+    graphs = layer_graphs.install(lm, capture=_failing_capture, device_type='cpu')
     assert not any('_lora_cast_slots' in m.__dict__ for m in lm.modules())
     with caplog.at_level(logging.WARNING, logger='audiocraft_lora.layer_graphs'):
         for length in (2, 5):
@@ -286,7 +288,7 @@ def test_a_failed_capture_leaves_the_layers_eager_unless_asked_for(debug_lm_pkg,
     assert graphs.inputs == {} and graphs.pool is None
     assert any('_lora_cast_slots' in m.__dict__ for m in lm.modules())  # the eager steps' shared casts are back
     assert caplog.text.count('failed') == 1  # (tried once)
-    layer_graphs.install(lm, capture=failing, device_type='cpu', strict=True)  # lora.graph_layers=true
+    layer_graphs.install(lm, capture=_failing_capture, device_type='cpu', strict=True)  # lora.graph_layers=true
     with pytest.raises(RuntimeError, match='not permitted.*Rerun with lora.graph_layers=false'):
         _step(lm, codes, 2)
 
@@ -333,34 +335,41 @@ def test_captures_draw_no_random_numbers_from_the_run_and_capture_thread_locally
     assert not isinstance(torch.cuda.graph, functools.partial)  # restored
 
 
-def _rank_steps(rank, init_file, pkg, lengths, out):
-    """One rank of `test_ranks_agree_on_every_step`: training steps of its own text lengths, max_shapes=1."""
+def _rank_main(rank, fn, args, init_file, out):
+    """Rank `rank` of two gloo processes: `fn(rank, *args)`, its result written as JSON for `_on_two_ranks`."""
     import json
     torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     try:
-        lm = _lm(pkg)
-        graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu',
-                                      distributed=True)
-        codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(9))
-        graphed = []
-        for length in lengths[rank]:
-            _step(lm, codes, length)
-            graphed.append(graphs.active is not None)
-        (out / f'{rank}.json').write_text(json.dumps({'graphed': graphed, 'stats': graphs.stats}))
+        (out / f'rank{rank}.json').write_text(json.dumps(fn(rank, *args)))
     finally:
         torch.distributed.barrier()  # (gloo aborts a rank whose peer tears down first)
         torch.distributed.destroy_process_group()
+
+
+def _on_two_ranks(fn, tmp_path, *args):
+    """What `fn(rank, *args)` returns on each of two DDP ranks (gloo, CPU), in rank order."""
+    import json
+    torch.multiprocessing.spawn(_rank_main, args=(fn, args, str(tmp_path / 'init'), tmp_path), nprocs=2)
+    return [json.loads((tmp_path / f'rank{rank}.json').read_text()) for rank in (0, 1)]
+
+
+def _rank_steps(rank, pkg, lengths):
+    """One rank of `test_ranks_agree_on_every_step`: training steps of its own text lengths, max_shapes=1."""
+    lm = _lm(pkg)
+    graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu', distributed=True)
+    codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(9))
+    graphed = []
+    for length in lengths[rank]:
+        _step(lm, codes, length)
+        graphed.append(graphs.active is not None)
+    return {'graphed': graphed, 'stats': graphs.stats}
 
 
 def test_ranks_agree_on_every_step(debug_lm_pkg, tmp_path):
     """With DDP the adapter gradients are all-reduced one by one as they arrive, so every rank must produce them in
     the same order: a step is graphed on all ranks or on none (rank 0 meets a second text length beyond
     graph_shapes=1 while rank 1 could replay, and the other way round)."""
-    import json
-    lengths = {0: [2, 5, 2, 7], 1: [2, 2, 5, 2]}
-    torch.multiprocessing.spawn(_rank_steps, args=(str(tmp_path / 'init'), debug_lm_pkg, lengths, tmp_path),
-                                nprocs=2)
-    ranks = [json.loads((tmp_path / f'{rank}.json').read_text()) for rank in (0, 1)]
+    ranks = _on_two_ranks(_rank_steps, tmp_path, debug_lm_pkg, {0: [2, 5, 2, 7], 1: [2, 2, 5, 2]})
     assert ranks[0]['graphed'] == ranks[1]['graphed'] == [True, False, False, False]
     layers = 2
     for rank in ranks:
@@ -379,6 +388,7 @@ def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir):
 
     def graphed(solver):
         installed.append(layer_graphs.install(solver.model, capture=RecordingCapture(), device_type='cpu'))
+
     def seeded(**kwargs):  # (the LoRA init, the batch and the dropout masks)
         import random
         import numpy as np
@@ -392,77 +402,53 @@ def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir):
     assert installed[0].stats['graphed_calls'] == 5 * len(installed[0].layers)
 
 
-def _rank_plan(rank, init_file, pkg, out):
+def _rank_plan(rank, pkg):
     """One rank of `test_ranks_install_the_graphs_together`: rank 0's budget holds 3 signatures, rank 1's 1."""
-    import json
-    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
-    try:
-        lm = _lm(pkg)
-        shared, per_shape, fallback = memory_plan.graph_static_bytes(_solver(lm), step_bytes=0)
-        needed = 2 ** 30
-        room = {0: 3, 1: 1}[rank]
-        shapes = memory_plan.plan_graphs(_solver(lm, budget=needed + shared + fallback + room * per_shape,
-                                                 needed=needed))
-        graphs = layer_graphs.installed(lm)
-        (out / f'plan{rank}.json').write_text(json.dumps({
-            'shapes': shapes, 'max_shapes': graphs and graphs.max_shapes, 'agrees': graphs and graphs.agree is not None,
-            'strict': graphs and graphs.strict}))
-    finally:
-        torch.distributed.barrier()  # (gloo aborts a rank whose peer tears down first)
-        torch.distributed.destroy_process_group()
+    lm = _lm(pkg)
+    shared, per_shape, fallback = memory_plan.graph_static_bytes(_solver(lm), step_bytes=0)
+    needed = 2 ** 30
+    room = {0: 3, 1: 1}[rank]
+    shapes = memory_plan.plan_graphs(_solver(lm, budget=needed + shared + fallback + room * per_shape, needed=needed))
+    graphs = layer_graphs.installed(lm)
+    return {'shapes': shapes, 'max_shapes': graphs and graphs.max_shapes, 'agrees': graphs and graphs.agree is not None,
+            'strict': graphs and graphs.strict}
 
 
 def test_ranks_install_the_graphs_together(debug_lm_pkg, tmp_path):
     """Each rank plans with its own free memory; with DDP they must all hold the graphs (they agree on every step
     with a collective), with the same number of signatures: the fewest any rank can hold."""
-    import json
-    torch.multiprocessing.spawn(_rank_plan, args=(str(tmp_path / 'init'), debug_lm_pkg, tmp_path), nprocs=2)
-    plans = [json.loads((tmp_path / f'plan{rank}.json').read_text()) for rank in (0, 1)]
+    plans = _on_two_ranks(_rank_plan, tmp_path, debug_lm_pkg)
     assert plans[0] == plans[1] == {'shapes': 1, 'max_shapes': 1, 'agrees': True, 'strict': True}
 
 
 def test_a_failed_capture_that_leaves_the_generator_broken_stops_training(debug_lm_pkg, monkeypatch):
     """A capture that fails midway can leave CUDA's generator in capture mode, where every later eager dropout fails:
     under auto that must stop with the fix (lora.graph_layers=false), not continue into a crash."""
-    def failing(callables, samples, num_warmup_iters=3, pool=None):
-        raise RuntimeError('operation not permitted when stream is capturing')
     assert layer_graphs._random_numbers_work(torch.device('cpu'))
     monkeypatch.setattr(layer_graphs, '_random_numbers_work', lambda device: False)
     lm = _lm(debug_lm_pkg, dropout=0.1)
-    layer_graphs.install(lm, capture=failing, device_type='cpu')
+    layer_graphs.install(lm, capture=_failing_capture, device_type='cpu')
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(10))
     with pytest.raises(RuntimeError, match='Rerun with lora.graph_layers=false'):
         _step(lm, codes, 2)
 
 
-def _rank_capture_fails(rank, init_file, pkg, out):
+def _rank_capture_fails(rank, pkg):
     """One rank of `test_a_capture_failing_on_one_rank_stops_every_rank`: rank 1's capture fails."""
-    import json
-
-    def failing(callables, samples, num_warmup_iters=3, pool=None):
-        raise RuntimeError('operation not permitted when stream is capturing')
-    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    lm = _lm(pkg)
+    layer_graphs.install(lm, capture=RecordingCapture() if rank == 0 else _failing_capture, device_type='cpu',
+                         distributed=True)
+    codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(11))
     try:
-        lm = _lm(pkg)
-        layer_graphs.install(lm, capture=RecordingCapture() if rank == 0 else failing, device_type='cpu',
-                             distributed=True)
-        codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(11))
-        try:
-            _step(lm, codes, 2)
-            outcome = 'trained'
-        except RuntimeError as error:
-            outcome = str(error)
-        (out / f'fail{rank}.json').write_text(json.dumps(outcome))
-    finally:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        _step(lm, codes, 2)
+        return 'trained'
+    except RuntimeError as error:
+        return str(error)
 
 
 def test_a_capture_failing_on_one_rank_stops_every_rank(debug_lm_pkg, tmp_path):
     """The rank whose capture failed tells the others before it stops: they stop with it, not wait in their next
     collective until the timeout."""
-    import json
-    torch.multiprocessing.spawn(_rank_capture_fails, args=(str(tmp_path / 'init'), debug_lm_pkg, tmp_path), nprocs=2)
-    outcomes = [json.loads((tmp_path / f'fail{rank}.json').read_text()) for rank in (0, 1)]
+    outcomes = _on_two_ranks(_rank_capture_fails, tmp_path, debug_lm_pkg)
     assert 'failed on another rank' in outcomes[0] and 'lora.graph_layers=false' in outcomes[0]
     assert 'not permitted' in outcomes[1] and 'lora.graph_layers=false' in outcomes[1]
