@@ -163,9 +163,7 @@ class LayerGraphs:
                             f"{error}). Rerun with lora.graph_layers=false (outside the XP signature: it resumes "
                             "from the last checkpoint).") from error
                     self.failed = f"{type(error).__name__}: {error}"
-                    self.sets.clear()
-                    self.inputs.clear()
-                    self.pool = None
+                    self.release()
                     if self.on_failure is not None:
                         self.on_failure()
                     logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes "
@@ -221,6 +219,13 @@ class LayerGraphs:
                     "%.1f s (signature %d of at most %d, lora.graph_shapes)", len(calls), list(x.shape),
                     list(cross.shape), seconds, len(self.sets) + 1, self.max_shapes)
         return tuple(graphed), grads
+
+    def release(self) -> None:
+        """Drop every captured graph and static input (their memory goes back to the allocator once nothing else
+        holds them)."""
+        self.sets.clear()
+        self.inputs.clear()
+        self.active, self.pool = None, None
 
     def summary(self) -> str:
         calls = self.stats['graphed_calls'] + self.stats['eager_calls']
@@ -327,7 +332,5 @@ def remove(model: nn.Module) -> bool:
         return False
     for layer in graphs.layers:
         layer.__dict__.pop('forward', None)
-    graphs.sets.clear()  # (the graphs' memory goes back to the allocator once nothing else holds them)
-    graphs.inputs.clear()
-    graphs.active, graphs.pool = None, None
+    graphs.release()
     return True
