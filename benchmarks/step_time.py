@@ -20,9 +20,9 @@ Cases (`--cases`, comma separated):
               checkpoint_rest=selective): the medium-at-batch-16-in-40-GB plan
   lora_compile    lora_fast + torch.compile of each transformer layer (lora.compile: inductor on CUDA, aot_eager on
                   CPU); compilation happens in the untimed warmup steps
-  lora_compile_ro lora_compile with torch.compile's mode='reduce-overhead' (CUDA graphs: each layer's forward and
-                  backward replayed as one graph, a few launches instead of hundreds; not a solver setting yet: this
-                  case measures whether it pays); aot_eager on CPU, as lora_compile
+  lora_compile_ro lora_compile with torch.compile's mode='reduce-overhead' (lora.compile_mode=reduce-overhead:
+                  inductor's kernels under CUDA graphs; slower than eager at small b4 on an H100, session 12);
+                  aot_eager on CPU, as lora_compile
   lora_graphed    lora_fast with the transformer layers replayed as CUDA graphs (lora.graph_layers=true,
                   audiocraft_lora/layer_graphs.py: make_graphed_callables of the eager layers: eager's kernels and
                   values, no Python at replay); CUDA only. Its `peak GiB` misses what the graphs' memory pool holds
