@@ -336,14 +336,21 @@ def test_captures_draw_no_random_numbers_from_the_run_and_capture_thread_locally
 
 
 def _rank_main(rank, fn, args, init_file, out):
-    """Rank `rank` of two gloo processes: `fn(rank, *args)`, its result written as JSON for `_on_two_ranks`."""
+    """Rank `rank` of two gloo processes: `fn(rank, *args)`, its result written as JSON for `_on_two_ranks`.
+
+    A rank that returned leaves with `os._exit`, skipping the interpreter's finalization: there a gloo worker thread
+    still dropping its last reference to a collective's tensor (whose Python object is gone) takes the GIL, and
+    Python ends that thread through C++ code that can't unwind: "terminate called without an active exception",
+    SIGABRT, about once in 50 runs on a loaded machine (pytorch PR #179291)."""
     import json
+    import os
     torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     try:
         (out / f'rank{rank}.json').write_text(json.dumps(fn(rank, *args)))
     finally:
         torch.distributed.barrier()  # (gloo aborts a rank whose peer tears down first)
         torch.distributed.destroy_process_group()
+    os._exit(0)
 
 
 def _on_two_ranks(fn, tmp_path, *args):
