@@ -8,10 +8,11 @@ Backward gives `dx = g @ W + s * ((g @ B) @ A) * mask`, `dA = s * (g @ B)^T @ dr
 the `[out, in]` weight-gradient GEMM of the frozen base, a third of a full fine-tune's matmul FLOPs, is skipped, and
 saved activations are the (cast) input (with dropout: dropout(x) and its mask), the `[N, r]` product, nothing
 `[out, in]`-sized. Without dropout (lora.dropout=0, and always in eval) and with more rows than twice the input
-width (training batches, not generation steps) `y = x @ (W + s B A)^T` and
-`dx = g @ (W + s B A)`: the merged weight is built in forward and again in backward (an r-deep product at
-`[out, in]`; kept from forward instead with `keep_merged`, `lora.keep_merged_weights`), which saves the two passes over `[N, out]` and `[N, in]` that adding the rank-r update costs; on an H100 at
-musicgen-small's shapes each of those passes takes about as long as the base GEMM (`benchmarks/lora_gemms.py`).
+width (training batches, not generation steps) `y = x @ (W + s B A)^T` and `dx = g @ (W + s B A)`: the merged
+weight is built in forward and again in backward (an r-deep product at `[out, in]`; kept from forward instead with
+`keep_merged`, `lora.keep_merged_weights`), which saves the two passes over `[N, out]` and `[N, in]` that adding the
+rank-r update costs; on an H100 at musicgen-small's shapes each of those passes takes about as long as the base GEMM
+(`benchmarks/lora_gemms.py`).
 
 The scaling `s` rides in the rank-r GEMMs (`alpha` of an `addmm` whose input beta=0 ignores), not in a pass of its
 own; the adapter's float32 gradients come from GEMMs that write float32 on CUDA (`out_dtype`), elsewhere autograd

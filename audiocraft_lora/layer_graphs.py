@@ -16,10 +16,13 @@ How it stays exact and lean:
   (only one signature runs in a step), and the same static layer inputs; what each signature adds is its layers'
   static outputs and gradients (`static_bytes`).
 - Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
-  longest description of the batch, so its length varies. Each new length is captured when first seen (a second or
-  two), up to `max_shapes`; a step whose signature is beyond that runs eagerly with each layer recomputed in
-  backward (counted: `stats`): the pool holds a step's activations for the graphs, so an eager step keeps only its
-  layer inputs beside it (`fallback_bytes`), at ~1.3x an eager step's time.
+  longest description of the batch, so its length varies (with AudioCraft's text augmentation, at most steps:
+  benchmarks/text_lengths.py). Graphed steps pad it on to a multiple of `lora.graph_text_bucket` tokens, the added
+  keys masked in cross-attention (text_buckets: the plain step's keys attended), so a few signatures cover every
+  length. Each new one is captured when first seen (a second or two), up to `max_shapes`; a step whose signature is
+  beyond that runs eagerly with each layer recomputed in backward (counted: `stats`): the pool holds a step's
+  activations for the graphs, so an eager step keeps only its layer inputs beside it (`fallback_bytes`), at ~1.3x an
+  eager step's time.
 - Only training steps replay (grad enabled, module in training mode, CUDA tensors, no attention mask, no streaming
   state): validation, the memory estimate's fake tensors and AudioCraft's token-by-token generation run the eager
   layer.
@@ -56,6 +59,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import text_buckets
+from .text_buckets import TextBuckets
+
 logger = logging.getLogger(__name__)
 
 __all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'static_bytes', 'fallback_bytes', 'all_ranks_agree']
@@ -64,16 +70,16 @@ Key = tp.Tuple[tp.Any, ...]
 
 
 class _LayerCall(nn.Module):
-    """`layer(x, cross_attention_src=cross)` with positional tensors only (what make_graphed_callables takes), through
-    the layer's eager forward."""
+    """`layer(x, cross_attention_src=cross)` with positional tensors only (what make_graphed_callables takes, and
+    replaces this module's forward with the graphs: one per capture), through `run` (`LayerGraphs.run_eager`)."""
 
-    def __init__(self, layer: nn.Module, eager: tp.Callable):
+    def __init__(self, layer: nn.Module, run: tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.layer = layer
-        self.eager = eager
+        self.layer = layer  # (its parameters are the graphs')
+        self.run = run
 
     def forward(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-        return self.eager(x, cross_attention_src=cross)
+        return self.run(x, cross)
 
 
 def static_bytes(num_layers: int, batch: int, frames: int, dim: int, text_tokens: int = 64,
@@ -102,7 +108,8 @@ class LayerGraphs:
     def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
                  capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
                  strict: bool = False,
-                 agree: tp.Optional[tp.Callable[[tp.Sequence[int], torch.device], tp.List[int]]] = None):
+                 agree: tp.Optional[tp.Callable[[tp.Sequence[int], torch.device], tp.List[int]]] = None,
+                 buckets: tp.Optional[TextBuckets] = None):
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.layers = list(layers)
@@ -119,6 +126,7 @@ class LayerGraphs:
         self.agree = agree  # with several ranks: the MIN of some flags over the ranks (all_ranks_agree)
         self.failed: tp.Optional[str] = None
         self.on_failure: tp.Optional[tp.Callable[[], tp.Any]] = None  # what undoes install's changes (eager again)
+        self.buckets = buckets  # the text conditioning padded to a few lengths, the added keys masked (text_buckets)
 
     # ------------------------------------------------------------------ dispatch
     def graphable(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
@@ -141,6 +149,8 @@ class LayerGraphs:
         if self.failed or not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask):
             return self.eager[index](x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
         cross = cross_attention_src
+        if self.buckets is not None:
+            cross = self.buckets.padded(cross) if index else self.buckets.pad(cross)
         if index == 0:
             key = self.signature(x, cross)
             graphed = key in self.sets or len(self.sets) < self.max_shapes
@@ -168,7 +178,7 @@ class LayerGraphs:
                         self.on_failure()
                     logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes "
                                    "on without them. Set lora.graph_layers=false to skip them.", self.failed)
-                    return self.eager[index](x, cross_attention_src=cross)
+                    return self.eager[index](x, cross_attention_src=cross_attention_src)
             if self.agree is not None and graphed and anyone_captures and not self.agree([1], x.device)[0]:
                 raise RuntimeError("Capturing the CUDA graphs of the transformer layers failed on another rank (its "
                                    "log says why). Rerun with lora.graph_layers=false (outside the XP signature: it "
@@ -179,9 +189,17 @@ class LayerGraphs:
             # Eagerly, recomputed in backward: the graphs' pool keeps a step's activations for itself, so an eager
             # step beside it keeps only its layer inputs (torch's checkpoint: the same values, masks included)
             self.stats['eager_calls'] += 1
-            return checkpoint(self.eager[index], x, cross_attention_src=cross, use_reentrant=False)
+            return checkpoint(self.run_eager, index, x, cross, use_reentrant=False)
         self.stats['graphed_calls'] += 1
         return entry[0][index](x, cross)
+
+    def run_eager(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """Layer `index`'s eager forward on a graphable call's tensors (captured, or recomputed in backward: the text
+        mask is applied in both)."""
+        if self.buckets is None:
+            return self.eager[index](x, cross_attention_src=cross)
+        with self.buckets.applied(cross):
+            return self.eager[index](x, cross_attention_src=cross)
 
     # ------------------------------------------------------------------ capture
     def _capture(self, key: Key, x: torch.Tensor,
@@ -197,7 +215,8 @@ class LayerGraphs:
             self.inputs[shape_key] = inputs
         # one text buffer for every layer: each replay copies the same values into it
         static_cross = cross.detach().clone().requires_grad_(cross.requires_grad)
-        calls = tuple(_LayerCall(layer, eager) for layer, eager in zip(self.layers, self.eager))
+        calls = tuple(_LayerCall(layer, functools.partial(self.run_eager, index))
+                      for index, layer in enumerate(self.layers))
         samples = tuple((inputs[i], static_cross) for i in range(len(calls)))
         if self.pool is None and self.device_type == 'cuda':
             self.pool = torch.cuda.graph_pool_handle()
@@ -226,11 +245,15 @@ class LayerGraphs:
         self.sets.clear()
         self.inputs.clear()
         self.active, self.pool = None, None
+        if self.buckets is not None:
+            self.buckets.release()
 
     def summary(self) -> str:
         calls = self.stats['graphed_calls'] + self.stats['eager_calls']
         return (f"{self.stats['graphed_calls']} of {calls} training layer calls replayed as CUDA graphs, "
                 f"{len(self.sets)} signature(s) captured in {self.stats['capture_seconds']:.1f} s"
+                + (f" (text conditioning padded to multiples of {self.buckets.multiple} tokens)"
+                   if self.buckets is not None else '')
                 + (f"; {self.stats['eager_calls']} eager and recomputed in backward (text lengths beyond "
                    f"lora.graph_shapes={self.max_shapes})" if self.stats['eager_calls'] else ''))
 
@@ -293,12 +316,15 @@ def _thread_local_capture():
 
 
 def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,
-            device_type: str = 'cuda', strict: bool = False, distributed: bool = False) -> LayerGraphs:
+            device_type: str = 'cuda', strict: bool = False, distributed: bool = False,
+            text_bucket: int = 1) -> LayerGraphs:
     """Route the training calls of every transformer layer of AudioCraft LM `model` through CUDA graphs (each layer's
     `forward` becomes an instance attribute; names, parameters and state dict don't change). Takes the shared
     adapter casts away (graphed projections cast their adapters themselves). `strict`: a failed capture raises
     instead of leaving the layers eager; `distributed`: the ranks agree on every step (`all_ranks_agree`), and a
-    failed capture raises (one rank eager while the others replay would pair their gradient all-reduces wrongly).
+    failed capture raises (one rank eager while the others replay would pair their gradient all-reduces wrongly);
+    `text_bucket` > 1: graphed steps pad the text conditioning to a multiple of that many tokens and mask the added
+    keys (text_buckets; left at the exact lengths, with a log line, where the cross-attention can't take the mask).
     Returns the `LayerGraphs`."""
     from .adapter_casts import unshare_adapter_casts
     transformer = getattr(model, 'transformer', None)
@@ -309,8 +335,17 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
     # The first backward after a capture meets the adapters' AccumulateGrad nodes that the capture's warmup made on
     # its side stream, and torch warns once that it may synchronise there (measured: same values, bit for bit).
     warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match", category=UserWarning)
+    buckets = None
+    if text_bucket > 1:
+        reason = text_buckets.unsupported(transformer.layers)
+        if reason:
+            logger.info("Text conditioning of graphed steps kept at each batch's length (lora.graph_text_bucket=%d "
+                        "needs AudioCraft's masked attention): %s.", text_bucket, reason)
+        else:
+            buckets = text_buckets.install(transformer.layers, text_bucket)
     graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type,
-                         strict=strict or distributed, agree=all_ranks_agree if distributed else None)
+                         strict=strict or distributed, agree=all_ranks_agree if distributed else None,
+                         buckets=buckets)
     if shared:  # a failed capture gives the eager steps their shared adapter casts back
         from .adapter_casts import share_adapter_casts
         graphs.on_failure = functools.partial(share_adapter_casts, model)
@@ -332,5 +367,6 @@ def remove(model: nn.Module) -> bool:
         return False
     for layer in graphs.layers:
         layer.__dict__.pop('forward', None)
+    text_buckets.remove(graphs.layers)
     graphs.release()
     return True

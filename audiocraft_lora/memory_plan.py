@@ -284,7 +284,8 @@ def plan_graphs(solver: tp.Any) -> int:
         shapes = layer_graphs.all_ranks_agree([shapes], solver.device)[0]
     if shapes < 1:
         return 0
-    graphs = layer_graphs.install(solver.model, max_shapes=shapes, strict=choice == 'true', distributed=distributed)
+    graphs = layer_graphs.install(solver.model, max_shapes=shapes, strict=choice == 'true', distributed=distributed,
+                                  text_bucket=int(settings.graph_text_bucket))
     solver.logger.info("CUDA graphs of the %d transformer layers (lora.graph_layers=%s): up to %d signature(s), "
                        "captured at the first training step of each.", len(graphs.layers), choice, shapes)
     return shapes

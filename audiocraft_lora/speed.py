@@ -17,6 +17,7 @@
     lora.keep_merged_weights: auto        # auto | true | false: keep forward's W + sBA for backward (auto: if it fits)
     lora.graph_layers: auto               # auto | true | false: training layers replayed as CUDA graphs (layer_graphs)
     lora.graph_shapes: 8                  # at most this many input signatures (text lengths) get graphs
+    lora.graph_text_bucket: 32            # graphed steps pad the text to a multiple of this, pads masked
 
 `compile` compiles each transformer layer in place (`nn.Module.compile`: parameter and state-dict names don't change)
 for training and validation; AudioCraft's token-by-token generation runs eagerly (`eager_generation`). Each layer is
@@ -48,13 +49,14 @@ for one [out, in] copy per projection held from forward to backward (the size of
 bit for bit. `auto` keeps them when the memory plan's estimate with them still fits the budget (CUDA), else not.
 
 `graph_layers` records each transformer layer's forward and backward as CUDA graphs at the first training step of
-each input signature and replays them (layer_graphs.py): eager mode's kernels and values, no host cost per kernel
+each input signature and replays them (layer_graphs.py): eager mode's kernels, no host cost per kernel
 (musicgen-small, batch 4 x 30 s on an H100: 0.058 s a step against 0.166 s eager and 0.116 s for full fine-tuning).
-Signatures differ by the length of the text conditioning (the batch's longest description); `graph_shapes` of them
-get graphs (each holds its layers' static outputs and gradients: `layer_graphs.static_bytes`), later ones run
-eagerly. `auto` turns it on on CUDA with the fast path, no `compile`, and a memory plan without checkpointing or
-replayed dropout masks, for as many signatures as fit the memory budget next to the step's estimate; `true` asks for
-it where those hold (refused where they can't).
+Signatures differ by the length of the text conditioning (the batch's longest description), which graphed steps pad
+to a multiple of `graph_text_bucket` tokens, masking the added keys in cross-attention (text_buckets.py: the keys
+attended are the plain step's); `graph_shapes` of them get graphs (each holds its layers' static outputs and
+gradients: `layer_graphs.static_bytes`), later ones run eagerly. `auto` turns it on on CUDA with the fast path, no
+`compile`, and a memory plan without checkpointing or replayed dropout masks, for as many signatures as fit the
+memory budget next to the step's estimate; `true` asks for it where those hold (refused where they can't).
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -132,12 +134,16 @@ class SpeedSettings:
                 "memory plan's estimate with it fits lora.memory_budget_gib (CUDA)."})
     graph_layers: tp.Any = field(default='auto', metadata={
         'help': "auto | true | false: replay each transformer layer's training forward and backward as CUDA graphs "
-                "(layer_graphs.py; the same kernels and values, no per-kernel host cost). auto: on CUDA, with the "
+                "(layer_graphs.py; eager's kernels without their per-kernel host cost). auto: on CUDA, with the "
                 "fast path, no compile, no activation checkpointing or dropout replay, when it fits the memory "
                 "budget."})
     graph_shapes: int = field(default=8, metadata={
         'help': "With graph_layers: how many input signatures (lengths of the batch's text conditioning) get graphs; "
                 "steps of other lengths run eagerly. Each holds its layers' static outputs and gradients."})
+    graph_text_bucket: int = field(default=32, metadata={
+        'help': "With graph_layers: graphed steps pad the text conditioning to a multiple of this many tokens and "
+                "mask the added keys in cross-attention (text_buckets.py: the same keys attended, so a few "
+                "signatures cover every description length); 1: each batch's own length."})
     memory_budget_gib: tp.Any = field(default='auto', metadata={
         'help': "GPU memory a training step may use, for activation_checkpointing=auto and the start-up estimate: "
                 "auto (what the GPU has free) | a number of GiB | none (no estimate; auto means none)."})
@@ -190,6 +196,10 @@ class SpeedSettings:
             raise LoRAConfigError(f"lora.graph_layers must be auto, true or false, got {self.graph_layers!r}.")
         if not isinstance(self.graph_shapes, int) or isinstance(self.graph_shapes, bool) or self.graph_shapes < 1:
             raise LoRAConfigError(f"lora.graph_shapes must be a whole number >= 1, got {self.graph_shapes!r}.")
+        bucket = self.graph_text_bucket
+        if not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 1:
+            raise LoRAConfigError(f"lora.graph_text_bucket must be a whole number >= 1 (1: no padding), "
+                                  f"got {bucket!r}.")
         if str(self.graph_layers).lower() == 'true':
             clash = self.graph_layers_clash()
             if clash:

@@ -251,7 +251,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
             if device != 'cuda':
                 raise RuntimeError(f'{case} needs a CUDA device (CUDA graphs)')
             from audiocraft_lora import layer_graphs
-            layer_graphs.install(lm, max_shapes=1)
+            # (the text padded as the solver pads it: lora.graph_text_bucket, cross-attention masked)
+            layer_graphs.install(lm, max_shapes=1, text_bucket=SpeedSettings().graph_text_bucket)
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
     with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
