@@ -10,7 +10,8 @@
 # captured and replayed), then the parts of fast_lora.CONCAT_RANK_GEMMS under the graphs (small b16 is GPU-bound at
 # 0.75x full fine-tuning: what's left).
 # Eager batch-4 steps are host-bound and vary +-30% run to run: their median is taken over 15 steps. gpu_check.sh is
-# the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run.
+# the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run. Session 13 added
+# the mixed-text-length row (small b4; ~40 s).
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
@@ -28,6 +29,11 @@ for args in "--scale small --batch 4 --cases full,lora_fast_keep,lora_graphed,lo
              --json $OUT/small_b16.json"; do
   run_case $args
 done
+# Real batches change text length nearly every step (benchmarks/text_lengths.py: 24 steps of 80 trap clips at b4,
+# 14 lengths): the mean step of the graphs with exact lengths (lora_graphed_exact: 8 captured, the rest eager and
+# recomputed) and padded to multiples of 32 (lora_graphed, the default: 5 signatures), next to eager
+LIMIT=120 run_case --scale small --batch 4 --cases lora_fast_keep,lora_graphed_exact,lora_graphed --iters 24 \
+  --text-lengths 67,84,81,1,62,122,1,160,73,1,80,1,1,1,94,101,64,1,1,91,81,1,64,159 --json $OUT/small_b4_mixed.json
 if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 120000 ]; then
   # (an H200: AudioCraft's full fine-tune of medium at batch 16 x 30 s needs ~130 GiB; an H100 runs none of it)
   # (lora_graphed_concat: every CONCAT_RANK_GEMMS part; the rank-r GEMMs are ~6% of the modelled LoRA step here)

@@ -29,6 +29,8 @@ Cases (`--cases`, comma separated):
                   between replays: compare `resv GiB` (torch.cuda.max_memory_reserved)
   lora_graphed_keep lora_graphed with the merged weights kept (what the solver runs on a GPU with LoRA dropout 0)
   lora_graphed_concat lora_graphed with the CONCAT_RANK_GEMMS parts of --concat-rank-gemms (as lora_fast_concat)
+  lora_graphed_exact lora_graphed with each step's own text length (lora.graph_text_bucket=1, before session 13);
+                  the graphed cases otherwise pad the text as the solver does (multiples of 32, keys masked)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
   encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
@@ -55,6 +57,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import itertools
 import json
 import time
 import typing as tp
@@ -77,8 +80,8 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
 }
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat',
          'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
-         'lora_graphed_keep', 'lora_graphed_concat', 'hf_lora', 'hf_full', 'encode')
-CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat')
+         'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'hf_lora', 'hf_full', 'encode')
+CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -251,8 +254,10 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
             if device != 'cuda':
                 raise RuntimeError(f'{case} needs a CUDA device (CUDA graphs)')
             from audiocraft_lora import layer_graphs
-            # (the text padded as the solver pads it: lora.graph_text_bucket, cross-attention masked)
-            layer_graphs.install(lm, max_shapes=1, text_bucket=SpeedSettings().graph_text_bucket)
+            # (the solver's graph_shapes, and the text padded as it pads it: lora.graph_text_bucket, keys masked)
+            defaults = SpeedSettings()
+            layer_graphs.install(lm, max_shapes=defaults.graph_shapes,
+                                 text_bucket=1 if case == 'lora_graphed_exact' else defaults.graph_text_bucket)
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(args.batch)]
     with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
@@ -260,9 +265,15 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     # --count-only: the solver's CE positions, known without data (a boolean mask's size needs data)
     valid = valid_positions(lm, args.batch, args.frames) if getattr(args, 'count_only', False) else None
 
+    lengths = itertools.cycle(text_lengths(args) or [None])
+
     def ac_loss():
         with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
             condition_tensors = lm.condition_provider(tokenized)
+            length = next(lengths)
+            if length is not None:  # (--text-lengths: the one-token description repeated to this step's length)
+                embedding, mask = condition_tensors['description']
+                condition_tensors['description'] = (embedding.repeat(1, length, 1), mask.repeat(1, length))
             out = lm.compute_predictions(codes, [], condition_tensors)
             if valid is None:
                 ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
@@ -270,6 +281,12 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                 ce = cross_entropy_at(out.logits, codes, valid)
         return ce
     return lm, ac_loss
+
+
+def text_lengths(args) -> tp.List[int]:
+    """--text-lengths: the AudioCraft cases' text-conditioning length at each step, cycled."""
+    given = getattr(args, 'text_lengths', None)
+    return [int(n) for n in given.split(',')] if given else []
 
 
 def _optimizer(params: tp.List[torch.Tensor], **kwargs) -> torch.optim.Optimizer:
@@ -376,7 +393,7 @@ def measure(case: str, args) -> dict:
     launches = LaunchCounter() if 'compile' not in case else None
     with FlopCounterMode(display=False) as flop_counter, (launches.mode if launches else contextlib.nullcontext()):
         step()  # FLOPs of forward + backward, launches
-    for _ in range(args.warmup - 2):
+    for _ in range(max(args.warmup - 2, len(text_lengths(args)) - 1)):  # (every length once: captures untimed)
         step()
     sync()
     if args.device == 'cuda':
@@ -388,9 +405,11 @@ def measure(case: str, args) -> dict:
         loss = step()
         sync()
         times.append(time.perf_counter() - start)
+    mean_s = sum(times) / len(times)
     times.sort()
-    # median on CUDA; on a (possibly shared) CPU the minimum is the least noisy estimate
-    step_s = times[len(times) // 2] if args.device == 'cuda' else times[0]
+    # median on CUDA; on a (possibly shared) CPU the minimum is the least noisy estimate; the mean with
+    # --text-lengths (steps of several lengths, some beyond the graphs: what a run of them costs)
+    step_s = mean_s if text_lengths(args) else times[len(times) // 2] if args.device == 'cuda' else times[0]
     estimate = None
     if getattr(args, 'estimate', False) and not case.startswith('hf_') and case != 'encode':
         # what `lora.activation_checkpointing=auto` would plan with, for this very model (compare with peak_GiB)
@@ -426,7 +445,7 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
     for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
                  'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
-                 'lora_graphed_keep', 'lora_graphed_concat'):
+                 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
@@ -458,6 +477,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--json', default=None, help='also write the results here')
     parser.add_argument('--lora-dropout', type=float, default=0.0, help='LoRA dropout of the lora/hf_lora cases')
+    parser.add_argument('--text-lengths', default=None,
+                        help="comma separated text-conditioning lengths the AudioCraft cases' steps cycle through "
+                             "(default: one token); warmup covers each once, step_s is then the mean over --iters")
     parser.add_argument('--concat-rank-gemms', default='forward,dropout_forward,backward',
                         help="the lora_fast_concat / lora_graphed_concat cases' fast_lora.CONCAT_RANK_GEMMS parts")
     parser.add_argument('--estimate', action='store_true',

@@ -360,10 +360,11 @@ def _on_two_ranks(fn, tmp_path, *args):
     return [json.loads((tmp_path / f'rank{rank}.json').read_text()) for rank in (0, 1)]
 
 
-def _rank_steps(rank, pkg, lengths):
+def _rank_steps(rank, pkg, lengths, text_bucket=1):
     """One rank of `test_ranks_agree_on_every_step`: training steps of its own text lengths, max_shapes=1."""
     lm = _lm(pkg)
-    graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu', distributed=True)
+    graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu', distributed=True,
+                                  text_bucket=text_bucket)
     codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(9))
     graphed = []
     for length in lengths[rank]:

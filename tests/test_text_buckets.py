@@ -14,7 +14,7 @@ from audiocraft_lora import layer_graphs, memory_plan, text_buckets
 from audiocraft_lora.errors import LoRAConfigError
 from audiocraft_lora.lora import AdapterParameters
 from audiocraft_lora.speed import SpeedSettings
-from test_layer_graphs import RecordingCapture, _lm, _solver
+from test_layer_graphs import RecordingCapture, _lm, _on_two_ranks, _rank_steps, _solver
 
 
 def _step(lm, codes, length):
@@ -172,3 +172,11 @@ def test_solver_steps_with_padded_text_match_eager_ones(dora_dir):
     assert max(abs(a - b) for a, b in zip(padded, eager)) < 1e-5 * eager[0]
     assert installed[0].stats['graphed_calls'] == 5 * len(installed[0].layers)
     assert [call['samples'][0][1].shape[1] for call in captures.calls] == [32]
+
+
+def test_ranks_with_different_lengths_replay_every_step(debug_lm_pkg, tmp_path):
+    """With DDP a step is graphed only where every rank has its signature: at exact lengths the ranks below ran 3 of
+    4 steps eagerly (test_layer_graphs.test_ranks_agree_on_every_step); padded to 8 they share one signature."""
+    ranks = _on_two_ranks(_rank_steps, tmp_path, debug_lm_pkg, {0: [2, 5, 2, 7], 1: [2, 2, 5, 2]}, 8)
+    assert ranks[0]['graphed'] == ranks[1]['graphed'] == [True] * 4
+    assert all(rank['stats']['eager_calls'] == 0 for rank in ranks)
