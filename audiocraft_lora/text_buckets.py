@@ -132,8 +132,14 @@ def _masked_forward(buckets: TextBuckets, original: tp.Callable, *args, **kwargs
     if mask is None:
         return original(*args, **kwargs)
     mode = _KeyMask(mask)
-    with mode:
-        out = original(*args, **kwargs)
+    try:
+        with mode:
+            out = original(*args, **kwargs)
+    except RuntimeError as error:
+        if isinstance(error, torch.OutOfMemoryError) or not mode.applied:
+            raise
+        raise RuntimeError(f"The cross-attention failed with the text mask of lora.graph_text_bucket ({error}). "
+                           "Set lora.graph_text_bucket=1 to train without it.") from error
     if mode.applied != 1:
         raise RuntimeError(f"The cross-attention made {mode.applied} unmasked scaled_dot_product_attention calls, "
                            "not one: it can't take the text mask. Set lora.graph_text_bucket=1.")

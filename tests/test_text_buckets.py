@@ -180,3 +180,15 @@ def test_ranks_with_different_lengths_replay_every_step(debug_lm_pkg, tmp_path):
     ranks = _on_two_ranks(_rank_steps, tmp_path, debug_lm_pkg, {0: [2, 5, 2, 7], 1: [2, 2, 5, 2]}, 8)
     assert ranks[0]['graphed'] == ranks[1]['graphed'] == [True] * 4
     assert all(rank['stats']['eager_calls'] == 0 for rank in ranks)
+
+
+def test_an_attention_kernel_that_fails_on_the_mask_names_the_setting(debug_lm_pkg):
+    """An attention kernel that refuses the mask (here: torch's own, given a mask of a dtype it refuses) must say
+    which setting takes the mask away."""
+    lm = _lm(debug_lm_pkg)
+    graphs = layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu', text_bucket=8)
+    mask_for = graphs.buckets.mask_for
+    graphs.buckets.mask_for = lambda padded: mask_for(padded).double()
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(RuntimeError, match=r'attn_mask.*Set lora\.graph_text_bucket=1'):
+        _step(lm, codes, 3)
