@@ -46,7 +46,8 @@ between backward passes: accumulating two backward passes into them would double
 Parameter and state-dict names don't change (each layer's `forward` becomes an instance attribute; `remove` undoes
 it). Tests: tests/test_layer_graphs.py (the dispatch, on CPU, with torch's capture function stood in for), and
 benchmarks/cuda_checks.py (the real graphs on a GPU: six steps over changing text lengths give eager's losses and
-gradients bit for bit; with LoRA dropout each replay draws a new mask).
+gradients bit for bit at exact text lengths, `text_bucket=1`; with LoRA dropout each replay draws a new mask), and
+tests/test_text_buckets.py (padded text: eager's values up to summation order).
 """
 import contextlib
 import functools
@@ -163,6 +164,10 @@ class LayerGraphs:
                 try:
                     self.sets[key] = self._capture(key, x, cross)
                 except Exception as error:
+                    if (isinstance(error, text_buckets.TextMaskError) and self.agree is None
+                            and _random_numbers_work(x.device)):  # graphs at exact text lengths, then
+                        self.drop_buckets(error)
+                        return self.forward(index, x, cross_attention_src=cross_attention_src, src_mask=src_mask)
                     if self.agree is not None:  # (the other ranks wait in the collective below: tell them)
                         self.agree([0], x.device)
                     if isinstance(error, torch.OutOfMemoryError):
@@ -189,17 +194,29 @@ class LayerGraphs:
             # Eagerly, recomputed in backward: the graphs' pool keeps a step's activations for itself, so an eager
             # step beside it keeps only its layer inputs (torch's checkpoint: the same values, masks included)
             self.stats['eager_calls'] += 1
-            return checkpoint(self.run_eager, index, x, cross, use_reentrant=False)
+            # (its own copy of the text mask: a later forward may refill the shared one before this backward)
+            mask = self.buckets.mask_for(cross).clone() if self.buckets is not None else None
+            return checkpoint(self.run_eager, index, x, cross, mask, use_reentrant=False)
         self.stats['graphed_calls'] += 1
         return entry[0][index](x, cross)
 
-    def run_eager(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    def run_eager(self, index: int, x: torch.Tensor, cross: torch.Tensor,
+                  mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """Layer `index`'s eager forward on a graphable call's tensors (captured, or recomputed in backward: the text
-        mask is applied in both)."""
+        mask, the shared one or `mask`, is applied in both)."""
         if self.buckets is None:
             return self.eager[index](x, cross_attention_src=cross)
-        with self.buckets.applied(cross):
+        with self.buckets.applied(cross, mask):
             return self.eager[index](x, cross_attention_src=cross)
+
+    def drop_buckets(self, error: Exception) -> None:
+        """The attention kernels refused the text mask: the graphs go on with each batch's own text length (those
+        captured so far read padded text, and are dropped)."""
+        logger.warning("The attention kernels here can't take the text mask (%s); the CUDA graphs of the layers go "
+                       "on with each batch's own text length.", error.__cause__ or error)
+        text_buckets.remove(self.layers)
+        self.buckets = None
+        self.release()
 
     # ------------------------------------------------------------------ capture
     def _capture(self, key: Key, x: torch.Tensor,

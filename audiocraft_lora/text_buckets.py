@@ -19,7 +19,10 @@ kernels read (a graph reads its tensors where they were at capture). Each cross-
 an instance attribute that, while a graphed layer call runs (`applied`), hands its `scaled_dot_product_attention` the
 mask (a `TorchFunctionMode`, this thread only); the call must take it exactly once, or it raises naming
 `lora.graph_text_bucket=1`. It needs AudioCraft's attention as MusicGen builds it (`custom`, `memory_efficient`,
-the efficient attention backend `torch`): `unsupported` says why not, and the lengths stay exact then.
+the efficient attention backend `torch`): `unsupported` says why not, and the lengths stay exact then. Where the
+attention kernels refuse the mask (`TextMaskError`) at a capture, the graphs drop the padding and go on at exact
+lengths (layer_graphs.LayerGraphs.drop_buckets). A step run eagerly beyond the graphs applies its own copy of the
+mask, which its recomputation in backward reads (a later forward may have refilled the shared one).
 Tests: tests/test_text_buckets.py.
 """
 import contextlib
@@ -31,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ['TextBuckets', 'padded_length', 'unsupported', 'install', 'remove']
+__all__ = ['TextBuckets', 'TextMaskError', 'padded_length', 'unsupported', 'install', 'remove']
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
@@ -57,6 +60,10 @@ def unsupported(layers: tp.Sequence[nn.Module]) -> tp.Optional[str]:
     return None
 
 
+class TextMaskError(RuntimeError):
+    """The cross-attention can't take the text mask (no masked kernel here, or not one masked attention call)."""
+
+
 class _KeyMask(TorchFunctionMode):
     """Hands `mask` to the `scaled_dot_product_attention` calls without a mask of their own (AudioCraft's
     cross-attention passes none), and counts them."""
@@ -71,10 +78,17 @@ class _KeyMask(TorchFunctionMode):
         if func in _SDPA and len(args) == 3 and kwargs.get('attn_mask') is None and not kwargs.get('is_causal'):
             keys = args[1].shape[-2]
             if keys != self.mask.shape[-1]:
-                raise RuntimeError(f"The cross-attention got {keys} keys, the text mask is for "
-                                   f"{self.mask.shape[-1]}: set lora.graph_text_bucket=1.")
+                raise TextMaskError(f"The cross-attention got {keys} keys, the text mask is for "
+                                    f"{self.mask.shape[-1]}: set lora.graph_text_bucket=1.")
             kwargs['attn_mask'] = self.mask.view(1, 1, 1, -1)  # (broadcast over batch, heads, queries)
             self.applied += 1
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as error:
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
+                raise TextMaskError(f"The cross-attention failed with the text mask of lora.graph_text_bucket "
+                                    f"({error}). Set lora.graph_text_bucket=1 to train without it.") from error
         return func(*args, **kwargs)
 
 
@@ -113,9 +127,11 @@ class TextBuckets:
         return self.masks[(padded.shape[1], padded.device)]
 
     @contextlib.contextmanager
-    def applied(self, padded: torch.Tensor) -> tp.Iterator[None]:
-        """The cross-attentions called inside mask the keys `pad` added to `padded`."""
-        previous, self.current = self.current, self.mask_for(padded)
+    def applied(self, padded: torch.Tensor, mask: tp.Optional[torch.Tensor] = None) -> tp.Iterator[None]:
+        """The cross-attentions called inside mask the keys `pad` added to `padded` (or apply `mask`: an eager
+        step's own copy, which its recomputation in backward reads after later steps may have refilled the
+        shared one)."""
+        previous, self.current = self.current, self.mask_for(padded) if mask is None else mask
         try:
             yield
         finally:
@@ -132,16 +148,10 @@ def _masked_forward(buckets: TextBuckets, original: tp.Callable, *args, **kwargs
     if mask is None:
         return original(*args, **kwargs)
     mode = _KeyMask(mask)
-    try:
-        with mode:
-            out = original(*args, **kwargs)
-    except RuntimeError as error:
-        if isinstance(error, torch.OutOfMemoryError) or not mode.applied:
-            raise
-        raise RuntimeError(f"The cross-attention failed with the text mask of lora.graph_text_bucket ({error}). "
-                           "Set lora.graph_text_bucket=1 to train without it.") from error
+    with mode:
+        out = original(*args, **kwargs)
     if mode.applied != 1:
-        raise RuntimeError(f"The cross-attention made {mode.applied} unmasked scaled_dot_product_attention calls, "
+        raise TextMaskError(f"The cross-attention made {mode.applied} unmasked scaled_dot_product_attention calls, "
                            "not one: it can't take the text mask. Set lora.graph_text_bucket=1.")
     return out
 

@@ -282,8 +282,10 @@ def graphs_on_cuda(pkg):
     from audiocraft_lora import layer_graphs
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
-    lengths = [3, 9, 3, 12, 9, 3]
-    for dropout, bucket in ((0.0, 1), (0.1, 1), (0.0, 8)):
+    for dropout, bucket in ((0.0, 1), (0.1, 1), (0.0, 32)):
+        # (padded: 32, 64, 192, 32, 64, 32; 192 beyond graph_shapes=2, recomputed; cuDNN's masked backward had NaN
+        # gradients at key lengths 64 mod 128, pytorch#196678)
+        lengths = [3, 9, 3, 12, 9, 3] if bucket == 1 else [3, 40, 170, 9, 40, 3]
         runs = []
         for graphed in (False, True):
             torch.manual_seed(0)
@@ -301,7 +303,8 @@ def graphs_on_cuda(pkg):
             print(f"CUDA graphs, text padded to multiples of {bucket} (lora.graph_text_bucket), vs eager at exact "
                   f"lengths: losses {[round(x, 5) for x in losses]} vs {[round(x, 5) for x in eager_losses]}, worst "
                   f"loss difference {max(abs(a - b) for a, b in zip(losses, eager_losses)):.2e}, worst relative "
-                  f"grad difference {worst:.2e}; {graphs.summary()}")
+                  f"grad difference {worst:.2e}, gradients finite {all(bool(g.isfinite().all()) for g in grads)}; "
+                  f"{graphs.summary()}")
         elif dropout == 0.0:
             print(f"CUDA graphs of the layers vs eager (bf16, text lengths {lengths}, graph_shapes=2): losses "
                   f"{[round(x, 5) for x in losses]} vs {[round(x, 5) for x in eager_losses]}, bit-equal "

@@ -76,7 +76,7 @@ def test_the_added_keys_change_the_step_unless_masked(debug_lm_pkg):
     lm = _lm64(debug_lm_pkg)
     reference = copy.deepcopy(lm)
     graphs = layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu', text_bucket=8)
-    graphs.buckets.applied = lambda padded: contextlib.nullcontext()  # (no mask)
+    graphs.buckets.applied = lambda padded, mask=None: contextlib.nullcontext()  # (no mask)
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(1))
     assert not _same_step(_step(lm, codes, 3), _step(reference, codes, 3))
 
@@ -192,3 +192,74 @@ def test_an_attention_kernel_that_fails_on_the_mask_names_the_setting(debug_lm_p
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(5))
     with pytest.raises(RuntimeError, match=r'attn_mask.*Set lora\.graph_text_bucket=1'):
         _step(lm, codes, 3)
+
+
+class _WarmingUpCapture(RecordingCapture):
+    """As make_graphed_callables, runs each callable once on its samples before capturing (where a kernel that
+    refuses the mask fails)."""
+
+    def __call__(self, callables, samples, num_warmup_iters=3, pool=None):
+        with torch.enable_grad():
+            for call, sample in zip(callables, samples):
+                call(*sample)
+        return super().__call__(callables, samples, num_warmup_iters, pool)
+
+
+def test_a_capture_refused_by_the_mask_goes_on_with_graphs_at_exact_lengths(debug_lm_pkg, caplog):
+    """A GPU whose attention kernels refuse the mask loses the padding, not the graphs (at batch 4 those are ~3x the
+    speed): the step is captured again at its own text length and replays from then on, as the plain step."""
+    lm = _lm(debug_lm_pkg)
+    reference = copy.deepcopy(lm)
+    capture = _WarmingUpCapture()
+    graphs = layer_graphs.install(lm, capture=capture, device_type='cpu', text_bucket=8)
+    mask_for = graphs.buckets.mask_for
+    graphs.buckets.mask_for = lambda padded: mask_for(padded).double()  # (torch's kernels refuse this dtype)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(6))
+    with caplog.at_level(logging.WARNING, logger='audiocraft_lora.layer_graphs'):
+        for length in (3, 5):
+            loss, grads, _ = _step(lm, codes, length)
+            ref_loss, ref_grads, _ = _step(reference, codes, length)
+            assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    assert graphs.buckets is None and "can't take the text mask" in caplog.text
+    assert [call['samples'][0][1].shape[1] for call in capture.calls] == [3, 5]  # (the padded one failed)
+    assert graphs.stats['graphed_calls'] == 2 * len(lm.transformer.layers) and not graphs.failed
+    assert not any('forward' in layer.cross_attention.__dict__ for layer in lm.transformer.layers)
+
+
+def test_each_step_refills_the_mask_its_graph_captured(debug_lm_pkg, monkeypatch):
+    """A replay reads the tensors its capture saw, where they were: the mask of a padded length must be one tensor,
+    filled in place at every step (the CPU stand-in looks it up again at each replay, so this is asked directly)."""
+    seen = []
+    init = text_buckets._KeyMask.__init__
+    monkeypatch.setattr(text_buckets._KeyMask, '__init__', lambda self, mask: (seen.append(mask), init(self, mask))[1])
+    lm = _lm(debug_lm_pkg)
+    graphs = layer_graphs.install(lm, capture=_WarmingUpCapture(), device_type='cpu', text_bucket=8)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(7))
+    _step(lm, codes, 3)
+    mask = graphs.buckets.masks[(8, torch.device('cpu'))]
+    _step(lm, codes, 5)
+    assert seen and all(m is mask for m in seen)
+    assert graphs.buckets.masks[(8, torch.device('cpu'))] is mask and mask.tolist() == [True] * 5 + [False] * 3
+
+
+def test_an_eager_step_is_recomputed_under_its_own_mask(debug_lm_pkg):
+    """A step beyond graph_shapes is recomputed in backward; if another forward of the same padded length ran in
+    between (refilling the shared mask), the recomputation must still see the mask of its own forward."""
+    lm = _lm64(debug_lm_pkg)
+    reference = copy.deepcopy(lm)
+    layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu', text_bucket=8)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(8))
+    _step(lm, codes, 12)  # (the one signature: 16)
+    grads = []
+    for model in (lm, reference):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for length in (3, 5):  # two forwards of padded length 8, then the first one's backward
+            text = torch.randn(2, length, model.dim, generator=torch.Generator().manual_seed(length),
+                               dtype=torch.float64)
+            out = model.compute_predictions(codes, [], {'description': (text, torch.ones(2, length))})
+            losses.append(torch.nan_to_num(out.logits).pow(2).mean())
+        losses[0].backward()
+        grads.append({k: p.grad.clone() for k, p in AdapterParameters(model).named_parameters()})
+    assert all(_close(grads[0][k], grads[1][k]) for k in grads[1])
