@@ -151,7 +151,7 @@ class LayerGraphs:
             return self.eager[index](x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
         cross = cross_attention_src
         if self.buckets is not None:
-            cross = self.buckets.padded(cross) if index else self.buckets.pad(cross)
+            cross = self.buckets.padded(cross) if index else self.buckets.pad(cross, self.padded_size(x, cross))
         if index == 0:
             key = self.signature(x, cross)
             graphed = key in self.sets or len(self.sets) < self.max_shapes
@@ -199,6 +199,18 @@ class LayerGraphs:
             return checkpoint(self.run_eager, index, x, cross, mask, use_reentrant=False)
         self.stats['graphed_calls'] += 1
         return entry[0][index](x, cross)
+
+    def padded_size(self, x: torch.Tensor, cross: torch.Tensor) -> int:
+        """The text length a step's conditioning is padded to: the next multiple of the bucket, or, when that has no
+        graph and there is no room for another, the shortest captured length that holds it (masked keys make any
+        longer padding exact), so a step runs eagerly only when its text is longer than every graph's."""
+        size = text_buckets.padded_length(cross.shape[1], self.buckets.multiple)
+        if len(self.sets) < self.max_shapes:
+            return size
+        key = self.signature(x, cross)  # (the fields but the text length must match a captured signature's)
+        fits = [k[3][1] for k in self.sets if k[:3] + k[4:] == key[:3] + key[4:]
+                and k[3][0] == key[3][0] and k[3][2:] == key[3][2:] and k[3][1] >= cross.shape[1]]
+        return size if size in fits or not fits else min(fits)
 
     def run_eager(self, index: int, x: torch.Tensor, cross: torch.Tensor,
                   mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -103,11 +103,13 @@ class TextBuckets:
         self.current: tp.Optional[torch.Tensor] = None  # the mask of the layer call running (`applied`)
         self._step: tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]] = None  # (conditioning as given, padded)
 
-    def pad(self, cross: torch.Tensor) -> torch.Tensor:
-        """`cross` [B, L, dim] padded with zeros to P tokens, its mask set to keep keys 0..L-1 (at the first
-        layer of a step; later layers get the same tensor from `padded`)."""
+    def pad(self, cross: torch.Tensor, size: tp.Optional[int] = None) -> torch.Tensor:
+        """`cross` [B, L, dim] padded with zeros to `size` tokens (default: the next multiple of `multiple`), its mask
+        set to keep keys 0..L-1 (at the first layer of a step; later layers get the same tensor from `padded`)."""
         length = cross.shape[1]
-        size = padded_length(length, self.multiple)
+        size = padded_length(length, self.multiple) if size is None else int(size)
+        if size < length:
+            raise ValueError(f"can't pad {length} text tokens to {size}")
         mask = self.masks.get((size, cross.device))
         if mask is None:
             mask = self.masks[(size, cross.device)] = torch.empty(size, dtype=torch.bool, device=cross.device)

@@ -92,15 +92,20 @@ def batch_lengths(clips, tok, batch: int, steps: int, merge: float, drop_desc: f
     return lengths
 
 
-def replayed(signatures: tp.Sequence[int], shapes: int) -> float:
-    """The share of steps with a graph: the first `shapes` signatures met get one."""
+def replayed(lengths: tp.Sequence[int], shapes: int, bucket: int) -> tp.Tuple[float, int]:
+    """The share of steps with a graph, and the signatures met, by the graphs' rule: the first `shapes` padded
+    lengths met get one; with padding (`bucket` > 1: masked keys) a step whose own has none, once they are all
+    taken, replays the shortest captured length that holds it (layer_graphs.LayerGraphs.padded_size)."""
     captured: tp.Set[int] = set()
     hits = 0
-    for signature in signatures:
-        if signature in captured or len(captured) < shapes:
-            captured.add(signature)
+    for length in lengths:
+        size = -(-length // bucket) * bucket
+        if size in captured or len(captured) < shapes:
+            captured.add(size)
             hits += 1
-    return hits / len(signatures)
+        elif bucket > 1 and any(c >= length for c in captured):
+            hits += 1
+    return hits / len(lengths), len({-(-n // bucket) * bucket for n in lengths})
 
 
 def main() -> None:
@@ -131,10 +136,9 @@ def main() -> None:
         graphed, eager = H100_SMALL.get(batch, (float('nan'), float('nan')))
         graphed, eager = args.graphed or graphed, args.eager or eager
         for label, bucket in (('exact', 1), (f'bucket {args.bucket}', args.bucket)):
-            signatures = [-(-n // bucket) * bucket for n in lengths]
-            share = replayed(signatures, args.shapes)
+            share, signatures = replayed(lengths, args.shapes, bucket)
             mean = share * graphed + (1 - share) * args.recompute * eager
-            print(f"{batch:>5} {label:>12} {len(set(lengths)):>8} {len(set(signatures)):>10} {share:>8.0%} "
+            print(f"{batch:>5} {label:>12} {len(set(lengths)):>8} {signatures:>10} {share:>8.0%} "
                   f"{mean:>11.4f} {mean / eager:>7.2f}x")
         common = collections.Counter(lengths).most_common(3)
         print(f"{'':>5} most common lengths {common}, range {min(lengths)}-{max(lengths)} tokens")

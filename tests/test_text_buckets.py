@@ -263,3 +263,21 @@ def test_an_eager_step_is_recomputed_under_its_own_mask(debug_lm_pkg):
         losses[0].backward()
         grads.append({k: p.grad.clone() for k, p in AdapterParameters(model).named_parameters()})
     assert all(_close(grads[0][k], grads[1][k]) for k in grads[1])
+
+
+def test_with_no_room_for_a_graph_a_step_takes_a_longer_captured_one(debug_lm_pkg):
+    """Masked keys make any longer padding exact: when a step's padded length has no graph and graph_shapes are
+    taken, it is padded to the shortest captured length that holds it; only a text longer than every graph's runs
+    eagerly."""
+    lm = _lm64(debug_lm_pkg)
+    reference = copy.deepcopy(lm)
+    capture = RecordingCapture()
+    graphs = layer_graphs.install(lm, max_shapes=1, capture=capture, device_type='cpu', text_bucket=8)
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(9))
+    padded = []
+    for length in (12, 3, 20, 5):  # 16 captured; 3 and 5 replay it; 20 (24) is longer: eager
+        assert _same_step(_step(lm, codes, length), _step(reference, codes, length)), length
+        padded.append(graphs.active and graphs.active[3][1])
+    assert padded == [16, 16, None, 16] and len(capture.calls) == 1
+    n = len(lm.transformer.layers)
+    assert graphs.stats['graphed_calls'] == 3 * n and graphs.stats['eager_calls'] == n
