@@ -12,7 +12,9 @@ P, and each cross-attention masks keys L..P-1 (`scaled_dot_product_attention`'s 
 exactly 0, their gradients too). AudioCraft's own padding (keys up to L, zeros for shorter descriptions) is kept
 and attended as before, so each query attends to the very keys of the plain step: the same values up to the order
 of the attention kernel's float sums (a masked kernel); the gradient of the conditioning is the plain one. A few
-signatures (P) then cover every length: L of 1..32 share one at the default 32.
+signatures (P) then cover every length: L of 1..32 share one at the default 32. And since any longer padding is
+exact too, a step whose P has no graph, once `lora.graph_shapes` are taken, takes the shortest captured P that holds
+it (layer_graphs.LayerGraphs.padded_size).
 
 How: the mask is one boolean tensor per P, filled in place at the first layer of each step, which the captured
 kernels read (a graph reads its tensors where they were at capture). Each cross-attention module's `forward` becomes
