@@ -14,15 +14,15 @@ How it stays exact and lean:
   of *all* layers at once: forward graphs in layer order, backward graphs in reverse, as the step runs them, so the
   captures may share one memory pool (`make_graphed_callables` of a tuple). Every signature uses that same pool
   (only one signature runs in a step), and the same static layer inputs; what each signature adds is its layers'
-  static outputs and gradients (`static_bytes`).
+  static outputs and gradients (`memory_plan.static_bytes`).
 - Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
   longest description of the batch, so its length varies (with AudioCraft's text augmentation, at most steps:
   benchmarks/text_lengths.py). Graphed steps pad it on to a multiple of `lora.graph_text_bucket` tokens, the added
   keys masked in cross-attention (text_buckets: the plain step's keys attended), so a few signatures cover every
   length. Each new one is captured when first seen (a second or two), up to `max_shapes`; a step whose signature is
   beyond that runs eagerly with each layer recomputed in backward (counted: `stats`): the pool holds a step's
-  activations for the graphs, so an eager step keeps only its layer inputs beside it (`fallback_bytes`), at ~1.3x an
-  eager step's time.
+  activations for the graphs, so an eager step keeps only its layer inputs beside it (`memory_plan.fallback_bytes`),
+  at ~1.3x an eager step's time.
 - Only training steps replay (grad enabled, module in training mode, CUDA tensors, no attention mask, no streaming
   state): validation, the memory estimate's fake tensors and AudioCraft's token-by-token generation run the eager
   layer.
@@ -61,11 +61,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import text_buckets
-from .text_buckets import TextBuckets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'static_bytes', 'fallback_bytes', 'all_ranks_agree']
+__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'all_ranks_agree']
 
 Key = tp.Tuple[tp.Any, ...]
 
@@ -83,23 +82,6 @@ class _LayerCall(nn.Module):
         return self.run(x, cross)
 
 
-def static_bytes(num_layers: int, batch: int, frames: int, dim: int, text_tokens: int = 64,
-                 adapter_params: int = 0, itemsize: int = 4) -> tp.Tuple[int, int]:
-    """(bytes shared by every signature, bytes each signature adds) that the graphs keep allocated: the static layer
-    inputs, once; per signature each layer's static output, its input's gradient and the incoming gradient, the text
-    conditioning and the adapter gradients. Layer inputs are the float32 residual stream (`itemsize`)."""
-    activation = batch * frames * dim * itemsize
-    shared = num_layers * activation
-    per_shape = 3 * num_layers * activation + batch * text_tokens * dim * itemsize + 4 * adapter_params
-    return shared, per_shape
-
-
-def fallback_bytes(num_layers: int, batch: int, frames: int, dim: int, step_bytes: int, itemsize: int = 4) -> int:
-    """What a step beyond `max_shapes` (eager, each layer recomputed in backward) holds beside the graphs' pool: its
-    layer inputs and one layer's share of the step (`step_bytes`: the memory estimate's step)."""
-    return num_layers * batch * frames * dim * itemsize + step_bytes // max(1, num_layers)
-
-
 class LayerGraphs:
     """The graphs of one LM's transformer layers, keyed by input signature, and the dispatch of each layer's call.
 
@@ -110,7 +92,7 @@ class LayerGraphs:
                  capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
                  strict: bool = False,
                  agree: tp.Optional[tp.Callable[[tp.Sequence[int], torch.device], tp.List[int]]] = None,
-                 buckets: tp.Optional[TextBuckets] = None):
+                 buckets: tp.Optional[text_buckets.TextBuckets] = None):
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.layers = list(layers)
@@ -164,25 +146,8 @@ class LayerGraphs:
                 try:
                     self.sets[key] = self._capture(key, x, cross)
                 except Exception as error:
-                    if (isinstance(error, text_buckets.TextMaskError) and self.agree is None
-                            and _random_numbers_work(x.device)):  # graphs at exact text lengths, then
-                        self.drop_buckets(error)
+                    if self._capture_failed(error, x.device):  # the text mask refused: graphs at exact lengths
                         return self.forward(index, x, cross_attention_src=cross_attention_src, src_mask=src_mask)
-                    if self.agree is not None:  # (the other ranks wait in the collective below: tell them)
-                        self.agree([0], x.device)
-                    if isinstance(error, torch.OutOfMemoryError):
-                        raise  # (the solver's advice names lora.graph_layers=false)
-                    if self.strict or not _random_numbers_work(x.device):
-                        raise RuntimeError(
-                            f"Capturing the CUDA graphs of the transformer layers failed ({type(error).__name__}: "
-                            f"{error}). Rerun with lora.graph_layers=false (outside the XP signature: it resumes "
-                            "from the last checkpoint).") from error
-                    self.failed = f"{type(error).__name__}: {error}"
-                    self.release()
-                    if self.on_failure is not None:
-                        self.on_failure()
-                    logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes "
-                                   "on without them. Set lora.graph_layers=false to skip them.", self.failed)
                     return self.eager[index](x, cross_attention_src=cross_attention_src)
             if self.agree is not None and graphed and anyone_captures and not self.agree([1], x.device)[0]:
                 raise RuntimeError("Capturing the CUDA graphs of the transformer layers failed on another rank (its "
@@ -204,13 +169,13 @@ class LayerGraphs:
         """The text length a step's conditioning is padded to: the next multiple of the bucket, or, when that has no
         graph and there is no room for another, the shortest captured length that holds it (masked keys make any
         longer padding exact), so a step runs eagerly only when its text is longer than every graph's."""
-        size = text_buckets.padded_length(cross.shape[1], self.buckets.multiple)
+        length = cross.shape[1]
+        size = text_buckets.padded_length(length, self.buckets.multiple)
         if len(self.sets) < self.max_shapes:
             return size
-        key = self.signature(x, cross)  # (the fields but the text length must match a captured signature's)
-        fits = [k[3][1] for k in self.sets if k[:3] + k[4:] == key[:3] + key[4:]
-                and k[3][0] == key[3][0] and k[3][2:] == key[3][2:] and k[3][1] >= cross.shape[1]]
-        return size if size in fits or not fits else min(fits)
+        key = self.signature(x, cross)
+        fits = [k[3][1] for k in self.sets if k[3][1] >= length and k == _with_text_length(key, k[3][1])]
+        return min(fits, default=size)  # (captured lengths are multiples of the bucket: size itself if it has one)
 
     def run_eager(self, index: int, x: torch.Tensor, cross: torch.Tensor,
                   mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -221,14 +186,34 @@ class LayerGraphs:
         with self.buckets.applied(cross, mask):
             return self.eager[index](x, cross_attention_src=cross)
 
-    def drop_buckets(self, error: Exception) -> None:
-        """The attention kernels refused the text mask: the graphs go on with each batch's own text length (those
-        captured so far read padded text, and are dropped)."""
-        logger.warning("The attention kernels here can't take the text mask (%s); the CUDA graphs of the layers go "
-                       "on with each batch's own text length.", error.__cause__ or error)
-        text_buckets.remove(self.layers)
-        self.buckets = None
+    def _capture_failed(self, error: Exception, device: torch.device) -> bool:
+        """After a failed capture: True where the attention kernels refused the text mask (single process), the
+        padding then dropped (the graphs captured so far read padded text) for graphs at each batch's own length;
+        False where training goes on eagerly (auto); or raises (out of memory, `strict`, several ranks, CUDA's
+        generator left in capture mode)."""
+        if isinstance(error, text_buckets.TextMaskError) and self.agree is None and _random_numbers_work(device):
+            logger.warning("The attention kernels here can't take the text mask (%s); the CUDA graphs of the layers "
+                           "go on with each batch's own text length.", error.__cause__ or error)
+            text_buckets.remove(self.layers)
+            self.buckets = None
+            self.release()
+            return True
+        if self.agree is not None:  # (the other ranks wait in the collective after the capture: tell them)
+            self.agree([0], device)
+        if isinstance(error, torch.OutOfMemoryError):
+            raise error  # (the solver's advice names lora.graph_layers=false)
+        if self.strict or not _random_numbers_work(device):
+            raise RuntimeError(
+                f"Capturing the CUDA graphs of the transformer layers failed ({type(error).__name__}: {error}). "
+                "Rerun with lora.graph_layers=false (outside the XP signature: it resumes from the last "
+                "checkpoint).") from error
+        self.failed = f"{type(error).__name__}: {error}"
         self.release()
+        if self.on_failure is not None:
+            self.on_failure()
+        logger.warning("Capturing the CUDA graphs of the transformer layers failed (%s); training goes on without "
+                       "them. Set lora.graph_layers=false to skip them.", self.failed)
+        return False
 
     # ------------------------------------------------------------------ capture
     def _capture(self, key: Key, x: torch.Tensor,
@@ -285,6 +270,12 @@ class LayerGraphs:
                    if self.buckets is not None else '')
                 + (f"; {self.stats['eager_calls']} eager and recomputed in backward (text lengths beyond "
                    f"lora.graph_shapes={self.max_shapes})" if self.stats['eager_calls'] else ''))
+
+
+def _with_text_length(key: Key, length: int) -> Key:
+    """Signature `key` with its text conditioning `length` tokens long."""
+    cross_shape = key[3]
+    return key[:3] + ((cross_shape[0], length) + tuple(cross_shape[2:]),) + key[4:]
 
 
 def _random_numbers_work(device: torch.device) -> bool:

@@ -245,7 +245,7 @@ def _leanest_on_any_rank(index: int, device: tp.Any) -> int:
 def plan_graphs(solver: tp.Any) -> int:
     """After `plan_training`: how many input signatures get CUDA graphs of the layers (`lora.graph_layers`,
     `lora.graph_shapes`; 0: none), and install them on the solver's LM. `auto` takes what fits the budget next to the
-    step's estimate (each signature's static tensors: `layer_graphs.static_bytes`, and room for a step beyond them:
+    step's estimate (each signature's static tensors: `static_bytes`, and room for a step beyond them:
     `fallback_bytes`); `true` takes at least one."""
     from . import layer_graphs
     from .errors import LoRAConfigError
@@ -292,9 +292,8 @@ def plan_graphs(solver: tp.Any) -> int:
 
 
 def graph_static_bytes(solver: tp.Any, step_bytes: int = 0) -> tp.Tuple[int, int, int]:
-    """(`layer_graphs.static_bytes`, and `fallback_bytes` for a step of `step_bytes`) for the solver's LM and batch
+    """(`static_bytes`, and `fallback_bytes` for a step of `step_bytes`) for the solver's LM and batch
     (a prepended condition, melody's chroma, counted as long as the tokens)."""
-    from .layer_graphs import fallback_bytes, static_bytes
     lm, cfg = solver.model, solver.cfg
     frames = ceil_frames(float(cfg.dataset.segment_duration), solver.compression_model.frame_rate)
     fuser = getattr(lm, 'fuser', None)
@@ -304,3 +303,20 @@ def graph_static_bytes(solver: tp.Any, step_bytes: int = 0) -> tp.Tuple[int, int
     layers, batch, dim = len(lm.transformer.layers), int(cfg.dataset.batch_size), int(lm.dim)
     shared, per_shape = static_bytes(layers, batch, frames, dim, adapter_params=adapter)
     return shared, per_shape, fallback_bytes(layers, batch, frames, dim, step_bytes)
+
+
+def static_bytes(num_layers: int, batch: int, frames: int, dim: int, text_tokens: int = 64,
+                 adapter_params: int = 0, itemsize: int = 4) -> tp.Tuple[int, int]:
+    """(bytes shared by every signature, bytes each signature adds) that the graphs keep allocated: the static layer
+    inputs, once; per signature each layer's static output, its input's gradient and the incoming gradient, the text
+    conditioning and the adapter gradients. Layer inputs are the float32 residual stream (`itemsize`)."""
+    activation = batch * frames * dim * itemsize
+    shared = num_layers * activation
+    per_shape = 3 * num_layers * activation + batch * text_tokens * dim * itemsize + 4 * adapter_params
+    return shared, per_shape
+
+
+def fallback_bytes(num_layers: int, batch: int, frames: int, dim: int, step_bytes: int, itemsize: int = 4) -> int:
+    """What a step beyond `max_shapes` (eager, each layer recomputed in backward) holds beside the graphs' pool: its
+    layer inputs and one layer's share of the step (`step_bytes`: the memory estimate's step)."""
+    return num_layers * batch * frames * dim * itemsize + step_bytes // max(1, num_layers)

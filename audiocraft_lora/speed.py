@@ -54,7 +54,7 @@ each input signature and replays them (layer_graphs.py): eager mode's kernels, n
 Signatures differ by the length of the text conditioning (the batch's longest description), which graphed steps pad
 to a multiple of `graph_text_bucket` tokens, masking the added keys in cross-attention (text_buckets.py: the keys
 attended are the plain step's); `graph_shapes` of them get graphs (each holds its layers' static outputs and
-gradients: `layer_graphs.static_bytes`), later ones run eagerly. `auto` turns it on on CUDA with the fast path, no
+gradients: `memory_plan.static_bytes`), later ones run eagerly. `auto` turns it on on CUDA with the fast path, no
 `compile`, and a memory plan without checkpointing or replayed dropout masks, for as many signatures as fit the
 memory budget next to the step's estimate; `true` asks for it where those hold (refused where they can't).
 

@@ -96,16 +96,17 @@ def replayed(lengths: tp.Sequence[int], shapes: int, bucket: int) -> tp.Tuple[fl
     """The share of steps with a graph, and the signatures met, by the graphs' rule: the first `shapes` padded
     lengths met get one; with padding (`bucket` > 1: masked keys) a step whose own has none, once they are all
     taken, replays the shortest captured length that holds it (layer_graphs.LayerGraphs.padded_size)."""
+    from audiocraft_lora.text_buckets import padded_length
     captured: tp.Set[int] = set()
     hits = 0
     for length in lengths:
-        size = -(-length // bucket) * bucket
+        size = padded_length(length, bucket)
         if size in captured or len(captured) < shapes:
             captured.add(size)
             hits += 1
         elif bucket > 1 and any(c >= length for c in captured):
             hits += 1
-    return hits / len(lengths), len({-(-n // bucket) * bucket for n in lengths})
+    return hits / len(lengths), len({padded_length(n, bucket) for n in lengths})
 
 
 def main() -> None:
