@@ -14,6 +14,7 @@
     lora.dropout_replay: false            # LoRA dropout masks drawn again in backward, not kept (auto may set it)
     lora.index_select_logits: true        # the logits' delay pattern reverted with index_select (patterns.py)
     lora.attention_in_autocast_dtype: true  # attention inputs/outputs stay bf16 under autocast (attention_dtype.py)
+    lora.fused_norms: true                # layer norms write the autocast dtype from one kernel (fused_norms.py)
     lora.keep_merged_weights: auto        # auto | true | false: keep forward's W + sBA for backward (auto: if it fits)
     lora.graph_layers: auto               # auto | true | false: training layers replayed as CUDA graphs (layer_graphs)
     lora.graph_shapes: 8                  # at most this many input signatures (text lengths) get graphs
@@ -57,6 +58,12 @@ attended are the plain step's); `graph_shapes` of them get graphs (each holds it
 gradients: `memory_plan.static_bytes`), later ones run eagerly. `auto` turns it on on CUDA with the fast path, no
 `compile`, and a memory plan without checkpointing or replayed dropout masks, for as many signatures as fit the
 memory budget next to the step's estimate; `true` asks for it where those hold (refused where they can't).
+
+`fused_norms` (fast path, autocast, no `compile`) swaps the transformer layers' norms (norm1, norm_cross, norm2) for
+one op that computes the norm in float32 and writes the autocast dtype, which is all their readers take from it, and
+whose backward reads the bf16 gradient: one Triton kernel each way on CUDA instead of a float32 output, a cast, and a
+widened gradient (fused_norms.py: ~0.39 GB a norm and step less at musicgen-small b16). On CUDA its float32 sums run in
+another order than ATen's; elsewhere it is ATen's norm (bit for bit).
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -128,6 +135,10 @@ class SpeedSettings:
         'help': "Fast path under autocast: the layer norms in front of the attentions return the autocast dtype "
                 "(what the q/k/v projection casts their output to anyway), so AudioCraft's attention output is not "
                 "cast to float32 and back before out_proj (attention_dtype.py; same values)."})
+    fused_norms: bool = field(default=True, metadata={
+        'help': "Fast path under autocast, no compile: the transformer's layer norms compute in float32 and write the "
+                "autocast dtype (what every reader casts their output to) in one kernel, and read the bf16 gradient "
+                "in backward (fused_norms.py; Triton on CUDA, ATen's kernels elsewhere: the same values)."})
     keep_merged_weights: tp.Any = field(default='auto', metadata={
         'help': "auto | true | false: fast-path projections keep the merged W + s B A their forward built for their "
                 "backward (one GEMM launch fewer each, one [out, in] copy held until backward). auto: when the "
@@ -189,7 +200,7 @@ class SpeedSettings:
         if not isinstance(self.encode_chunk, int) or isinstance(self.encode_chunk, bool) or self.encode_chunk < 0:
             raise LoRAConfigError(f"lora.encode_chunk must be a whole number >= 0 (0: the whole batch at once), got "
                                   f"{self.encode_chunk!r}.")
-        for key in ('index_select_logits', 'attention_in_autocast_dtype'):
+        for key in ('index_select_logits', 'attention_in_autocast_dtype', 'fused_norms'):
             if not isinstance(getattr(self, key), bool):
                 raise LoRAConfigError(f"lora.{key} must be true or false, got {getattr(self, key)!r}.")
         if str(self.graph_layers).lower() not in ('auto', 'true', 'false'):
@@ -274,6 +285,11 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
         # (peft's plain path casts the input of its LoRA branch to float32 itself: there it would round differently)
         from .attention_dtype import attention_inputs_in_autocast_dtype
         info['attention_in_autocast_dtype'] = attention_inputs_in_autocast_dtype(model)
+    if settings.fused_norms and settings.fast_path and autocast and settings.compile == 'none':
+        # (the plain path's LoRA branch casts its input to float32: a bf16 norm would round it; inductor fuses
+        # the norms itself, which an opaque op would stop)
+        from .fused_norms import install as fuse_norms
+        info['fused_norms'] = fuse_norms(model)
     dtype = settings.resolve_base_dtype(autocast, autocast_dtype)
     if dtype is not torch.float32:
         info['base_tensors_cast'] = cast_frozen_base(model, dtype)

@@ -51,6 +51,7 @@ def main():
     print('bf16 autocast steps: changed tensors', len(changed), 'all LoRA:', all('.lora_' in k for k in changed),
           'loss finite:', bool(torch.isfinite(ce)))
     fast_vs_plain(pkg, codes)
+    fused_norms_on_cuda(pkg, codes)
     adapter_casts_on_cuda(pkg, codes)
     checkpointing_on_cuda(pkg, codes)
     checkpointing_on_cuda(pkg, codes, dropout=0.1)
@@ -248,6 +249,39 @@ def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20,
         return [float(solver.run_step(idx, batch, {})['ce']) for idx in range(steps)]
     finally:
         solver._current_stage = None
+
+
+def fused_norms_on_cuda(pkg, codes):
+    """lora.fused_norms on CUDA: the Triton kernels pass their check, and bf16 training steps with them give the
+    losses and adapter gradients of AudioCraft's norms up to float32 summation order (bit for bit on CPU)."""
+    from audiocraft_lora import fused_norms
+    from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    usable = fused_norms.triton_ok(torch.device('cuda'))
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        lm = base_models.build_lm(pkg)
+        inject_lora(lm, LoRASettings(rank=8, alpha=16, init='random'))
+        info = apply_to_model(lm, SpeedSettings(fused_norms=fused), autocast=True, autocast_dtype=torch.bfloat16)
+        lm = lm.cuda().train()
+        params = [p for p in lm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        losses, grads = [], []
+        for _ in range(3):
+            out = logits(lm, codes, True)
+            ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
+            ce.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in params]))
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(ce))
+        runs.append((losses, grads, info.get('fused_norms')))
+    (ref_losses, ref_grads, _), (losses, grads, count) = runs
+    worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(grads, ref_grads))
+    print(f"fused norms on CUDA (Triton kernels usable: {usable}, {count} norms): losses "
+          f"{[round(x, 6) for x in losses]} vs AudioCraft's norms {[round(x, 6) for x in ref_losses]}, worst loss "
+          f"difference {max(abs(a - b) for a, b in zip(losses, ref_losses)):.2e}, worst relative grad difference "
+          f"{worst:.2e}")
 
 
 def _graph_steps(lm, codes, lengths, opt):

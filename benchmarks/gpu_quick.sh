@@ -11,13 +11,16 @@
 # 0.75x full fine-tuning: what's left).
 # Eager batch-4 steps are host-bound and vary +-30% run to run: their median is taken over 15 steps. gpu_check.sh is
 # the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run. Session 13 added
-# the mixed-text-length row (small b4; ~40 s).
+# the mixed-text-length row (small b4; ~40 s); session 14 the layer norms alone (benchmarks/norms.py, ~15 s) and
+# `lora_graphed_unfused` at small b16 (the graphed step with AudioCraft's norms: what lora.fused_norms saves).
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA checks [$((SECONDS-START)) s]"
 timeout $(left 90) python3 benchmarks/cuda_checks.py > "$OUT/cuda_checks.txt" 2>&1; echo "rc=$?"
-quiet < "$OUT/cuda_checks.txt" | tail -25
+quiet < "$OUT/cuda_checks.txt" | tail -26
+echo "== one layer norm, AudioCraft's vs lora.fused_norms (session 14) [$((SECONDS-START)) s]"
+timeout $(left 40) python3 benchmarks/norms.py 2>&1 | quiet
 run_case() {
   echo "-- $* [$((SECONDS-START)) s]"  # (LIMIT: its timeout, default 80 s)
   timeout $(left ${LIMIT:-80}) python3 benchmarks/step_time.py --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
@@ -25,7 +28,7 @@ run_case() {
 }
 for args in "--scale small --batch 4 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,hf_lora --iters 15 \
              --json $OUT/small_b4.json" \
-            "--scale small --batch 16 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,hf_lora \
+            "--scale small --batch 16 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,hf_lora \
              --json $OUT/small_b16.json"; do
   run_case $args
 done

@@ -10,6 +10,8 @@ Cases (`--cases`, comma separated):
                   what auto does when it fits): one GEMM launch fewer per merged projection
   lora_fast_f32attn lora_fast with AudioCraft's float32 round trip around attention (lora.attention_in_autocast_dtype
                   =false)
+  lora_fast_unfused lora_fast with AudioCraft's layer norms (lora.fused_norms=false: float32 output, then each reader
+                  casts it) instead of fused_norms' one kernel writing bf16
   lora_fast_concat lora_fast with the rank-r products that share an operand with a base GEMM taken from that GEMM
                   (fast_lora.CONCAT_RANK_GEMMS: the parts named by --concat-rank-gemms)
   lora_ckpt   lora_fast + activation checkpointing (lora.activation_checkpointing=torch)
@@ -29,6 +31,7 @@ Cases (`--cases`, comma separated):
                   between replays: compare `resv GiB` (torch.cuda.max_memory_reserved)
   lora_graphed_keep lora_graphed with the merged weights kept (what the solver runs on a GPU with LoRA dropout 0)
   lora_graphed_concat lora_graphed with the CONCAT_RANK_GEMMS parts of --concat-rank-gemms (as lora_fast_concat)
+  lora_graphed_unfused lora_graphed with AudioCraft's layer norms (lora.fused_norms=false)
   lora_graphed_exact lora_graphed with each step's own text length (lora.graph_text_bucket=1, before session 13);
                   the graphed cases otherwise pad the text as the solver does (multiples of 32, keys masked)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
@@ -78,10 +81,11 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'medium': (1536, 24, 48),
     'large': (2048, 32, 48),
 }
-CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat',
-         'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
-         'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'hf_lora', 'hf_full', 'encode')
-CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact')
+CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_unfused',
+         'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro',
+         'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
+         'hf_lora', 'hf_full', 'encode')
+CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -240,6 +244,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
                               index_select_logits=case not in ('lora_plain', 'lora_fast_ac'),
                               attention_in_autocast_dtype=case != 'lora_fast_f32attn',
+                              fused_norms=not case.endswith('_unfused'),
                               keep_merged_weights=case in ('lora_fast_keep', 'lora_graphed_keep'),
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
                               else 'selective' if case == 'lora_sac' else 'none',
@@ -443,9 +448,10 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
             if a['step_s'] is not None:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
-    for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_concat', 'lora_ckpt',
-                 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro', 'lora_graphed',
-                 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact'):
+    for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_unfused',
+                 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
+                 'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact',
+                 'lora_graphed_unfused'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]

@@ -1,0 +1,217 @@
+"""lora.fused_norms: the transformer's layer norms write the autocast dtype from one op. On CPU the op is ATen's norm
+and its backward, so a training step is bit for bit AudioCraft's (what the swap, the op's autograd, checkpointing
+and the memory estimate do is checked here); the Triton kernels CUDA runs are checked against ATen in Triton's
+interpreter (a subprocess with TRITON_INTERPRET=1), and on a GPU by benchmarks/cuda_checks.py."""
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from audiocraft.modules.conditioners import ConditioningAttributes
+from audiocraft.solvers.musicgen import MusicGenSolver
+
+from audiocraft_lora import base_models, fused_norms
+from audiocraft_lora.lora import LoRASettings, inject_lora, lora_parameters
+from audiocraft_lora.speed import SpeedSettings, apply_to_model
+
+OP = 'audiocraft_lora.layer_norm_to.default'
+
+
+def _lm(dropout: float = 0.0):
+    torch.manual_seed(0)
+    lm = base_models.build_lm(base_models.load_lm_package(base_models.resolve_base('debug')))
+    inject_lora(lm, LoRASettings(rank=4, alpha=8, init='random', dropout=dropout))
+    return lm.train()
+
+
+def _step(lm, codes, autocast=True):
+    torch.manual_seed(1)  # the same dropout draws
+    attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(codes.shape[0])]
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        out = lm.compute_predictions(codes, [], lm.condition_provider(lm.condition_provider.tokenize(attributes)))
+        ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
+    grads = torch.autograd.grad(ce, list(lora_parameters(lm).values()))
+    return torch.nan_to_num(out.logits), ce, grads  # (NaN where the delay pattern has no token)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops run, by name, and the float32 -> bf16 casts of 3-d activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict = {}
+        self.casts_to_bf16 = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.counts[str(func)] = self.counts.get(str(func), 0) + 1
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
+                and out.dtype == torch.bfloat16 and out.dim() == 3:
+            self.casts_to_bf16 += 1
+        return out
+
+
+def _equal(got, expected):
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert all(torch.equal(g, e) for g, e in zip(got[2], expected[2]))
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_a_step_is_bit_for_bit_aten_s_without_the_casts(dropout):
+    reference = _lm(dropout)
+    apply_to_model(reference, SpeedSettings(fused_norms=False), True, torch.bfloat16)
+    fused = copy.deepcopy(reference)
+    info = apply_to_model(fused, SpeedSettings(), True, torch.bfloat16)
+    layers = len(fused.transformer.layers)
+    assert info['fused_norms'] == 3 * layers  # norm1, norm_cross, norm2 of every layer (not out_norm)
+    assert all(type(m) is nn.LayerNorm for m in reference.modules() if isinstance(m, nn.LayerNorm))
+    codes = torch.randint(0, 64, (2, 4, 31), generator=torch.Generator().manual_seed(2))
+    with _Ops() as ref_ops:
+        expected = _step(reference, codes)
+    with _Ops() as ops:
+        got = _step(fused, codes)
+    _equal(got, expected)
+    assert ops.counts.get(OP) == 3 * layers and OP not in ref_ops.counts
+    # (not the first layer's norm1: its input, the frozen embeddings' sum, needs no gradient)
+    assert ops.counts.get('audiocraft_lora.layer_norm_to_backward.default') == 3 * layers - 1
+    # (ATen's norm runs inside the op, below this mode: only out_norm's and the conditioner's are seen)
+    assert ref_ops.counts['aten.native_layer_norm.default'] - ops.counts['aten.native_layer_norm.default'] \
+        == 3 * layers
+    # the casts of the norms' float32 outputs (norm2's by linear1, norm1's and norm_cross's by
+    # lora.attention_in_autocast_dtype's hook) are gone
+    assert ref_ops.casts_to_bf16 - ops.casts_to_bf16 >= 3 * layers, (ref_ops.casts_to_bf16, ops.casts_to_bf16)
+
+
+def test_selective_checkpointing_recomputes_the_op_with_the_same_values():
+    reference = _lm(0.1)
+    apply_to_model(reference, SpeedSettings(fused_norms=False, activation_checkpointing='selective'), True,
+                   torch.bfloat16)
+    fused = _lm(0.1)
+    apply_to_model(fused, SpeedSettings(activation_checkpointing='selective'), True, torch.bfloat16)
+    codes = torch.randint(0, 64, (2, 4, 31), generator=torch.Generator().manual_seed(5))
+    expected = _step(reference, codes)
+    with _Ops() as ops:
+        got = _step(fused, codes)
+    _equal(got, expected)
+    layers = len(fused.transformer.layers)
+    # forward, then each layer's three norms again in backward
+    assert ops.counts[OP] == 3 * layers + 3 * layers
+
+
+def test_fake_tensors_and_the_memory_estimate():
+    """The memory estimate runs the step on fake tensors: the op has a fake kernel, and the estimate of the fused
+    step is no more than AudioCraft's norms' (tests/test_memory_plan.py checks it against a real step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(2, 7, 16)
+        out, mean, rstd = fused_norms.layer_norm_to(x, torch.empty(16), torch.empty(16), 1e-5, torch.bfloat16)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16 and mean.shape == rstd.shape == (2, 7, 1)
+    from audiocraft_lora.memory_estimate import StepShape, estimate_step
+    peaks = []
+    for fused in (False, True):
+        lm = _lm(0.0)
+        apply_to_model(lm, SpeedSettings(fused_norms=fused), True, torch.bfloat16)
+        peaks.append(estimate_step(lm, None, StepShape(batch=2, frames=40), torch.bfloat16).peak)
+    assert 0 < peaks[1] <= peaks[0], peaks
+
+
+def test_aten_s_norm_where_the_op_does_not_apply(caplog):
+    lm = _lm(0.0)
+    apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
+    norm = lm.transformer.layers[0].norm2
+    assert isinstance(norm, fused_norms.FusedLayerNorm) and isinstance(norm, nn.LayerNorm)
+    x = torch.randn(2, 5, norm.normalized_shape[0], requires_grad=True)
+    with _Ops() as ops:
+        plain = norm(x)  # no autocast: float32, nn.LayerNorm's forward
+    assert plain.dtype == torch.float32 and OP not in ops.counts
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = norm(x)
+        assert low.dtype == torch.bfloat16 and torch.equal(low, plain.to(torch.bfloat16))
+        norm.weight.requires_grad_(True)  # a trainable norm keeps AudioCraft's norm (its weight gets a gradient)
+        with _Ops() as ops:
+            trained = norm(x)
+        assert trained.dtype == torch.float32 and OP not in ops.counts
+    trained.sum().backward()
+    assert norm.weight.grad is not None
+    # the swap keeps names, state dict and deepcopy; remove swaps back
+    assert set(lm.state_dict()) == set(_lm(0.0).state_dict())
+    assert type(copy.deepcopy(lm).transformer.layers[1].norm1) is fused_norms.FusedLayerNorm
+    assert fused_norms.remove(lm) == 3 * len(lm.transformer.layers)
+    assert not any(isinstance(m, fused_norms.FusedLayerNorm) for m in lm.modules())
+
+
+@pytest.mark.parametrize('settings, autocast', [
+    (dict(fast_path=False, base_dtype='float32'), True),  # peft's plain path casts its LoRA input to float32
+    (dict(), False),  # nothing to cast to
+    (dict(compile='aot_eager'), True),  # torch.compile fuses the norms itself
+    (dict(fused_norms=False), True),
+])
+def test_left_alone(settings, autocast):
+    lm = _lm(0.1)
+    info = apply_to_model(lm, SpeedSettings(**settings), autocast, torch.bfloat16)
+    assert 'fused_norms' not in info
+    assert not any(isinstance(m, fused_norms.FusedLayerNorm) for m in lm.modules())
+
+
+def test_a_failing_kernel_check_warns_and_keeps_aten(caplog, monkeypatch):
+    """Where the Triton kernels can't run (here: CPU tensors outside the interpreter), the check says so once and
+    the op takes ATen's kernels."""
+    monkeypatch.setattr(fused_norms, '_CHECKED', {})
+    monkeypatch.setattr(fused_norms, 'triton_forward', _raise)
+    with caplog.at_level(logging.WARNING, logger='audiocraft_lora.fused_norms'):
+        assert fused_norms.triton_ok(torch.device('cpu')) is False
+        assert fused_norms.triton_ok(torch.device('cpu')) is False
+    assert len([r for r in caplog.records if 'ATen' in r.getMessage()]) == 1
+    assert 'no triton here' in caplog.text
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError('no triton here')
+
+
+_INTERPRETED = r'''
+import json, torch
+from audiocraft_lora import fused_norms as fn
+torch.manual_seed(0)
+report = {'ok_cpu': fn.triton_ok(torch.device('cpu')), 'widths': {}}
+for width in (48, 333, 1024, 1536):
+    x = torch.randn(3, 13, width) * 3 + 1
+    x[0, 0] = float('nan')  # a NaN row stays NaN
+    w, b = torch.randn(width), torch.randn(width)
+    row = {}
+    wide, mean, rstd = fn.triton_forward(x, w, b, 1e-5, torch.float32)
+    ref, ref_mean, ref_rstd = fn._aten_forward(x, w, b, 1e-5, torch.float32)
+    row['fp32'] = float((wide[1:] - ref[1:]).abs().max() / ref[1:].abs().max())
+    row['stats'] = float(max((mean[1:] - ref_mean[1:]).abs().max(),
+                             ((rstd[1:] - ref_rstd[1:]) / ref_rstd[1:]).abs().max()))
+    row['nan_row'] = bool(wide[0, 0].isnan().all())
+    for name, dtype in (('bf16', torch.bfloat16), ('fp16', torch.float16)):
+        out, _, _ = fn.triton_forward(x, w, b, 1e-5, dtype)
+        assert out.dtype == dtype and out.shape == x.shape
+        # the float32 values rounded once, to nearest even, as `.to(dtype)` rounds them (NaN kept)
+        row[name] = torch.equal(out[1:], wide[1:].to(dtype)) and bool(out[0, 0].isnan().all())
+    g = torch.randn(3, 13, width).to(torch.bfloat16)
+    dx, ref_dx = fn.triton_backward(g, x, w, mean, rstd), fn._aten_backward(g, x, w, mean, rstd)
+    row['backward'] = float(((dx[1:] - ref_dx[1:]).abs() / ref_dx[1:].abs().max()).max())
+    row['backward_dtype'] = str(dx.dtype)
+    report['widths'][width] = row
+print(json.dumps(report))
+'''
+
+
+def test_triton_kernels_match_aten_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    proc = subprocess.run([sys.executable, '-c', _INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report['ok_cpu'] is True
+    for width, row in report['widths'].items():
+        assert row['bf16'] and row['fp16'], (width, row)
+        assert row['fp32'] < 1e-6 and row['stats'] < 1e-5 and row['nan_row'], (width, row)
+        assert row['backward'] < 1e-5 and row['backward_dtype'] == 'torch.float32', (width, row)
