@@ -206,6 +206,7 @@ print(json.dumps(report))
 
 
 def test_triton_kernels_match_aten_in_the_interpreter():
+    pytest.importorskip('triton', reason="Triton comes with torch's Linux CUDA wheels; without it the op is ATen's")
     env = dict(os.environ, TRITON_INTERPRET='1')
     proc = subprocess.run([sys.executable, '-c', _INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
