@@ -1,78 +1,86 @@
-"""Layer norms that hand their readers the autocast dtype from one kernel (`lora.fused_norms`, on by default).
+"""Layer norms that hand their readers the autocast dtype, with the residual add in front of them, in one kernel
+(`lora.fused_norms`, on by default).
 
 Under autocast AudioCraft's layer norms run in float32 (the residual stream's dtype; CUDA autocast also lists
 `layer_norm` as a float32 op) and every reader casts their output to bf16 at once: the q/k/v projections of self- and
-cross-attention and `linear1` start with that cast. So each norm of each layer pays, in forward, a float32 write of
-its output, a float32 read and a bf16 write (the cast), and in backward the same again the other way (the bf16
-gradient widened to float32 before the norm's backward reads it): 16 bytes an element more than needed, ~0.39 GB a
-norm and step at musicgen-small, batch 16 x 30 s, ~28 GB over its 72 norms. In `benchmarks/gpu_model.py`'s H100 model
-that is 11 of the LoRA step's 150 GPU ms (medium b16: 34 of 497), elementwise work a full fine-tune shares, so it
-weighs on the LoRA/full ratio (modelled 0.70x -> 0.65x at small b16).
+cross-attention and `linear1` start with that cast. So each norm pays, in forward, a float32 write of its output, a
+float32 read and a bf16 write (the cast), and in backward the same the other way (the bf16 gradient widened before
+the norm's backward reads it): 16 bytes an element more than needed. The residual adds in front of `norm_cross` and
+`norm2` (`x = x + branch`) write the stream that the norm reads again at once; in backward autograd sums the stream's
+two gradients (the norm's and the residual's) in a kernel of its own, and casts the sum to bf16 for the branch in
+another. At musicgen-small, batch 16 x 30 s, that is ~0.39 GB a norm and step and as much again for each add, ~47
+GB a step: in `benchmarks/gpu_model.py`'s H100 model 18 of the LoRA step's 150 GPU ms (0.70x -> 0.62x of AudioCraft's
+full fine-tune; medium b16 497 -> 441 ms, 0.75x -> 0.66x), elementwise work that a full fine-tune shares, so it
+weighs on the LoRA/full ratio. Not yet measured on a GPU (`benchmarks/norms.py`, `step_time.py`'s `_unfused` cases).
 
-Here `layer_norm_to` computes the norm in float32 and writes the autocast dtype directly, and its backward reads the
-bf16 gradient and writes the float32 input gradient, one kernel each way (Triton on CUDA). The values are the float32
-norm's, rounded to bf16 once, as the readers' own cast did; on CUDA the kernel sums in another order than ATen's
-(float32 results within ~1e-6, bf16 outputs 1 ulp apart where that flips a rounding), on other devices the op is
-ATen's `native_layer_norm` and its backward, so a CPU step stays bit for bit (tests/test_fused_norms.py). Training a
-norm's own weights (trainable weight or bias), no autocast, or an input that isn't float32 keep AudioCraft's norm.
+Here `layer_norm_to` (norm1) and `add_layer_norm_to` (the add and norm_cross / norm2) compute the norm in float32
+and write the autocast dtype directly; their backward reads the bf16 gradient, adds the stream's gradient and writes
+both the stream's float32 gradient and the branch's bf16 one. One kernel each way per norm (Triton on CUDA:
+norm_kernels.py). The values are those of the layer as AudioCraft runs it, the float32 norm rounded to bf16 once as
+its reader did: on CUDA up to float32 summation order (the kernel reduces in another order than ATen's; bf16 outputs
+then 1 ulp apart where that flips a rounding), elsewhere bit for bit, as the ops run ATen's kernels there
+(tests/test_fused_norms.py). A norm with trainable weights, no autocast or a non-float32 stream runs AudioCraft's code.
 
-The swap is a class swap (`FusedLayerNorm`, still an `nn.LayerNorm`: names, state dict and deepcopy unchanged) of the
-norms of AudioCraft's transformer layers, each read by one projection (not the LM's `out_norm`, which four output
-heads read: the gradients they hand back would be summed in bf16, not float32); `remove` swaps back. Before a
-device's first use the Triton kernels are checked against ATen on a small tensor (`triton_ok`); where they fail (no
-Triton, another GPU) the op runs ATen's kernels there, with a warning: the same values, no speed-up. As a custom op
-it is one op to selective activation checkpointing (recomputed in backward like any norm), to the memory estimate's
-fake tensors, and to torch.compile (which fuses norms itself: `lora.compile` keeps AudioCraft's norms).
+`install` swaps classes (names, state dict and deepcopy unchanged; `remove` swaps back): the norms of AudioCraft's
+transformer layers become `FusedLayerNorm` (still `nn.LayerNorm`s) and the layers `FusedResidualLayer` (still
+`StreamingTransformerLayer`s, whose `forward` is AudioCraft's with `x = x + branch; norm(x)` as one op; its blocks,
+attention, feed-forward and streaming state are AudioCraft's). Not the LM's `out_norm`: four output heads read it, and
+the gradients they hand back would be summed in bf16, not float32. Before a device's first use the Triton kernels are
+checked against ATen (`norm_kernels.triton_ok`); where they fail the ops run ATen's kernels there, with a warning. As
+custom ops they are one op each to selective activation checkpointing (recomputed in backward like any norm), to the
+memory estimate's fake tensors, and to torch.compile (which fuses norms itself: `lora.compile` keeps AudioCraft's).
 """
-import functools
-import logging
 import typing as tp
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from audiocraft.modules.transformer import StreamingTransformerLayer
 
-__all__ = ['FusedLayerNorm', 'install', 'remove', 'layer_norm_to', 'triton_forward', 'triton_backward', 'triton_ok']
+from .norm_kernels import MAX_WIDTH, aten_backward, aten_forward, triton_backward, triton_forward, triton_ok
 
-_MAX_WIDTH = 16384  # one row per Triton program, held in registers: wider norms keep ATen's kernels
+__all__ = ['FusedLayerNorm', 'FusedResidualLayer', 'install', 'remove', 'layer_norm_to', 'add_layer_norm_to']
+
+Tensor = torch.Tensor
 
 
-# ---------------------------------------------------------------------------------------------------- the op
+def _triton(x: Tensor) -> bool:
+    return x.shape[-1] <= MAX_WIDTH and triton_ok(x.device)
+
+
+# ------------------------------------------------------------------------------------------ layer_norm_to (norm1)
 @torch.library.custom_op('audiocraft_lora::layer_norm_to', mutates_args=())
-def layer_norm_to(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                  dtype: torch.dtype) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_norm_to(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                  dtype: torch.dtype) -> tp.Tuple[Tensor, Tensor, Tensor]:
     """`layer_norm(x.float(), weight, bias).to(dtype)` over the last dimension, with the float32 mean and 1/std of
-    each row ([..., 1]) for the backward. This body runs on every device but CUDA: ATen's kernel, as eager."""
-    return _aten_forward(x, weight, bias, eps, dtype)
+    each row ([..., 1]) for the backward. This body runs on every device but CUDA: ATen's kernels, as eager."""
+    return aten_forward(x, None, weight, bias, eps, dtype)[1:]
 
 
 @layer_norm_to.register_kernel('cuda')
 def _layer_norm_to_cuda(x, weight, bias, eps, dtype):
-    if x.shape[-1] <= _MAX_WIDTH and triton_ok(x.device):
-        return triton_forward(x, weight, bias, eps, dtype)
-    return _aten_forward(x, weight, bias, eps, dtype)
+    return (triton_forward if _triton(x) else aten_forward)(x, None, weight, bias, eps, dtype)[1:]
 
 
 @layer_norm_to.register_fake
 def _layer_norm_to_fake(x, weight, bias, eps, dtype):
-    stats = (*x.shape[:-1], 1)
-    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(stats, dtype=torch.float32),
-            x.new_empty(stats, dtype=torch.float32))
+    return x.new_empty(x.shape, dtype=dtype), *_stats(x)
+
+
+def _stats(x: Tensor) -> tp.Tuple[Tensor, Tensor]:
+    shape = (*x.shape[:-1], 1)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op('audiocraft_lora::layer_norm_to_backward', mutates_args=())
-def layer_norm_to_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                           rstd: torch.Tensor) -> torch.Tensor:
+def layer_norm_to_backward(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
     """The input gradient of `layer_norm_to` (in x's dtype) from its output's gradient (any float dtype)."""
-    return _aten_backward(grad, x, weight, mean, rstd)
+    return aten_backward(grad, x, weight, mean, rstd)[0]
 
 
 @layer_norm_to_backward.register_kernel('cuda')
 def _layer_norm_to_backward_cuda(grad, x, weight, mean, rstd):
-    if x.shape[-1] <= _MAX_WIDTH and triton_ok(x.device):
-        return triton_backward(grad, x, weight, mean, rstd)
-    return _aten_backward(grad, x, weight, mean, rstd)
+    return (triton_backward if _triton(x) else aten_backward)(grad, x, weight, mean, rstd)[0]
 
 
 @layer_norm_to_backward.register_fake
@@ -80,200 +88,161 @@ def _layer_norm_to_backward_fake(grad, x, weight, mean, rstd):
     return x.new_empty(x.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _, _, _ = inputs
+def _norm_setup(ctx, inputs, output):
+    x, weight = inputs[:2]
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, weight, mean, rstd)
 
 
-def _backward(ctx, grad, grad_mean, grad_rstd):
+def _norm_backward(ctx, grad, grad_mean, grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     grad_x = layer_norm_to_backward(grad, x, weight, mean, rstd) if ctx.needs_input_grad[0] else None
     return grad_x, None, None, None, None  # (weight and bias frozen: FusedLayerNorm checks)
 
 
-layer_norm_to.register_autograd(_backward, setup_context=_setup_context)
+layer_norm_to.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 
-def _aten_forward(x, weight, bias, eps, dtype):
-    out, mean, rstd = torch.native_layer_norm(x.float(), [x.shape[-1]], weight.float(), bias.float(), eps)
-    return out.to(dtype), mean, rstd
+# ------------------------------------------------------------- add_layer_norm_to (x + branch; norm_cross, norm2)
+@torch.library.custom_op('audiocraft_lora::add_layer_norm_to', mutates_args=())
+def add_layer_norm_to(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                      dtype: torch.dtype) -> tp.Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`h = x + y` (the residual add) and `layer_norm(h.float(), weight, bias).to(dtype)`: (h, out, mean, rstd)."""
+    return aten_forward(x, y, weight, bias, eps, dtype)
 
 
-def _aten_backward(grad, x, weight, mean, rstd):
-    grad_x = torch.ops.aten.native_layer_norm_backward(grad.float(), x.float(), [x.shape[-1]], mean, rstd,
-                                                       weight.float(), None, [True, False, False])[0]
-    return grad_x.to(x.dtype)
+@add_layer_norm_to.register_kernel('cuda')
+def _add_layer_norm_to_cuda(x, y, weight, bias, eps, dtype):
+    return (triton_forward if _triton(x) else aten_forward)(x, y, weight, bias, eps, dtype)
 
 
-# ---------------------------------------------------------------------------------------------------- Triton
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """The Triton kernels (defined at first use: `TRITON_INTERPRET=1` in the environment by then runs them on CPU
-    tensors, as the tests do). One program normalizes one row, held in registers."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def forward_kernel(X, W, B, Y, MEAN, RSTD, width, eps, BLOCK: tl.constexpr, BF16: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        inside = cols < width
-        x = tl.load(X + row * width + cols, mask=inside, other=0.).to(tl.float32)
-        mean = tl.sum(x, axis=0) / width
-        centered = tl.where(inside, x - mean, 0.)
-        rstd = 1. / tl.sqrt(tl.sum(centered * centered, axis=0) / width + eps)
-        w = tl.load(W + cols, mask=inside, other=0.).to(tl.float32)
-        b = tl.load(B + cols, mask=inside, other=0.).to(tl.float32)
-        y = centered * rstd * w + b
-        if BF16:  # round to nearest even by hand (Y is the bf16 output viewed as uint16): what `.to(bf16)` does
-            bits = y.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            bits = tl.where(y != y, 0x7FC0, bits)  # NaN stays NaN
-            tl.store(Y + row * width + cols, bits.to(tl.uint16), mask=inside)
-        else:
-            tl.store(Y + row * width + cols, y.to(Y.dtype.element_ty), mask=inside)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
-
-    @triton.jit
-    def backward_kernel(G, X, W, MEAN, RSTD, DX, width, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        inside = cols < width
-        g = tl.load(G + row * width + cols, mask=inside, other=0.).to(tl.float32)
-        x = tl.load(X + row * width + cols, mask=inside, other=0.).to(tl.float32)
-        w = tl.load(W + cols, mask=inside, other=0.).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(inside, (x - mean) * rstd, 0.)
-        wg = tl.where(inside, w * g, 0.)
-        c1 = tl.sum(xhat * wg, axis=0) / width
-        c2 = tl.sum(wg, axis=0) / width
-        dx = (wg - (xhat * c1 + c2)) * rstd
-        tl.store(DX + row * width + cols, dx.to(DX.dtype.element_ty), mask=inside)
-
-    return triton, forward_kernel, backward_kernel
+@add_layer_norm_to.register_fake
+def _add_layer_norm_to_fake(x, y, weight, bias, eps, dtype):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype)), x.new_empty(x.shape, dtype=dtype), \
+        *_stats(x)
 
 
-def _launch(width: int) -> dict:
-    triton = _kernels()[0]
-    block = triton.next_power_of_2(width)
-    return {'BLOCK': block, 'num_warps': min(16, max(1, block // 256))}
+@torch.library.custom_op('audiocraft_lora::add_layer_norm_to_backward', mutates_args=())
+def add_layer_norm_to_backward(grad: Tensor, grad_h: tp.Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
+                               rstd: Tensor, y_dtype: torch.dtype) -> tp.Tuple[Tensor, Tensor]:
+    """(dx, dy) of `add_layer_norm_to`: the norm's input gradient plus h's own (`grad_h`), and that in y's dtype."""
+    return aten_backward(grad, h, weight, mean, rstd, grad_h, y_dtype)
 
 
-def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                   dtype: torch.dtype) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`layer_norm_to` by the Triton kernel (CUDA tensors; CPU tensors under `TRITON_INTERPRET=1`)."""
-    _, forward_kernel, _ = _kernels()
-    x = x.contiguous()
-    width = x.shape[-1]
-    rows = x.numel() // width
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    mean = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
-    bf16 = dtype == torch.bfloat16
-    if rows:
-        forward_kernel[(rows,)](x, weight.contiguous(), bias.contiguous(), out.view(torch.uint16) if bf16 else out,
-                                mean, rstd, width, eps, BF16=bf16, **_launch(width))
-    return out, mean, rstd
+@add_layer_norm_to_backward.register_kernel('cuda')
+def _add_layer_norm_to_backward_cuda(grad, grad_h, h, weight, mean, rstd, y_dtype):
+    return (triton_backward if _triton(h) else aten_backward)(grad, h, weight, mean, rstd, grad_h, y_dtype)
 
 
-def triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                    rstd: torch.Tensor) -> torch.Tensor:
-    """`layer_norm_to_backward` by the Triton kernel."""
-    _, _, backward_kernel = _kernels()
-    x, grad = x.contiguous(), grad.contiguous()
-    width = x.shape[-1]
-    rows = x.numel() // width
-    grad_x = torch.empty_like(x)
-    if rows:
-        backward_kernel[(rows,)](grad, x, weight.contiguous(), mean, rstd, grad_x, width, **_launch(width))
-    return grad_x
+@add_layer_norm_to_backward.register_fake
+def _add_layer_norm_to_backward_fake(grad, grad_h, h, weight, mean, rstd, y_dtype):
+    return h.new_empty(h.shape), h.new_empty(h.shape, dtype=y_dtype)
 
 
-_CHECKED: tp.Dict[torch.device, bool] = {}
+def _add_norm_setup(ctx, inputs, output):
+    h, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.y_dtype = inputs[1].dtype
+    ctx.save_for_backward(h, inputs[2], mean, rstd)
 
 
-def triton_ok(device: torch.device) -> bool:
-    """Whether the Triton kernels run on `device` and agree with ATen (once per device: a [67, 333] norm, forward in
-    bf16 and float32, and backward). Never checked during a CUDA graph capture (a check needs a sync): a first use
-    inside one takes ATen's kernels, and the check runs at the next use outside."""
-    device = torch.device(device)
-    if device in _CHECKED:
-        return _CHECKED[device]
-    if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
-        return False
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(67, 333, device=device, generator=gen) * 3 + 1
-        w = torch.randn(333, device=device, generator=gen)
-        b = torch.randn(333, device=device, generator=gen)
-        g = torch.randn(67, 333, device=device, generator=gen).to(torch.bfloat16)
-        ok = True
-        for dtype in (torch.bfloat16, torch.float32):
-            out, mean, rstd = triton_forward(x, w, b, 1e-5, dtype)
-            ref, ref_mean, ref_rstd = _aten_forward(x, w, b, 1e-5, dtype)
-            ok &= bool(torch.allclose(out.float(), ref.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
-                                      atol=1e-2 if dtype != torch.float32 else 1e-5))
-            ok &= bool(torch.allclose(mean, ref_mean, atol=1e-5) and torch.allclose(rstd, ref_rstd, rtol=1e-5))
-        ok &= bool(torch.allclose(triton_backward(g, x, w, mean, rstd), _aten_backward(g, x, w, mean, rstd),
-                                  rtol=1e-4, atol=1e-5))
-        error = None if ok else 'its results differ from ATen\'s'
-    except Exception as exc:  # no Triton, an unsupported GPU, a compiler error: ATen's kernels, same values
-        ok, error = False, f'{type(exc).__name__}: {exc}'
-    if not ok:
-        logger.warning("lora.fused_norms: the Triton layer-norm kernel can't be used on %s (%s); the norms run "
-                       "ATen's kernels there (the same values, without the speed-up).", device, error)
-    _CHECKED[device] = ok
-    return ok
+def _add_norm_backward(ctx, grad_h, grad, grad_mean, grad_rstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    if grad is None:  # (the norm's output unused: only the residual stream's gradient)
+        grad_x = grad_h
+        grad_y = None if grad_h is None else grad_h.to(ctx.y_dtype)
+    else:
+        grad_x, grad_y = add_layer_norm_to_backward(grad, grad_h, h, weight, mean, rstd, ctx.y_dtype)
+    return grad_x, grad_y, None, None, None, None
 
 
-# ---------------------------------------------------------------------------------------------------- the modules
+add_layer_norm_to.register_autograd(_add_norm_backward, setup_context=_add_norm_setup)
+
+
+# ---------------------------------------------------------------------------------------------- the modules
 class FusedLayerNorm(nn.LayerNorm):
-    """An `nn.LayerNorm` that, under autocast, returns its float32 input's norm in the autocast dtype from one kernel
+    """An `nn.LayerNorm` that, under autocast, returns its float32 input's norm in the autocast dtype from one op
     (`layer_norm_to`); anything else (no autocast, trainable weights, a bf16 input) is nn.LayerNorm's forward."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_dtype(self, x: Tensor) -> tp.Optional[torch.dtype]:
+        """The dtype the fused op writes for `x`, or None where nn.LayerNorm's forward runs."""
         device_type = x.device.type
         if (x.dtype != torch.float32 or not torch.is_autocast_enabled(device_type) or self.weight is None
                 or self.bias is None or self.weight.requires_grad or self.bias.requires_grad
                 or len(self.normalized_shape) != 1):
-            return super().forward(x)
+            return None
         dtype = torch.get_autocast_dtype(device_type)
-        if dtype not in (torch.bfloat16, torch.float16):
+        return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self.fused_dtype(x)
+        if dtype is None:
             return super().forward(x)
         return layer_norm_to(x, self.weight, self.bias, float(self.eps), dtype)[0]
 
+    def add_and_norm(self, x: Tensor, y: Tensor) -> tp.Tuple[Tensor, Tensor]:
+        """`h = x + y` and `self(h)`, from one op where it applies."""
+        dtype = self.fused_dtype(x)
+        if dtype is None or y.shape != x.shape or not y.is_floating_point() or y.device != x.device:
+            h = x + y
+            return h, self(h)
+        h, out, _, _ = add_layer_norm_to(x, y, self.weight, self.bias, float(self.eps), dtype)
+        return h, out
 
-def _norms(model: nn.Module) -> tp.Iterator[nn.Module]:
-    """The norms of AudioCraft's transformer layers, each read by one projection. Not the LM's `out_norm`: its four
-    output heads each read it, and their gradients would be summed in bf16 instead of float32."""
-    from audiocraft.modules.transformer import StreamingTransformerLayer
-    for layer in model.modules():
-        if isinstance(layer, StreamingTransformerLayer):
-            for name in ('norm1', 'norm_cross', 'norm2'):
-                norm = getattr(layer, name, None)
-                if type(norm) in (nn.LayerNorm, FusedLayerNorm):
-                    yield norm
+
+class FusedResidualLayer(StreamingTransformerLayer):
+    """AudioCraft's pre-norm transformer layer with each residual add that a norm reads at once (in front of
+    norm_cross and norm2) and that norm as one op (`FusedLayerNorm.add_and_norm`). Norms not swapped run AudioCraft's
+    forward (post-norm layers are never swapped: `install`)."""
+
+    def forward(self, src: Tensor, src_mask: tp.Optional[Tensor] = None,  # type: ignore
+                src_key_padding_mask: tp.Optional[Tensor] = None, cross_attention_src: tp.Optional[Tensor] = None):
+        cross = cross_attention_src is not None
+        if (not self.norm_first or cross != (self.cross_attention is not None) or type(self.norm2) is not FusedLayerNorm
+                or (cross and type(self.norm_cross) is not FusedLayerNorm)):
+            return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
+        x = src
+        branch = self.layer_scale_1(self._sa_block(self.norm1(x), src_mask, src_key_padding_mask))
+        if cross:
+            x, normed = self.norm_cross.add_and_norm(x, branch)
+            branch = self.layer_scale_cross(self._cross_attention_block(normed, cross_attention_src))
+        x, normed = self.norm2.add_and_norm(x, branch)
+        return x + self.layer_scale_2(self._ff_block(normed))
+
+
+def _layers(model: nn.Module) -> tp.List[nn.Module]:
+    """AudioCraft's pre-norm layers (MusicGen's): there each norm has one reader. A post-norm layer's norms write the
+    residual stream itself, read by the next layer and its residual add: they stay float32."""
+    return [m for m in model.modules()
+            if type(m) in (StreamingTransformerLayer, FusedResidualLayer) and getattr(m, 'norm_first', False)]
+
+
+def _norms(layer: nn.Module) -> tp.Iterator[nn.Module]:
+    for name in ('norm1', 'norm_cross', 'norm2'):
+        norm = getattr(layer, name, None)
+        if type(norm) in (nn.LayerNorm, FusedLayerNorm):
+            yield norm
 
 
 def install(model: nn.Module) -> int:
-    """Swap the layer norms of AudioCraft's transformer layers (norm1, norm_cross, norm2) to `FusedLayerNorm`
-    (idempotent); returns how many norms are swapped."""
+    """Swap the layers of AudioCraft's transformer to `FusedResidualLayer` and their norms (norm1, norm_cross,
+    norm2) to `FusedLayerNorm` (idempotent); returns how many norms are swapped."""
     count = 0
-    for norm in _norms(model):
-        norm.__class__ = FusedLayerNorm
-        count += 1
+    for layer in _layers(model):
+        layer.__class__ = FusedResidualLayer
+        for norm in _norms(layer):
+            norm.__class__ = FusedLayerNorm
+            count += 1
     return count
 
 
 def remove(model: nn.Module) -> int:
     """Undo `install`; returns how many norms were swapped back."""
     count = 0
-    for norm in _norms(model):
-        if type(norm) is FusedLayerNorm:
+    for layer in _layers(model):
+        layer.__class__ = StreamingTransformerLayer
+        for norm in _norms(layer):
+            count += type(norm) is FusedLayerNorm
             norm.__class__ = nn.LayerNorm
-            count += 1
     return count

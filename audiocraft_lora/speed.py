@@ -14,7 +14,7 @@
     lora.dropout_replay: false            # LoRA dropout masks drawn again in backward, not kept (auto may set it)
     lora.index_select_logits: true        # the logits' delay pattern reverted with index_select (patterns.py)
     lora.attention_in_autocast_dtype: true  # attention inputs/outputs stay bf16 under autocast (attention_dtype.py)
-    lora.fused_norms: true                # layer norms write the autocast dtype from one kernel (fused_norms.py)
+    lora.fused_norms: true                # norms (+ the residual adds before them) write bf16 in one kernel
     lora.keep_merged_weights: auto        # auto | true | false: keep forward's W + sBA for backward (auto: if it fits)
     lora.graph_layers: auto               # auto | true | false: training layers replayed as CUDA graphs (layer_graphs)
     lora.graph_shapes: 8                  # at most this many input signatures (text lengths) get graphs
@@ -59,11 +59,13 @@ gradients: `memory_plan.static_bytes`), later ones run eagerly. `auto` turns it 
 `compile`, and a memory plan without checkpointing or replayed dropout masks, for as many signatures as fit the
 memory budget next to the step's estimate; `true` asks for it where those hold (refused where they can't).
 
-`fused_norms` (fast path, autocast, no `compile`) swaps the transformer layers' norms (norm1, norm_cross, norm2) for
-one op that computes the norm in float32 and writes the autocast dtype, which is all their readers take from it, and
-whose backward reads the bf16 gradient: one Triton kernel each way on CUDA instead of a float32 output, a cast, and a
-widened gradient (fused_norms.py: ~0.39 GB a norm and step less at musicgen-small b16). On CUDA its float32 sums run in
-another order than ATen's; elsewhere it is ATen's norm (bit for bit).
+`fused_norms` (fast path, autocast, no `compile`) runs the transformer layers' norms (norm1, norm_cross, norm2), with
+the residual adds in front of norm_cross and norm2, as ops that compute the norm in float32 and write the autocast
+dtype, which is all their readers take from it, and whose backward reads the bf16 gradient, sums the stream's two
+gradients and writes the branch's bf16 gradient: one Triton kernel each way on CUDA instead of a float32 output, a
+cast, a widened gradient, an add, a sum and a cast (fused_norms.py: ~47 GB a step less at musicgen-small b16,
+modelled 18 of 150 GPU ms). On CUDA its float32 sums run in another order than ATen's; elsewhere it is ATen's
+kernels (bit for bit).
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -136,9 +138,10 @@ class SpeedSettings:
                 "(what the q/k/v projection casts their output to anyway), so AudioCraft's attention output is not "
                 "cast to float32 and back before out_proj (attention_dtype.py; same values)."})
     fused_norms: bool = field(default=True, metadata={
-        'help': "Fast path under autocast, no compile: the transformer's layer norms compute in float32 and write the "
-                "autocast dtype (what every reader casts their output to) in one kernel, and read the bf16 gradient "
-                "in backward (fused_norms.py; Triton on CUDA, ATen's kernels elsewhere: the same values)."})
+        'help': "Fast path under autocast, no compile: the transformer's layer norms, with the residual adds in front "
+                "of them, compute in float32 and write the autocast dtype (what every reader casts their output to) "
+                "in one kernel, and read the bf16 gradient in backward (fused_norms.py; Triton on CUDA, ATen's "
+                "kernels elsewhere: the same values up to float32 summation order)."})
     keep_merged_weights: tp.Any = field(default='auto', metadata={
         'help': "auto | true | false: fast-path projections keep the merged W + s B A their forward built for their "
                 "backward (one GEMM launch fewer each, one [out, in] copy held until backward). auto: when the "

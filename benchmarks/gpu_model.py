@@ -41,7 +41,8 @@ from audiocraft_lora import adapter_casts, fast_lora  # noqa: E402
 GEMM = {'mm', 'addmm', 'bmm', 'baddbmm', '_scaled_mm', 'linear'}
 CAST = {'_to_copy', 'copy_', 'clone', 'cat', 'stack', 'contiguous', 'to', '_copy_from_and_resize'}
 NORM = {'native_layer_norm', 'native_layer_norm_backward', 'layer_norm', '_fused_rms_norm',
-        '_fused_rms_norm_backward', 'layer_norm_to', 'layer_norm_to_backward'}  # (the last two: lora.fused_norms)
+        '_fused_rms_norm_backward', 'layer_norm_to', 'layer_norm_to_backward', 'add_layer_norm_to',
+        'add_layer_norm_to_backward'}  # (the last four: lora.fused_norms)
 INDEX = {'index_put_', 'index_put', '_index_put_impl_', 'index_add_', 'index_add', 'index_select', 'gather',
          'scatter', 'scatter_', 'scatter_add_', 'embedding', 'embedding_dense_backward', 'index', 'masked_fill_',
          'masked_scatter_', 'nonzero', 'sort'}

@@ -16,11 +16,12 @@ from torch import nn
 from audiocraft.modules.conditioners import ConditioningAttributes
 from audiocraft.solvers.musicgen import MusicGenSolver
 
-from audiocraft_lora import base_models, fused_norms
+from audiocraft_lora import base_models, fused_norms, norm_kernels
 from audiocraft_lora.lora import LoRASettings, inject_lora, lora_parameters
 from audiocraft_lora.speed import SpeedSettings, apply_to_model
 
 OP = 'audiocraft_lora.layer_norm_to.default'
+ADD_OP = 'audiocraft_lora.add_layer_norm_to.default'
 
 
 def _lm(dropout: float = 0.0):
@@ -70,6 +71,7 @@ def test_a_step_is_bit_for_bit_aten_s_without_the_casts(dropout):
     info = apply_to_model(fused, SpeedSettings(), True, torch.bfloat16)
     layers = len(fused.transformer.layers)
     assert info['fused_norms'] == 3 * layers  # norm1, norm_cross, norm2 of every layer (not out_norm)
+    assert all(type(m) is fused_norms.FusedResidualLayer for m in fused.transformer.layers)
     assert all(type(m) is nn.LayerNorm for m in reference.modules() if isinstance(m, nn.LayerNorm))
     codes = torch.randint(0, 64, (2, 4, 31), generator=torch.Generator().manual_seed(2))
     with _Ops() as ref_ops:
@@ -77,15 +79,21 @@ def test_a_step_is_bit_for_bit_aten_s_without_the_casts(dropout):
     with _Ops() as ops:
         got = _step(fused, codes)
     _equal(got, expected)
-    assert ops.counts.get(OP) == 3 * layers and OP not in ref_ops.counts
+    # norm1 alone; the residual adds in front of norm_cross and norm2 with them
+    assert ops.counts.get(OP) == layers and ops.counts.get(ADD_OP) == 2 * layers
+    assert OP not in ref_ops.counts and ADD_OP not in ref_ops.counts
     # (not the first layer's norm1: its input, the frozen embeddings' sum, needs no gradient)
-    assert ops.counts.get('audiocraft_lora.layer_norm_to_backward.default') == 3 * layers - 1
-    # (ATen's norm runs inside the op, below this mode: only out_norm's and the conditioner's are seen)
+    assert ops.counts.get('audiocraft_lora.layer_norm_to_backward.default') == layers - 1
+    assert ops.counts.get('audiocraft_lora.add_layer_norm_to_backward.default') == 2 * layers
+    # (ATen's norm runs inside the ops, below this mode: only out_norm's and the conditioner's are seen)
     assert ref_ops.counts['aten.native_layer_norm.default'] - ops.counts['aten.native_layer_norm.default'] \
         == 3 * layers
-    # the casts of the norms' float32 outputs (norm2's by linear1, norm1's and norm_cross's by
-    # lora.attention_in_autocast_dtype's hook) are gone
-    assert ref_ops.casts_to_bf16 - ops.casts_to_bf16 >= 3 * layers, (ref_ops.casts_to_bf16, ops.casts_to_bf16)
+    # gone: the casts of the norms' float32 outputs (norm2's by linear1, norm1's and norm_cross's by
+    # lora.attention_in_autocast_dtype's hook) and of the branches' gradients; two residual adds a layer, and
+    # autograd's sums of the stream's gradients in front of them
+    assert ref_ops.casts_to_bf16 - ops.casts_to_bf16 >= 5 * layers, (ref_ops.casts_to_bf16, ops.casts_to_bf16)
+    assert ref_ops.counts['aten.add.Tensor'] - ops.counts['aten.add.Tensor'] >= 4 * layers, \
+        (ref_ops.counts['aten.add.Tensor'], ops.counts['aten.add.Tensor'])
 
 
 def test_selective_checkpointing_recomputes_the_op_with_the_same_values():
@@ -101,7 +109,7 @@ def test_selective_checkpointing_recomputes_the_op_with_the_same_values():
     _equal(got, expected)
     layers = len(fused.transformer.layers)
     # forward, then each layer's three norms again in backward
-    assert ops.counts[OP] == 3 * layers + 3 * layers
+    assert ops.counts[OP] == 2 * layers and ops.counts[ADD_OP] == 4 * layers
 
 
 def test_fake_tensors_and_the_memory_estimate():
@@ -162,11 +170,11 @@ def test_left_alone(settings, autocast):
 def test_a_failing_kernel_check_warns_and_keeps_aten(caplog, monkeypatch):
     """Where the Triton kernels can't run (here: CPU tensors outside the interpreter), the check says so once and
     the op takes ATen's kernels."""
-    monkeypatch.setattr(fused_norms, '_CHECKED', {})
-    monkeypatch.setattr(fused_norms, 'triton_forward', _raise)
-    with caplog.at_level(logging.WARNING, logger='audiocraft_lora.fused_norms'):
-        assert fused_norms.triton_ok(torch.device('cpu')) is False
-        assert fused_norms.triton_ok(torch.device('cpu')) is False
+    monkeypatch.setattr(norm_kernels, '_CHECKED', {})
+    monkeypatch.setattr(norm_kernels, 'triton_forward', _raise)
+    with caplog.at_level(logging.WARNING, logger='audiocraft_lora.norm_kernels'):
+        assert norm_kernels.triton_ok(torch.device('cpu')) is False
+        assert norm_kernels.triton_ok(torch.device('cpu')) is False
     assert len([r for r in caplog.records if 'ATen' in r.getMessage()]) == 1
     assert 'no triton here' in caplog.text
 
@@ -177,29 +185,39 @@ def _raise(*args, **kwargs):
 
 _INTERPRETED = r'''
 import json, torch
-from audiocraft_lora import fused_norms as fn
+from audiocraft_lora import norm_kernels as nk
 torch.manual_seed(0)
-report = {'ok_cpu': fn.triton_ok(torch.device('cpu')), 'widths': {}}
+report = {'ok_cpu': nk.triton_ok(torch.device('cpu')), 'widths': {}}
 for width in (48, 333, 1024, 1536):
     x = torch.randn(3, 13, width) * 3 + 1
     x[0, 0] = float('nan')  # a NaN row stays NaN
+    branch = torch.randn(3, 13, width).to(torch.bfloat16)
     w, b = torch.randn(width), torch.randn(width)
-    row = {}
-    wide, mean, rstd = fn.triton_forward(x, w, b, 1e-5, torch.float32)
-    ref, ref_mean, ref_rstd = fn._aten_forward(x, w, b, 1e-5, torch.float32)
-    row['fp32'] = float((wide[1:] - ref[1:]).abs().max() / ref[1:].abs().max())
-    row['stats'] = float(max((mean[1:] - ref_mean[1:]).abs().max(),
-                             ((rstd[1:] - ref_rstd[1:]) / ref_rstd[1:]).abs().max()))
-    row['nan_row'] = bool(wide[0, 0].isnan().all())
-    for name, dtype in (('bf16', torch.bfloat16), ('fp16', torch.float16)):
-        out, _, _ = fn.triton_forward(x, w, b, 1e-5, dtype)
-        assert out.dtype == dtype and out.shape == x.shape
-        # the float32 values rounded once, to nearest even, as `.to(dtype)` rounds them (NaN kept)
-        row[name] = torch.equal(out[1:], wide[1:].to(dtype)) and bool(out[0, 0].isnan().all())
     g = torch.randn(3, 13, width).to(torch.bfloat16)
-    dx, ref_dx = fn.triton_backward(g, x, w, mean, rstd), fn._aten_backward(g, x, w, mean, rstd)
-    row['backward'] = float(((dx[1:] - ref_dx[1:]).abs() / ref_dx[1:].abs().max()).max())
-    row['backward_dtype'] = str(dx.dtype)
+    gh = torch.randn(3, 13, width)
+    row = {}
+    for name, y in (('norm', None), ('add', branch)):
+        h, wide, mean, rstd = nk.triton_forward(x, y, w, b, 1e-5, torch.float32)
+        ref_h, ref, ref_mean, ref_rstd = nk.aten_forward(x, y, w, b, 1e-5, torch.float32)
+        out = {'h': h is None if y is None else torch.equal(h[1:], ref_h[1:]),  # the same float32 add
+               'fp32': float((wide[1:] - ref[1:]).abs().max() / ref[1:].abs().max()),
+               'stats': float(max((mean[1:] - ref_mean[1:]).abs().max(),
+                                  ((rstd[1:] - ref_rstd[1:]) / ref_rstd[1:]).abs().max())),
+               'nan_row': bool(wide[0, 0].isnan().all())}
+        for low, dtype in (('bf16', torch.bfloat16), ('fp16', torch.float16)):
+            _, narrow, _, _ = nk.triton_forward(x, y, w, b, 1e-5, dtype)
+            # the float32 values rounded once, to nearest even, as `.to(dtype)` rounds them (NaN kept)
+            out[low] = (narrow.dtype == dtype and torch.equal(narrow[1:], wide[1:].to(dtype))
+                        and bool(narrow[0, 0].isnan().all()))
+        stream = x if y is None else ref_h
+        grads = (None, None) if y is None else (gh, torch.bfloat16)
+        dx, dy = nk.triton_backward(g, stream, w, ref_mean, ref_rstd, *grads)
+        ref_dx, ref_dy = nk.aten_backward(g, stream, w, ref_mean, ref_rstd, *grads)
+        out['backward'] = float(((dx[1:] - ref_dx[1:]).abs() / ref_dx[1:].abs().max()).max())
+        out['backward_dtype'] = str(dx.dtype)
+        out['dy'] = dy is None if y is None else (dy.dtype == torch.bfloat16 and bool(dy[0, 0].isnan().all())
+                                                  and torch.equal(dy[1:], dx[1:].to(torch.bfloat16)))
+        row[name] = out
     report['widths'][width] = row
 print(json.dumps(report))
 '''
@@ -213,6 +231,69 @@ def test_triton_kernels_match_aten_in_the_interpreter():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report['ok_cpu'] is True
     for width, row in report['widths'].items():
-        assert row['bf16'] and row['fp16'], (width, row)
-        assert row['fp32'] < 1e-6 and row['stats'] < 1e-5 and row['nan_row'], (width, row)
-        assert row['backward'] < 1e-5 and row['backward_dtype'] == 'torch.float32', (width, row)
+        for name, out in row.items():
+            assert out['h'] and out['bf16'] and out['fp16'] and out['dy'], (width, name, out)
+            assert out['fp32'] < 1e-6 and out['stats'] < 1e-5 and out['nan_row'], (width, name, out)
+            assert out['backward'] < 1e-5 and out['backward_dtype'] == 'torch.float32', (width, name, out)
+
+
+def test_graphed_layers_replay_the_fused_ops(debug_lm_pkg):
+    """The layers' CUDA graphs capture a fused layer's forward (torch's capture stood in for on CPU, as in
+    tests/test_layer_graphs.py): the same losses and gradients as the eager fused layers, under autocast."""
+    from test_layer_graphs import RecordingCapture
+    from audiocraft_lora import layer_graphs
+    lm = _lm(0.0)
+    info = apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
+    assert info['fused_norms']
+    reference = copy.deepcopy(lm)
+    capture = RecordingCapture()
+    graphs = layer_graphs.install(lm, max_shapes=2, capture=capture, device_type='cpu')
+    codes = torch.randint(0, 64, (2, 4, 31), generator=torch.Generator().manual_seed(6))
+    with _Ops() as ops:
+        got = _step(lm, codes)
+    expected = _step(reference, codes)
+    _equal(got, expected)
+    assert len(capture.calls) == 1 and graphs.stats['graphed_calls'] == len(lm.transformer.layers)
+    assert ops.counts.get(ADD_OP) == 2 * len(lm.transformer.layers)
+
+
+def test_generation_samples_the_same_tokens():
+    """AudioCraft's token-by-token generation (streaming cache, CFG) through the fused layers, under autocast."""
+    reference = _lm(0.0).eval()
+    apply_to_model(reference, SpeedSettings(fused_norms=False), True, torch.bfloat16)
+    fused = copy.deepcopy(reference)
+    apply_to_model(fused, SpeedSettings(), True, torch.bfloat16)
+    conditions = [ConditioningAttributes(text={'description': 'trap beat'}) for _ in range(2)]
+    tokens = []
+    for lm in (reference, fused):
+        torch.manual_seed(4)
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), _Ops() as ops:
+            tokens.append(lm.generate(None, conditions, max_gen_len=12, use_sampling=True, top_k=50, cfg_coef=3.0))
+    assert ops.counts.get(ADD_OP, 0) > 0
+    assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize('norm_first, cross', [(True, False), (False, True)])
+def test_layers_without_cross_attention_or_post_norm(norm_first, cross):
+    """A pre-norm layer without cross-attention fuses the add in front of norm2 only; a post-norm layer, whose norms
+    write the residual stream itself (many readers, float32), is left alone. Both give AudioCraft's values and
+    gradients."""
+    from audiocraft.modules.transformer import StreamingTransformerLayer
+    torch.manual_seed(0)
+    layer = StreamingTransformerLayer(16, 2, 32, dropout=0.0, cross_attention=cross, norm_first=norm_first,
+                                      causal=True, custom=True, memory_efficient=True).requires_grad_(False)
+    layer.linear1.weight.requires_grad_(True)  # (a trainable projection: gradients flow through the norms)
+    fused = copy.deepcopy(layer)
+    holder = nn.ModuleList([fused])
+    assert fused_norms.install(holder) == (0 if not norm_first else 3 if cross else 2)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    src = torch.randn(2, 3, 16) if cross else None
+    results = []
+    for module in (layer, fused):
+        with torch.autocast('cpu', dtype=torch.bfloat16), _Ops() as ops:
+            out = module(x, cross_attention_src=src)
+        grads = torch.autograd.grad(out.float().square().mean(), (x, module.linear1.weight))
+        results.append((out, grads, ops.counts.get(ADD_OP, 0)))
+    (out, grads, _), (fused_out, fused_grads, adds) = results
+    assert torch.equal(out, fused_out) and all(torch.equal(a, b) for a, b in zip(grads, fused_grads))
+    assert adds == (1 if norm_first else 0)

@@ -1,0 +1,147 @@
+"""The kernels of `fused_norms`: a layer norm over the last dimension, in float32, that writes its output in a lower
+dtype, optionally adds the residual branch first; and its backward, optionally adding the residual stream's gradient
+and writing the branch's gradient too. Triton on CUDA (`triton_forward`, `triton_backward`), ATen's kernels as the
+reference and everywhere else (`aten_forward`, `aten_backward`: exactly what AudioCraft's layer computes in eager).
+
+    forward:  h = x + y (if y);  out = layer_norm(h) in float32, rounded once to `dtype`;  mean, rstd per row
+    backward: dx = grad_h (if any) + layer_norm_backward(grad_out);  dy = dx rounded to y's dtype (if y)
+
+One Triton program normalizes one row held in registers (rows of up to `MAX_WIDTH`). The bf16 rounding is written
+out (round to nearest even on the float32 bits) so that Triton's interpreter, which truncates, rounds as GPUs do: the
+tests run these kernels on CPU tensors under `TRITON_INTERPRET=1`.
+"""
+import logging
+import typing as tp
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ['aten_forward', 'aten_backward', 'triton_forward', 'triton_backward', 'triton_ok', 'MAX_WIDTH']
+
+MAX_WIDTH = 16384
+
+Stats = tp.Tuple[tp.Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def aten_forward(x: torch.Tensor, y: tp.Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                 dtype: torch.dtype) -> Stats:
+    """(h or None, out, mean, rstd) by ATen: `x + y` (type promotion, as the layer's residual add) and
+    `native_layer_norm` in float32 (as CUDA's autocast runs it), the output cast to `dtype` (as its reader casts it)."""
+    h = x if y is None else x + y
+    out, mean, rstd = torch.native_layer_norm(h.float(), [h.shape[-1]], weight.float(), bias.float(), eps)
+    return (None if y is None else h), out.to(dtype), mean, rstd
+
+
+def aten_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                  grad_h: tp.Optional[torch.Tensor] = None,
+                  y_dtype: tp.Optional[torch.dtype] = None) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+    """(dx, dy or None) by ATen: the norm's input gradient (autograd's widening of the bf16 gradient, then
+    `native_layer_norm_backward`), plus `grad_h` (autograd's sum of the two gradients of h), and that sum cast to the
+    branch's dtype (autograd's cast for the add's bf16 operand)."""
+    dx = torch.ops.aten.native_layer_norm_backward(grad.float(), h.float(), [h.shape[-1]], mean, rstd, weight.float(),
+                                                   None, [True, False, False])[0].to(h.dtype)
+    if grad_h is not None:
+        dx = grad_h + dx
+    return dx, (None if y_dtype is None else dx.to(y_dtype))
+
+
+def _kernels():
+    """Imported at first use (norm_triton.py: Triton's JIT kernels, defined at import: `TRITON_INTERPRET=1` in the
+    environment by then runs them on CPU tensors); an ImportError where there is no Triton."""
+    from . import norm_triton
+    return norm_triton.triton, norm_triton.forward_kernel, norm_triton.backward_kernel
+
+
+def _config(width: int) -> dict:
+    block = _kernels()[0].next_power_of_2(width)
+    return {'BLOCK': block, 'num_warps': min(16, max(1, block // 256))}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
+
+
+def triton_forward(x: torch.Tensor, y: tp.Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float, dtype: torch.dtype) -> Stats:
+    """`aten_forward` by the Triton kernel (float32 x; CUDA tensors, or CPU ones under `TRITON_INTERPRET=1`)."""
+    _, forward_kernel, _ = _kernels()
+    x = x.contiguous()
+    width = x.shape[-1]
+    rows = x.numel() // width
+    h = None if y is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
+    y = None if y is None else y.contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    mean = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if rows:
+        forward_kernel[(rows,)](x, x if y is None else y, x if h is None else h, weight.contiguous(),
+                                bias.contiguous(), _bits(out), mean, rstd, width, eps, HAS_Y=y is not None,
+                                OUT_BF16=dtype == torch.bfloat16, **_config(width))
+    return h, out, mean, rstd
+
+
+def triton_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor, grad_h: tp.Optional[torch.Tensor] = None,
+                    y_dtype: tp.Optional[torch.dtype] = None) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+    """`aten_backward` by the Triton kernel (float32 h)."""
+    _, _, backward_kernel = _kernels()
+    h, grad = h.contiguous(), grad.contiguous()
+    grad_h = None if grad_h is None else grad_h.contiguous()
+    width = h.shape[-1]
+    rows = h.numel() // width
+    dx = torch.empty_like(h)
+    dy = None if y_dtype is None else torch.empty(h.shape, dtype=y_dtype, device=h.device)
+    if rows:
+        backward_kernel[(rows,)](grad, h, weight.contiguous(), mean, rstd, h if grad_h is None else grad_h, dx,
+                                 dx if dy is None else _bits(dy), width, HAS_GH=grad_h is not None,
+                                 HAS_DY=dy is not None, DY_BF16=y_dtype == torch.bfloat16, **_config(width))
+    return dx, dy
+
+
+_CHECKED: tp.Dict[torch.device, bool] = {}
+
+
+def triton_ok(device: tp.Union[str, torch.device]) -> bool:
+    """Whether the Triton kernels run on `device` and agree with ATen (once per device: a [67, 333] norm with and
+    without the residual add, bf16 and float32 outputs, backward with both gradients). Not checked during a CUDA graph
+    capture (a check syncs): a first use inside one takes ATen's kernels, the check runs at the next use outside."""
+    device = torch.device(device)
+    if device in _CHECKED:
+        return _CHECKED[device]
+    if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
+        return False
+    try:
+        ok = _agrees(device)
+        error = None if ok else "its results differ from ATen's"
+    except Exception as exc:  # no Triton, an unsupported GPU, a compiler error: ATen's kernels, same values
+        ok, error = False, f'{type(exc).__name__}: {exc}'
+    if not ok:
+        logger.warning("lora.fused_norms: the Triton layer-norm kernels can't be used on %s (%s); the norms run "
+                       "ATen's kernels there (the same values, without the speed-up).", device, error)
+    _CHECKED[device] = ok
+    return ok
+
+
+def _agrees(device: torch.device) -> bool:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(67, 333, device=device, generator=gen) * 3 + 1
+    y = torch.randn(67, 333, device=device, generator=gen).to(torch.bfloat16)
+    w, b = torch.randn(333, device=device, generator=gen), torch.randn(333, device=device, generator=gen)
+    g = torch.randn(67, 333, device=device, generator=gen).to(torch.bfloat16)
+    gh = torch.randn(67, 333, device=device, generator=gen)
+    ok = True
+    for branch in (None, y):
+        for dtype in (torch.bfloat16, torch.float32):
+            got, ref = triton_forward(x, branch, w, b, 1e-5, dtype), aten_forward(x, branch, w, b, 1e-5, dtype)
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            ok &= all(bool(torch.allclose(a.float(), r.float(), rtol=tol, atol=tol))
+                      for a, r in zip(got, ref) if r is not None)
+        h = x if branch is None else ref[0]
+        dx, dy = triton_backward(g, h, w, ref[2], ref[3], gh if branch is not None else None,
+                                 None if branch is None else torch.bfloat16)
+        rdx, rdy = aten_backward(g, h, w, ref[2], ref[3], gh if branch is not None else None,
+                                 None if branch is None else torch.bfloat16)
+        ok &= bool(torch.allclose(dx, rdx, rtol=1e-4, atol=1e-5))
+        ok &= dy is None if rdy is None else bool(torch.allclose(dy.float(), rdy.float(), rtol=1e-2, atol=1e-2))
+    return ok
