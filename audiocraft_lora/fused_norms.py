@@ -19,7 +19,8 @@ both the stream's float32 gradient and the branch's bf16 one. One kernel each wa
 norm_kernels.py). The values are those of the layer as AudioCraft runs it, the float32 norm rounded to bf16 once as
 its reader did: on CUDA up to float32 summation order (the kernel reduces in another order than ATen's; bf16 outputs
 then 1 ulp apart where that flips a rounding), elsewhere bit for bit, as the ops run ATen's kernels there
-(tests/test_fused_norms.py). A norm with trainable weights, no autocast or a non-float32 stream runs AudioCraft's code.
+(tests/test_fused_norms.py). A norm with trainable weights, no autocast, a non-float32 stream or no gradient
+(validation, generation) runs AudioCraft's code.
 
 `install` swaps classes (names, state dict and deepcopy unchanged; `remove` swaps back): the norms of AudioCraft's
 transformer layers become `FusedLayerNorm` (still `nn.LayerNorm`s) and the layers `FusedResidualLayer` (still
@@ -162,13 +163,16 @@ add_layer_norm_to.register_autograd(_add_norm_backward, setup_context=_add_norm_
 
 # ---------------------------------------------------------------------------------------------- the modules
 class FusedLayerNorm(nn.LayerNorm):
-    """An `nn.LayerNorm` that, under autocast, returns its float32 input's norm in the autocast dtype from one op
-    (`layer_norm_to`); anything else (no autocast, trainable weights, a bf16 input) is nn.LayerNorm's forward."""
+    """An `nn.LayerNorm` that, in training steps under autocast, returns its float32 input's norm in the autocast
+    dtype from one op (`layer_norm_to`); anything else is nn.LayerNorm's forward: no autocast, trainable weights, a
+    bf16 input, and no gradient (validation and generation: a custom op's Python dispatch costs ~10 us more than
+    ATen's three ops, which a token-by-token generation, bound by the host, would feel)."""
 
     def fused_dtype(self, x: Tensor) -> tp.Optional[torch.dtype]:
         """The dtype the fused op writes for `x`, or None where nn.LayerNorm's forward runs."""
         device_type = x.device.type
-        if (x.dtype != torch.float32 or not torch.is_autocast_enabled(device_type) or self.weight is None
+        if (x.dtype != torch.float32 or not torch.is_grad_enabled() or not torch.is_autocast_enabled(device_type)
+                or self.weight is None
                 or self.bias is None or self.weight.requires_grad or self.bias.requires_grad
                 or len(self.normalized_shape) != 1):
             return None

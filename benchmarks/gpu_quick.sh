@@ -11,8 +11,9 @@
 # 0.75x full fine-tuning: what's left).
 # Eager batch-4 steps are host-bound and vary +-30% run to run: their median is taken over 15 steps. gpu_check.sh is
 # the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run. Session 13 added
-# the mixed-text-length row (small b4; ~40 s); session 14 the layer norms alone (benchmarks/norms.py, ~15 s) and
-# `lora_graphed_unfused` at small b16 (the graphed step with AudioCraft's norms: what lora.fused_norms saves).
+# the mixed-text-length row (small b4; ~40 s); session 14 the layer norms alone (benchmarks/norms.py, ~15 s),
+# `lora_graphed_unfused` at small b16 (the graphed step with AudioCraft's norms: what lora.fused_norms saves on the
+# GPU) and `lora_fast_keep_unfused` at small b4 (what its custom ops cost the host in an eager step).
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
@@ -26,7 +27,7 @@ run_case() {
   timeout $(left ${LIMIT:-80}) python3 benchmarks/step_time.py --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
     --iters 5 "$@" 2>&1 | quiet  # (an option given here wins over these defaults)
 }
-for args in "--scale small --batch 4 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,hf_lora --iters 15 \
+for args in "--scale small --batch 4 --cases full,lora_fast_keep,lora_fast_keep_unfused,lora_graphed,lora_graphed_keep,hf_lora --iters 15 \
              --json $OUT/small_b4.json" \
             "--scale small --batch 16 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,hf_lora \
              --json $OUT/small_b16.json"; do

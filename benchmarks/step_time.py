@@ -10,8 +10,9 @@ Cases (`--cases`, comma separated):
                   what auto does when it fits): one GEMM launch fewer per merged projection
   lora_fast_f32attn lora_fast with AudioCraft's float32 round trip around attention (lora.attention_in_autocast_dtype
                   =false)
-  lora_fast_unfused lora_fast with AudioCraft's layer norms (lora.fused_norms=false: float32 output, then each reader
-                  casts it) instead of fused_norms' one kernel writing bf16
+  lora_fast_unfused lora_fast with AudioCraft's layer norms and residual adds (lora.fused_norms=false: float32
+                  output, then each reader casts it) instead of fused_norms' one kernel writing bf16; also
+                  lora_fast_keep_unfused, lora_graphed_keep_unfused
   lora_fast_concat lora_fast with the rank-r products that share an operand with a base GEMM taken from that GEMM
                   (fast_lora.CONCAT_RANK_GEMMS: the parts named by --concat-rank-gemms)
   lora_ckpt   lora_fast + activation checkpointing (lora.activation_checkpointing=torch)
@@ -82,10 +83,11 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
     'large': (2048, 32, 48),
 }
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_unfused',
-         'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile', 'lora_compile_ro',
-         'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
-         'hf_lora', 'hf_full', 'encode')
-CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused')
+         'lora_fast_keep_unfused', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed',
+         'lora_compile', 'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat',
+         'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'hf_lora', 'hf_full', 'encode')
+CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
+             'lora_graphed_keep_unfused')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -245,7 +247,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               index_select_logits=case not in ('lora_plain', 'lora_fast_ac'),
                               attention_in_autocast_dtype=case != 'lora_fast_f32attn',
                               fused_norms=not case.endswith('_unfused'),
-                              keep_merged_weights=case in ('lora_fast_keep', 'lora_graphed_keep'),
+                              keep_merged_weights=case.startswith(('lora_fast_keep', 'lora_graphed_keep')),
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
                               else 'selective' if case == 'lora_sac' else 'none',
                               checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
@@ -449,10 +451,12 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
                 out[f'{case}/(full+encode) step'] = a['step_s'] / (b['step_s'] + encode['step_s'])
             out[f'{case}/(full+encode) flop'] = a['gflop'] / (b['gflop'] + encode['gflop'])
     for case in ('lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_unfused',
+                 'lora_fast_keep_unfused', 'lora_graphed_keep_unfused',
                  'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
                  'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact',
                  'lora_graphed_unfused'):
-        for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed'):
+        for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed', 'lora_fast_keep',
+                    'lora_graphed_keep'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
                 if a['step_s'] is not None:
