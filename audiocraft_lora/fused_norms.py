@@ -155,7 +155,8 @@ def _add_norm_backward(ctx, grad_h, grad, grad_mean, grad_rstd):
         grad_y = None if grad_h is None else grad_h.to(ctx.y_dtype)
     else:
         grad_x, grad_y = add_layer_norm_to_backward(grad, grad_h, h, weight, mean, rstd, ctx.y_dtype)
-    return grad_x, grad_y, None, None, None, None
+    need_x, need_y = ctx.needs_input_grad[:2]  # (the first layer's stream, the embeddings' sum, needs none)
+    return grad_x if need_x else None, grad_y if need_y else None, None, None, None, None
 
 
 add_layer_norm_to.register_autograd(_add_norm_backward, setup_context=_add_norm_setup)
