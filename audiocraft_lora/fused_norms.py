@@ -17,36 +17,47 @@ Here `layer_norm_to` (norm1) and `add_layer_norm_to` (the add and norm_cross / n
 and write the autocast dtype directly; their backward reads the bf16 gradient, adds the stream's gradient and writes
 both the stream's float32 gradient and the branch's bf16 one. One kernel each way per norm (Triton on CUDA:
 norm_kernels.py). The values are those of the layer as AudioCraft runs it, the float32 norm rounded to bf16 once as
-its reader did: on CUDA up to float32 summation order (the kernel reduces in another order than ATen's; bf16 outputs
-then 1 ulp apart where that flips a rounding), elsewhere bit for bit, as the ops run ATen's kernels there
-(tests/test_fused_norms.py). A norm with trainable weights, no autocast, a non-float32 stream or no gradient
-(validation, generation) runs AudioCraft's code.
+its reader did: on CUDA up to float32 rounding (the kernel reduces in another order than ATen's and may fuse a
+multiply-add; bf16 outputs then 1 ulp apart where that flips a rounding), elsewhere bit for bit, as the ops run
+ATen's kernels there (tests/test_fused_norms.py). AudioCraft's code runs instead for a norm with trainable weights,
+without autocast, on a non-float32 stream, without gradient (validation, generation), with forward hooks of its own
+(the fused add doesn't call the module), and in a layer whose linear1 falls back to peft's own forward (a merged or
+disabled adapter, several adapters, a variant: peft reads norm2's output twice, its LoRA branch in float32).
 
 `install` swaps classes (names, state dict and deepcopy unchanged; `remove` swaps back): the norms of AudioCraft's
-transformer layers become `FusedLayerNorm` (still `nn.LayerNorm`s) and the layers `FusedResidualLayer` (still
-`StreamingTransformerLayer`s, whose `forward` is AudioCraft's with `x = x + branch; norm(x)` as one op; its blocks,
-attention, feed-forward and streaming state are AudioCraft's). Not the LM's `out_norm`: four output heads read it, and
-the gradients they hand back would be summed in bf16, not float32. Before a device's first use the Triton kernels are
-checked against ATen (`norm_kernels.triton_ok`); where they fail the ops run ATen's kernels there, with a warning. As
-custom ops they are one op each to selective activation checkpointing (recomputed in backward like any norm), to the
-memory estimate's fake tensors, and to torch.compile (which fuses norms itself: `lora.compile` keeps AudioCraft's).
+pre-norm transformer layers become `FusedLayerNorm` (still `nn.LayerNorm`s) and the layers `FusedResidualLayer`
+(still `StreamingTransformerLayer`s, whose `forward` is AudioCraft's with `x = x + branch; norm(x)` as one op; its
+blocks, LayerScale, attention, feed-forward and streaming state are AudioCraft's). Not post-norm layers (their norms
+write the stream itself) nor the LM's `out_norm`: four output heads read it, and the gradients they hand back would
+be summed in bf16, not float32. The Triton kernels are checked against ATen once per device and width
+(`norm_kernels.triton_ok`; the solver runs `check_kernels` once the LM is on its GPU); where they fail the ops run
+ATen's kernels there, with a warning. As custom ops they are one op each to selective activation checkpointing
+(recomputed in backward like any norm), to the memory estimate's fake tensors, and to torch.compile (which fuses
+norms itself: `lora.compile` keeps AudioCraft's). They hand the attentions bf16 whatever
+`lora.attention_in_autocast_dtype` says (the same values: that setting's float32 round trip changes none).
 """
+import contextlib
+import threading
 import typing as tp
 
+from peft.tuners.lora import Linear as LoraLinear
 import torch
 from torch import nn
 
 from audiocraft.modules.transformer import StreamingTransformerLayer
 
+from .attention_dtype import _in_autocast_dtype
+from .fast_lora import FastLoraLinear
 from .norm_kernels import MAX_WIDTH, aten_backward, aten_forward, triton_backward, triton_forward, triton_ok
 
-__all__ = ['FusedLayerNorm', 'FusedResidualLayer', 'install', 'remove', 'layer_norm_to', 'add_layer_norm_to']
+__all__ = ['FusedLayerNorm', 'FusedResidualLayer', 'install', 'remove', 'check_kernels', 'unfused', 'layer_norm_to',
+           'add_layer_norm_to']
 
 Tensor = torch.Tensor
 
 
 def _triton(x: Tensor) -> bool:
-    return x.shape[-1] <= MAX_WIDTH and triton_ok(x.device)
+    return x.shape[-1] <= MAX_WIDTH and triton_ok(x.device, x.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------ layer_norm_to (norm1)
@@ -149,12 +160,8 @@ def _add_norm_setup(ctx, inputs, output):
 
 
 def _add_norm_backward(ctx, grad_h, grad, grad_mean, grad_rstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    if grad is None:  # (the norm's output unused: only the residual stream's gradient)
-        grad_x = grad_h
-        grad_y = None if grad_h is None else grad_h.to(ctx.y_dtype)
-    else:
-        grad_x, grad_y = add_layer_norm_to_backward(grad, grad_h, h, weight, mean, rstd, ctx.y_dtype)
+    h, weight, mean, rstd = ctx.saved_tensors  # (an unused output's gradient comes in as zeros, not None)
+    grad_x, grad_y = add_layer_norm_to_backward(grad, grad_h, h, weight, mean, rstd, ctx.y_dtype)
     need_x, need_y = ctx.needs_input_grad[:2]  # (the first layer's stream, the embeddings' sum, needs none)
     return grad_x if need_x else None, grad_y if need_y else None, None, None, None, None
 
@@ -163,17 +170,34 @@ add_layer_norm_to.register_autograd(_add_norm_backward, setup_context=_add_norm_
 
 
 # ---------------------------------------------------------------------------------------------- the modules
+class _Unfused(threading.local):
+    depth = 0
+
+
+_UNFUSED = _Unfused()
+
+
+@contextlib.contextmanager
+def unfused():
+    """Within it, FusedLayerNorm runs nn.LayerNorm's forward (a layer whose norm output would have two readers)."""
+    _UNFUSED.depth += 1
+    try:
+        yield
+    finally:
+        _UNFUSED.depth -= 1
+
+
 class FusedLayerNorm(nn.LayerNorm):
     """An `nn.LayerNorm` that, in training steps under autocast, returns its float32 input's norm in the autocast
     dtype from one op (`layer_norm_to`); anything else is nn.LayerNorm's forward: no autocast, trainable weights, a
     bf16 input, and no gradient (validation and generation: a custom op's Python dispatch costs ~10 us more than
-    ATen's three ops, which a token-by-token generation, bound by the host, would feel)."""
+    ATen's three ops, which a token-by-token generation, bound by the host, would feel), or inside `unfused()`."""
 
     def fused_dtype(self, x: Tensor) -> tp.Optional[torch.dtype]:
         """The dtype the fused op writes for `x`, or None where nn.LayerNorm's forward runs."""
         device_type = x.device.type
         if (x.dtype != torch.float32 or not torch.is_grad_enabled() or not torch.is_autocast_enabled(device_type)
-                or self.weight is None
+                or _UNFUSED.depth or self.weight is None
                 or self.bias is None or self.weight.requires_grad or self.bias.requires_grad
                 or len(self.normalized_shape) != 1):
             return None
@@ -187,9 +211,12 @@ class FusedLayerNorm(nn.LayerNorm):
         return layer_norm_to(x, self.weight, self.bias, float(self.eps), dtype)[0]
 
     def add_and_norm(self, x: Tensor, y: Tensor) -> tp.Tuple[Tensor, Tensor]:
-        """`h = x + y` and `self(h)`, from one op where it applies."""
+        """`h = x + y` and `self(h)`, from one op where it applies. Not where the norm has hooks of its own (the op
+        doesn't call the module: they would not run), but for attention_dtype's (a cast the op makes anyway)."""
         dtype = self.fused_dtype(x)
-        if dtype is None or y.shape != x.shape or not y.is_floating_point() or y.device != x.device:
+        if (dtype is None or y.shape != x.shape or not y.is_floating_point() or y.device != x.device
+                or self._forward_pre_hooks or any(hook is not _in_autocast_dtype
+                                                  for hook in self._forward_hooks.values())):
             h = x + y
             return h, self(h)
         h, out, _, _ = add_layer_norm_to(x, y, self.weight, self.bias, float(self.eps), dtype)
@@ -204,6 +231,9 @@ class FusedResidualLayer(StreamingTransformerLayer):
     def forward(self, src: Tensor, src_mask: tp.Optional[Tensor] = None,  # type: ignore
                 src_key_padding_mask: tp.Optional[Tensor] = None, cross_attention_src: tp.Optional[Tensor] = None):
         cross = cross_attention_src is not None
+        if not _one_reader(self.linear1):  # peft's own forward reads norm2's output twice: AudioCraft's norms
+            with unfused():
+                return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
         if (not self.norm_first or cross != (self.cross_attention is not None) or type(self.norm2) is not FusedLayerNorm
                 or (cross and type(self.norm_cross) is not FusedLayerNorm)):
             return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
@@ -214,6 +244,16 @@ class FusedResidualLayer(StreamingTransformerLayer):
             branch = self.layer_scale_cross(self._cross_attention_block(normed, cross_attention_src))
         x, normed = self.norm2.add_and_norm(x, branch)
         return x + self.layer_scale_2(self._ff_block(normed))
+
+
+def _one_reader(linear: nn.Module) -> bool:
+    """Whether `linear` reads its input once, cast to the compute dtype: a plain projection, or our fast LoRA path.
+    peft's own forward (what FastLoraLinear falls back to with a merged or disabled adapter, several adapters or a
+    variant) reads it twice, the LoRA branch in float32: there the gradients would be summed in bf16 and the dropout
+    round twice."""
+    if not isinstance(linear, LoraLinear):
+        return True
+    return isinstance(linear, FastLoraLinear) and linear._fast_adapter({}) is not None
 
 
 def _layers(model: nn.Module) -> tp.List[nn.Module]:
@@ -228,6 +268,20 @@ def _norms(layer: nn.Module) -> tp.Iterator[nn.Module]:
         norm = getattr(layer, name, None)
         if type(norm) in (nn.LayerNorm, FusedLayerNorm):
             yield norm
+
+
+def check_kernels(model: nn.Module) -> tp.Dict[str, bool]:
+    """Check the Triton kernels once for each (CUDA device, width) of the model's swapped norms, before training
+    (the solver, once the LM is on its device): not at a first use inside a CUDA graph's warmup. Returns
+    {'cuda:0/1024': usable, ...}."""
+    checked = {}
+    for layer in _layers(model):
+        for norm in _norms(layer):
+            if type(norm) is FusedLayerNorm and norm.weight is not None and norm.weight.is_cuda:
+                width = int(norm.normalized_shape[0])
+                if width <= MAX_WIDTH:
+                    checked[f'{norm.weight.device}/{width}'] = triton_ok(norm.weight.device, width)
+    return checked
 
 
 def install(model: nn.Module) -> int:

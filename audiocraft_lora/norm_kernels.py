@@ -10,6 +10,7 @@ One Triton program normalizes one row held in registers (rows of up to `MAX_WIDT
 out (round to nearest even on the float32 bits) so that Triton's interpreter, which truncates, rounds as GPUs do: the
 tests run these kernels on CPU tensors under `TRITON_INTERPRET=1`.
 """
+import contextlib
 import logging
 import typing as tp
 
@@ -43,7 +44,8 @@ def aten_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mea
                                                    None, [True, False, False])[0].to(h.dtype)
     if grad_h is not None:
         dx = grad_h + dx
-    return dx, (None if y_dtype is None else dx.to(y_dtype))
+    # (copy: a float32 branch, e.g. AudioCraft's LayerScale, would get dx itself, and an op's outputs may not alias)
+    return dx, (None if y_dtype is None else dx.to(y_dtype, copy=True))
 
 
 def _kernels():
@@ -56,6 +58,13 @@ def _kernels():
 def _config(width: int) -> dict:
     block = _kernels()[0].next_power_of_2(width)
     return {'BLOCK': block, 'num_warps': min(16, max(1, block // 256))}
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (several GPUs in one process)."""
+    if device.type == 'cuda' and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -75,9 +84,10 @@ def triton_forward(x: torch.Tensor, y: tp.Optional[torch.Tensor], weight: torch.
     mean = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if rows:
-        forward_kernel[(rows,)](x, x if y is None else y, x if h is None else h, weight.contiguous(),
-                                bias.contiguous(), _bits(out), mean, rstd, width, eps, HAS_Y=y is not None,
-                                OUT_BF16=dtype == torch.bfloat16, **_config(width))
+        with _on(x.device):
+            forward_kernel[(rows,)](x, x if y is None else y, x if h is None else h, weight.contiguous(),
+                                    bias.contiguous(), _bits(out), mean, rstd, width, eps, HAS_Y=y is not None,
+                                    OUT_BF16=dtype == torch.bfloat16, **_config(width))
     return h, out, mean, rstd
 
 
@@ -93,55 +103,63 @@ def triton_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, m
     dx = torch.empty_like(h)
     dy = None if y_dtype is None else torch.empty(h.shape, dtype=y_dtype, device=h.device)
     if rows:
-        backward_kernel[(rows,)](grad, h, weight.contiguous(), mean, rstd, h if grad_h is None else grad_h, dx,
-                                 dx if dy is None else _bits(dy), width, HAS_GH=grad_h is not None,
-                                 HAS_DY=dy is not None, DY_BF16=y_dtype == torch.bfloat16, **_config(width))
+        with _on(h.device):
+            backward_kernel[(rows,)](grad, h, weight.contiguous(), mean, rstd, h if grad_h is None else grad_h, dx,
+                                     dx if dy is None else _bits(dy), width, HAS_GH=grad_h is not None,
+                                     HAS_DY=dy is not None, DY_BF16=y_dtype == torch.bfloat16, **_config(width))
     return dx, dy
 
 
-_CHECKED: tp.Dict[torch.device, bool] = {}
+_CHECKED: tp.Dict[tp.Tuple[torch.device, int], bool] = {}
 
 
-def triton_ok(device: tp.Union[str, torch.device]) -> bool:
-    """Whether the Triton kernels run on `device` and agree with ATen (once per device: a [67, 333] norm with and
-    without the residual add, bf16 and float32 outputs, backward with both gradients). Not checked during a CUDA graph
-    capture (a check syncs): a first use inside one takes ATen's kernels, the check runs at the next use outside."""
+def triton_ok(device: tp.Union[str, torch.device], width: int = 333) -> bool:
+    """Whether the Triton kernels run on `device` at `width` and agree with ATen (once per device and width: the
+    kernel compiles for each width anyway, with its own block size and warps): 70 rows with and without the residual
+    add, of spread, nearly constant (where `eps` counts) and constant values, bf16 and fp16 outputs, and the backward
+    with both gradients. Not checked during a CUDA graph capture (a check syncs): a first use inside one takes ATen's
+    kernels (`check_kernels` runs the checks before training). A CUDA fault inside a check (an illegal address) would
+    leave the context broken, beyond what a fall-back can mend."""
     device = torch.device(device)
-    if device in _CHECKED:
-        return _CHECKED[device]
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    key = (device, int(width))
+    if key in _CHECKED:
+        return _CHECKED[key]
     if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
         return False
     try:
-        ok = _agrees(device)
+        ok = _agrees(device, int(width))
         error = None if ok else "its results differ from ATen's"
     except Exception as exc:  # no Triton, an unsupported GPU, a compiler error: ATen's kernels, same values
         ok, error = False, f'{type(exc).__name__}: {exc}'
     if not ok:
-        logger.warning("lora.fused_norms: the Triton layer-norm kernels can't be used on %s (%s); the norms run "
-                       "ATen's kernels there (the same values, without the speed-up).", device, error)
-    _CHECKED[device] = ok
+        logger.warning("lora.fused_norms: the Triton layer-norm kernels can't be used on %s at width %d (%s); the "
+                       "norms run ATen's kernels there (the same values, without the speed-up).", device, width, error)
+    _CHECKED[key] = ok
     return ok
 
 
-def _agrees(device: torch.device) -> bool:
+def _agrees(device: torch.device, width: int) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(67, 333, device=device, generator=gen) * 3 + 1
-    y = torch.randn(67, 333, device=device, generator=gen).to(torch.bfloat16)
-    w, b = torch.randn(333, device=device, generator=gen), torch.randn(333, device=device, generator=gen)
-    g = torch.randn(67, 333, device=device, generator=gen).to(torch.bfloat16)
-    gh = torch.randn(67, 333, device=device, generator=gen)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+    x = torch.cat([randn(64, width) * 3 + 1, 1 + 1e-4 * randn(5, width), torch.full((1, width), 0.5, device=device)])
+    w, b = randn(width), randn(width)
+    gh = randn(*x.shape)
     ok = True
-    for branch in (None, y):
-        for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float16):
+        y, g = randn(*x.shape).to(dtype), randn(*x.shape).to(dtype)
+        for branch in (None, y):
             got, ref = triton_forward(x, branch, w, b, 1e-5, dtype), aten_forward(x, branch, w, b, 1e-5, dtype)
-            tol = 1e-5 if dtype == torch.float32 else 1e-2
-            ok &= all(bool(torch.allclose(a.float(), r.float(), rtol=tol, atol=tol))
+            ok &= all(bool(torch.allclose(a.float(), r.float(), rtol=1e-2, atol=1e-2))
                       for a, r in zip(got, ref) if r is not None)
-        h = x if branch is None else ref[0]
-        dx, dy = triton_backward(g, h, w, ref[2], ref[3], gh if branch is not None else None,
-                                 None if branch is None else torch.bfloat16)
-        rdx, rdy = aten_backward(g, h, w, ref[2], ref[3], gh if branch is not None else None,
-                                 None if branch is None else torch.bfloat16)
-        ok &= bool(torch.allclose(dx, rdx, rtol=1e-4, atol=1e-5))
-        ok &= dy is None if rdy is None else bool(torch.allclose(dy.float(), rdy.float(), rtol=1e-2, atol=1e-2))
+            h = x if branch is None else ref[0]
+            grads = (None, None) if branch is None else (gh, dtype)
+            (dx, dy), (rdx, rdy) = (triton_backward(g, h, w, ref[2], ref[3], *grads),
+                                    aten_backward(g, h, w, ref[2], ref[3], *grads))
+            ok &= bool(torch.allclose(dx, rdx, rtol=1e-3, atol=1e-3 * float(rdx.abs().max())))
+            ok &= dy is None if rdy is None else bool(torch.allclose(dy.float(), rdy.float(), rtol=1e-2,
+                                                                     atol=1e-2 * float(rdy.abs().max())))
     return ok

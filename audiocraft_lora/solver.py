@@ -38,7 +38,7 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from . import checkpointing, faults, layer_graphs, memory_plan
+from . import checkpointing, faults, fused_norms, layer_graphs, memory_plan
 from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
@@ -154,6 +154,10 @@ class LoRAMusicGenSolver(MusicGenSolver):
                                           autocast_dtype=DTYPES[self.cfg.autocast_dtype])
         logger.info("LoRA speed settings: fast_path=%s %s", self.speed_settings.fast_path, speed_info)
         self.model = lm.to(self.device)
+        if speed_info.get('fused_norms') and torch.device(self.device).type == 'cuda':
+            # (the Triton kernels checked against ATen now, not at their first use inside a CUDA graph's warmup)
+            logger.info("Fused layer norms (lora.fused_norms), Triton kernels usable: %s",
+                        fused_norms.check_kernels(self.model))
         self.memory_estimate = memory_plan.plan_training(self)  # may switch the LM's checkpointing (auto)
         self.graph_shapes = memory_plan.plan_graphs(self)  # CUDA graphs of the layers (lora.graph_layers)
         planned = self.speed_settings

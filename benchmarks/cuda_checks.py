@@ -254,9 +254,10 @@ def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20,
 def fused_norms_on_cuda(pkg, codes):
     """lora.fused_norms on CUDA: the Triton kernels pass their check, and bf16 training steps with them give the
     losses and adapter gradients of AudioCraft's norms up to float32 summation order (bit for bit on CPU)."""
-    from audiocraft_lora import fused_norms
+    from audiocraft_lora import fused_norms, norm_kernels
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
-    usable = fused_norms.triton_ok(torch.device('cuda'))
+    device = torch.device('cuda', torch.cuda.current_device())
+    usable = {width: norm_kernels.triton_ok(device, width) for width in (32, 1024, 1536, 2048)}
     runs = []
     for fused in (False, True):
         torch.manual_seed(0)
@@ -264,6 +265,7 @@ def fused_norms_on_cuda(pkg, codes):
         inject_lora(lm, LoRASettings(rank=8, alpha=16, init='random'))
         info = apply_to_model(lm, SpeedSettings(fused_norms=fused), autocast=True, autocast_dtype=torch.bfloat16)
         lm = lm.cuda().train()
+        checked = fused_norms.check_kernels(lm)
         params = [p for p in lm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
         losses, grads = [], []
@@ -278,7 +280,7 @@ def fused_norms_on_cuda(pkg, codes):
         runs.append((losses, grads, info.get('fused_norms')))
     (ref_losses, ref_grads, _), (losses, grads, count) = runs
     worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(grads, ref_grads))
-    print(f"fused norms on CUDA (Triton kernels usable: {usable}, {count} norms): losses "
+    print(f"fused norms on CUDA (Triton kernels usable by width: {usable}; the LM's {checked}; {count} norms): losses "
           f"{[round(x, 6) for x in losses]} vs AudioCraft's norms {[round(x, 6) for x in ref_losses]}, worst loss "
           f"difference {max(abs(a - b) for a, b in zip(losses, ref_losses)):.2e}, worst relative grad difference "
           f"{worst:.2e}")

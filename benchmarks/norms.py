@@ -90,8 +90,7 @@ def main(argv=None) -> dict:
                 for _ in range(3):  # (Triton compiles at the first call)
                     both()
                 values[name] = ([t.detach() for t in forward()[0]], both())
-                with torch.no_grad():
-                    fwd = timed(forward, args.repeats, sync)
+                fwd = timed(forward, args.repeats, sync)  # (with grad: training's path; no grad keeps AudioCraft's)
                 total = timed(both, args.repeats, sync)
                 moved = MOVED[(kind, name)] * args.rows * width / 1e9
                 results[(width, kind, name)] = {'forward_s': fwd, 'total_s': total, 'gbytes': moved}

@@ -9,7 +9,7 @@ Cases (`--cases`, comma separated):
   lora_fast_keep  lora_fast with the merged weights kept from forward to backward (lora.keep_merged_weights=true,
                   what auto does when it fits): one GEMM launch fewer per merged projection
   lora_fast_f32attn lora_fast with AudioCraft's float32 round trip around attention (lora.attention_in_autocast_dtype
-                  =false)
+                  =false, and lora.fused_norms=false, whose norms hand the attentions bf16 too)
   lora_fast_unfused lora_fast with AudioCraft's layer norms and residual adds (lora.fused_norms=false: float32
                   output, then each reader casts it) instead of fused_norms' one kernel writing bf16; also
                   lora_fast_keep_unfused, lora_graphed_keep_unfused
@@ -246,7 +246,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         speed = SpeedSettings(fast_path=fast, base_dtype='auto' if fast else 'float32',
                               index_select_logits=case not in ('lora_plain', 'lora_fast_ac'),
                               attention_in_autocast_dtype=case != 'lora_fast_f32attn',
-                              fused_norms=not case.endswith('_unfused'),
+                              # (the fused norms hand the attentions bf16 themselves: off for the float32 round trip)
+                              fused_norms=not case.endswith('_unfused') and case != 'lora_fast_f32attn',
                               keep_merged_weights=case.startswith(('lora_fast_keep', 'lora_graphed_keep')),
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
                               else 'selective' if case == 'lora_sac' else 'none',
