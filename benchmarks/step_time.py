@@ -257,7 +257,10 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               if case in ('lora_compile', 'lora_compile_ro') else 'none',
                               compile_mode='reduce-overhead' if case == 'lora_compile_ro' and device == 'cuda'
                               else 'default')
-        apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
+        info = apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
+        if info.get('fused_norms') and device == 'cuda':  # (as the solver: checked before any capture)
+            from audiocraft_lora.fused_norms import check_kernels
+            check_kernels(lm)
         if case in CUDA_ONLY:
             if device != 'cuda':
                 raise RuntimeError(f'{case} needs a CUDA device (CUDA graphs)')
