@@ -143,6 +143,9 @@ def test_aten_s_norm_where_the_op_does_not_apply(caplog):
         assert low.dtype == torch.bfloat16 and torch.equal(low, plain.to(torch.bfloat16))
         with torch.no_grad(), _Ops() as ops:  # validation, generation: AudioCraft's norm
             assert norm(x).dtype == torch.float32 and OP not in ops.counts
+        with _Ops() as ops:  # a bf16 stream (not AudioCraft's float32 one): AudioCraft's norm
+            norm(x.detach().to(torch.bfloat16).requires_grad_())
+        assert OP not in ops.counts and 'aten.native_layer_norm.default' in ops.counts
         norm.weight.requires_grad_(True)  # a trainable norm keeps AudioCraft's norm (its weight gets a gradient)
         with _Ops() as ops:
             trained = norm(x)
@@ -313,6 +316,8 @@ def test_layers_without_cross_attention_or_post_norm(norm_first, cross, layer_sc
     (out, grads, _), (fused_out, fused_grads, adds) = results
     assert torch.equal(out, fused_out) and all(torch.equal(a, b) for a, b in zip(grads, fused_grads))
     assert adds == (0 if not norm_first else 2 if cross else 1)
+    with pytest.raises(AssertionError):  # AudioCraft's own check: cross-attention needs its source, and only it
+        fused(x, cross_attention_src=None if cross else torch.randn(2, 3, 16))
 
 
 def test_two_readers_or_hooks_keep_audiocraft_s_norms():
