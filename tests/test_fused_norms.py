@@ -31,10 +31,10 @@ def _lm(dropout: float = 0.0):
     return lm.train()
 
 
-def _step(lm, codes, autocast=True):
+def _step(lm, codes, autocast=True, dtype=torch.bfloat16):
     torch.manual_seed(1)  # the same dropout draws
     attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(codes.shape[0])]
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast('cpu', dtype=dtype, enabled=autocast):
         out = lm.compute_predictions(codes, [], lm.condition_provider(lm.condition_provider.tokenize(attributes)))
         ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
     grads = torch.autograd.grad(ce, [p for p in lora_parameters(lm).values() if p.requires_grad])
@@ -44,16 +44,17 @@ def _step(lm, codes, autocast=True):
 class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ops run, by name, and the float32 -> bf16 casts of 3-d activations."""
 
-    def __init__(self):
+    def __init__(self, low=torch.bfloat16):
         super().__init__()
         self.counts: dict = {}
-        self.casts_to_bf16 = 0
+        self.casts_to_bf16 = 0  # (to `low`)
+        self.low = low
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.counts[str(func)] = self.counts.get(str(func), 0) + 1
         if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
-                and out.dtype == torch.bfloat16 and out.dim() == 3:
+                and out.dtype == self.low and out.dim() == 3:
             self.casts_to_bf16 += 1
         return out
 
@@ -63,21 +64,21 @@ def _equal(got, expected):
     assert all(torch.equal(g, e) for g, e in zip(got[2], expected[2]))
 
 
-@pytest.mark.parametrize('dropout', [0.0, 0.1])
-def test_a_step_is_bit_for_bit_aten_s_without_the_casts(dropout):
+@pytest.mark.parametrize('dropout, dtype', [(0.0, torch.bfloat16), (0.1, torch.bfloat16), (0.1, torch.float16)])
+def test_a_step_is_bit_for_bit_aten_s_without_the_casts(dropout, dtype):
     reference = _lm(dropout)
-    apply_to_model(reference, SpeedSettings(fused_norms=False), True, torch.bfloat16)
+    apply_to_model(reference, SpeedSettings(fused_norms=False), True, dtype)
     fused = copy.deepcopy(reference)
-    info = apply_to_model(fused, SpeedSettings(), True, torch.bfloat16)
+    info = apply_to_model(fused, SpeedSettings(), True, dtype)
     layers = len(fused.transformer.layers)
     assert info['fused_norms'] == 3 * layers  # norm1, norm_cross, norm2 of every layer (not out_norm)
     assert all(type(m) is fused_norms.FusedResidualLayer for m in fused.transformer.layers)
     assert all(type(m) is nn.LayerNorm for m in reference.modules() if isinstance(m, nn.LayerNorm))
     codes = torch.randint(0, 64, (2, 4, 31), generator=torch.Generator().manual_seed(2))
-    with _Ops() as ref_ops:
-        expected = _step(reference, codes)
-    with _Ops() as ops:
-        got = _step(fused, codes)
+    with _Ops(dtype) as ref_ops:
+        expected = _step(reference, codes, dtype=dtype)
+    with _Ops(dtype) as ops:
+        got = _step(fused, codes, dtype=dtype)
     _equal(got, expected)
     # norm1 alone; the residual adds in front of norm_cross and norm2 with them
     assert ops.counts.get(OP) == layers and ops.counts.get(ADD_OP) == 2 * layers
