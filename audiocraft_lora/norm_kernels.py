@@ -68,7 +68,7 @@ def _on(device: torch.device):
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # (int16: any Triton has it)
 
 
 def triton_forward(x: torch.Tensor, y: tp.Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
