@@ -20,9 +20,10 @@ norm_kernels.py). The values are those of the layer as AudioCraft runs it, the f
 its reader did: on CUDA up to float32 rounding (the kernel reduces in another order than ATen's and may fuse a
 multiply-add; bf16 outputs then 1 ulp apart where that flips a rounding), elsewhere bit for bit, as the ops run
 ATen's kernels there (tests/test_fused_norms.py). AudioCraft's code runs instead for a norm with trainable weights,
-without autocast, on a non-float32 stream, without gradient (validation, generation), with forward hooks of its own
-(the fused add doesn't call the module), and in a layer whose linear1 falls back to peft's own forward (a merged or
-disabled adapter, several adapters, a variant: peft reads norm2's output twice, its LoRA branch in float32).
+without autocast, on a non-float32 stream, without gradient (validation, generation), and in a layer whose linear1
+falls back to peft's own forward (a merged or disabled adapter, several adapters, a variant: peft reads norm2's output
+twice, its LoRA branch in float32). A norm with forward hooks of its own is called as a module, its add apart (the
+fused add doesn't call the module); backward and global module hooks of norm_cross and norm2 are not run.
 
 `install` swaps classes (names, state dict and deepcopy unchanged; `remove` swaps back): the norms of AudioCraft's
 pre-norm transformer layers become `FusedLayerNorm` (still `nn.LayerNorm`s) and the layers `FusedResidualLayer`
@@ -40,7 +41,7 @@ import contextlib
 import threading
 import typing as tp
 
-from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 import torch
 from torch import nn
 
@@ -50,7 +51,7 @@ from .attention_dtype import _in_autocast_dtype
 from .fast_lora import FastLoraLinear
 from .norm_kernels import MAX_WIDTH, aten_backward, aten_forward, triton_backward, triton_forward, triton_ok
 
-__all__ = ['FusedLayerNorm', 'FusedResidualLayer', 'install', 'remove', 'check_kernels', 'unfused', 'layer_norm_to',
+__all__ = ['FusedLayerNorm', 'FusedResidualLayer', 'install', 'remove', 'check_kernels', 'layer_norm_to',
            'add_layer_norm_to']
 
 Tensor = torch.Tensor
@@ -178,8 +179,10 @@ _UNFUSED = _Unfused()
 
 
 @contextlib.contextmanager
-def unfused():
-    """Within it, FusedLayerNorm runs nn.LayerNorm's forward (a layer whose norm output would have two readers)."""
+def _unfused():
+    """Within it, FusedLayerNorm runs nn.LayerNorm's forward: what FusedResidualLayer runs its forward in where a norm
+    output would have two readers. (Only around a forward that checkpointing recomputes with it: wrapped around a
+    checkpointed call from outside, the recompute would run without it and torch would find other saved tensors.)"""
     _UNFUSED.depth += 1
     try:
         yield
@@ -191,7 +194,7 @@ class FusedLayerNorm(nn.LayerNorm):
     """An `nn.LayerNorm` that, in training steps under autocast, returns its float32 input's norm in the autocast
     dtype from one op (`layer_norm_to`); anything else is nn.LayerNorm's forward: no autocast, trainable weights, a
     bf16 input, and no gradient (validation and generation: a custom op's Python dispatch costs ~10 us more than
-    ATen's three ops, which a token-by-token generation, bound by the host, would feel), or inside `unfused()`."""
+    ATen's three ops, which a token-by-token generation, bound by the host, would feel), or inside `_unfused()`."""
 
     def fused_dtype(self, x: Tensor) -> tp.Optional[torch.dtype]:
         """The dtype the fused op writes for `x`, or None where nn.LayerNorm's forward runs."""
@@ -211,8 +214,9 @@ class FusedLayerNorm(nn.LayerNorm):
         return layer_norm_to(x, self.weight, self.bias, float(self.eps), dtype)[0]
 
     def add_and_norm(self, x: Tensor, y: Tensor) -> tp.Tuple[Tensor, Tensor]:
-        """`h = x + y` and `self(h)`, from one op where it applies. Not where the norm has hooks of its own (the op
-        doesn't call the module: they would not run), but for attention_dtype's (a cast the op makes anyway)."""
+        """`h = x + y` and `self(h)`, from one op where it applies. Where the norm has forward (pre-)hooks of its own
+        (but attention_dtype's, a cast the op makes anyway) the add runs apart and the norm as a module, so that they
+        run (and see its output in the autocast dtype). Backward hooks and global module hooks are not run."""
         dtype = self.fused_dtype(x)
         if (dtype is None or y.shape != x.shape or not y.is_floating_point() or y.device != x.device
                 or self._forward_pre_hooks or any(hook is not _in_autocast_dtype
@@ -232,7 +236,7 @@ class FusedResidualLayer(StreamingTransformerLayer):
                 src_key_padding_mask: tp.Optional[Tensor] = None, cross_attention_src: tp.Optional[Tensor] = None):
         cross = cross_attention_src is not None
         if not _one_reader(self.linear1):  # peft's own forward reads norm2's output twice: AudioCraft's norms
-            with unfused():
+            with _unfused():
                 return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
         if (not self.norm_first or cross != (self.cross_attention is not None) or type(self.norm2) is not FusedLayerNorm
                 or (cross and type(self.norm_cross) is not FusedLayerNorm)):
@@ -251,7 +255,7 @@ def _one_reader(linear: nn.Module) -> bool:
     peft's own forward (what FastLoraLinear falls back to with a merged or disabled adapter, several adapters or a
     variant) reads it twice, the LoRA branch in float32: there the gradients would be summed in bf16 and the dropout
     round twice."""
-    if not isinstance(linear, LoraLinear):
+    if not isinstance(linear, LoraLayer):
         return True
     return isinstance(linear, FastLoraLinear) and linear._fast_adapter({}) is not None
 

@@ -11,6 +11,7 @@ out (round to nearest even on the float32 bits) so that Triton's interpreter, wh
 tests run these kernels on CPU tensors under `TRITON_INTERPRET=1`.
 """
 import contextlib
+import functools
 import logging
 import typing as tp
 
@@ -48,6 +49,7 @@ def aten_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mea
     return dx, (None if y_dtype is None else dx.to(y_dtype, copy=True))
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels():
     """Imported at first use (norm_triton.py: Triton's JIT kernels, defined at import: `TRITON_INTERPRET=1` in the
     environment by then runs them on CPU tensors); an ImportError where there is no Triton."""
@@ -141,25 +143,34 @@ def triton_ok(device: tp.Union[str, torch.device], width: int = 333) -> bool:
 
 
 def _agrees(device: torch.device, width: int) -> bool:
+    """The kernels against ATen at `width`: spread, nearly constant (`eps` counts) and constant rows; bf16, fp16 and
+    float32 (LayerScale's) branches; gradients with a part along the normalized input (the backward's `xhat * c1`
+    term), compared row by row (the nearly constant rows' gradients are ~1000x the others')."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, device=device, generator=gen)
     x = torch.cat([randn(64, width) * 3 + 1, 1 + 1e-4 * randn(5, width), torch.full((1, width), 0.5, device=device)])
     w, b = randn(width), randn(width)
+    xhat = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-3)
     gh = randn(*x.shape)
     ok = True
-    for dtype in (torch.bfloat16, torch.float16):
-        y, g = randn(*x.shape).to(dtype), randn(*x.shape).to(dtype)
-        for branch in (None, y):
+    for dtype, branch_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                (torch.bfloat16, torch.float32)):
+        y, g = randn(*x.shape).to(branch_dtype), (xhat + randn(*x.shape)).to(dtype)
+        for branch in ((None, y) if branch_dtype != torch.float32 else (y,)):
             got, ref = triton_forward(x, branch, w, b, 1e-5, dtype), aten_forward(x, branch, w, b, 1e-5, dtype)
-            ok &= all(bool(torch.allclose(a.float(), r.float(), rtol=1e-2, atol=1e-2))
-                      for a, r in zip(got, ref) if r is not None)
+            ok &= all(_rows_close(a.float(), r.float(), 1e-2) for a, r in zip(got, ref) if r is not None)
             h = x if branch is None else ref[0]
-            grads = (None, None) if branch is None else (gh, dtype)
+            grads = (None, None) if branch is None else (gh, branch_dtype)
             (dx, dy), (rdx, rdy) = (triton_backward(g, h, w, ref[2], ref[3], *grads),
                                     aten_backward(g, h, w, ref[2], ref[3], *grads))
-            ok &= bool(torch.allclose(dx, rdx, rtol=1e-3, atol=1e-3 * float(rdx.abs().max())))
-            ok &= dy is None if rdy is None else bool(torch.allclose(dy.float(), rdy.float(), rtol=1e-2,
-                                                                     atol=1e-2 * float(rdy.abs().max())))
+            ok &= _rows_close(dx, rdx, 1e-4)
+            ok &= dy is None if rdy is None else _rows_close(dy.float(), rdy.float(), 1e-2)
     return ok
+
+
+def _rows_close(got: torch.Tensor, ref: torch.Tensor, tolerance: float) -> bool:
+    """Each row within `tolerance` of its own largest value (a row's scale, not the tensor's)."""
+    scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    return bool(((got - ref).abs() <= tolerance * scale).all())

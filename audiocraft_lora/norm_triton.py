@@ -8,10 +8,10 @@ __all__ = ['triton', 'forward_kernel', 'backward_kernel']
 
 @triton.jit
 def store(pointer, value, inside, BF16: tl.constexpr):
-    if BF16:  # to nearest even by hand (the pointer: a bf16 tensor viewed as int16); NaN stays NaN
+    if BF16:  # to nearest even by hand (the pointer: a bf16 tensor viewed as int16)
         bits = value.to(tl.uint32, bitcast=True)
+        bits = tl.where(value != value, 0x7FC00000, bits)  # any NaN as the quiet one first: no carry out of it
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        bits = tl.where(value != value, 0x7FC0, bits)
         tl.store(pointer, bits.to(tl.int16), mask=inside)  # (truncated: the low 16 bits)
     else:
         tl.store(pointer, value.to(pointer.dtype.element_ty), mask=inside)

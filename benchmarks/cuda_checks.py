@@ -315,7 +315,7 @@ def graphs_on_cuda(pkg):
     """lora.graph_layers: the layers replayed as CUDA graphs give eager's losses and gradients (text lengths
     changing between steps, beyond graph_shapes too, eval calls in between, adapters updated by fused AdamW), and
     with LoRA dropout draw a new mask at every replay."""
-    from audiocraft_lora import layer_graphs
+    from audiocraft_lora import fused_norms, layer_graphs
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
     for dropout, bucket in ((0.0, 1), (0.1, 1), (0.0, 32)):
@@ -329,6 +329,7 @@ def graphs_on_cuda(pkg):
             inject_lora(lm, LoRASettings(rank=8, alpha=16, dropout=dropout, init='random'))
             lm = lm.cuda()
             apply_to_model(lm, SpeedSettings(), autocast=True, autocast_dtype=torch.bfloat16)
+            fused_norms.check_kernels(lm)  # (as the solver does, before any capture)
             graphs = layer_graphs.install(lm, max_shapes=2, text_bucket=bucket) if graphed else None
             opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
             torch.cuda.synchronize()
