@@ -5,6 +5,7 @@ START=$SECONDS
 left() { local l=$(( DEADLINE - (SECONDS - START) )); [ "$1" -lt "$l" ] && echo "$1" || echo $(( l > 5 ? l : 5 )); }
 quiet() { grep -v -i "xformers\|warn\|transformers\]\|PyTorch 2\|Python  3\|Memory-efficient\|gpuGetDeviceCount"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AUDIOCRAFT_LORA_CACHE=/tmp/alcache AUDIOCRAFT_LORA_DORA_DIR=/tmp/alxps
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton_cache}"  # (lora.fused_norms compiles its kernels there)
 # (make_wheels.sh splits the wheels into .whl and .whl2, each under the carry limit: a first call carries .whl2 and
 # installs it, the next carries .whl; /tmp/site stays while the machine is warm)
 for wheels in .whl .whl2; do
