@@ -90,3 +90,38 @@ def write_tiny_htdemucs(torch_home: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({'klass': HTDemucs, 'args': [sources], 'kwargs': kwargs, 'state': model.state_dict()}, path)
     return path
+
+
+def debug_lora_lm(dropout: float = 0.0):
+    """The debug base's LM with a random rank-4 LoRA (fast path), in training mode, seeded."""
+    from audiocraft_lora import base_models
+    from audiocraft_lora.lora import LoRASettings, inject_lora
+    torch.manual_seed(0)
+    lm = base_models.build_lm(base_models.load_lm_package(base_models.resolve_base('debug')))
+    inject_lora(lm, LoRASettings(rank=4, alpha=8, init='random', dropout=dropout))
+    return lm.train()
+
+
+def lora_step(lm, codes: torch.Tensor, autocast: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """(logits, cross-entropy, adapter gradients) of one CPU training forward/backward on `codes` with the same
+    dropout draws every call (seed 1), under autocast to `dtype`."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+    from audiocraft.solvers.musicgen import MusicGenSolver
+    from audiocraft_lora.lora import lora_parameters
+    torch.manual_seed(1)
+    attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(codes.shape[0])]
+    with torch.autocast('cpu', dtype=dtype, enabled=autocast):
+        out = lm.compute_predictions(codes, [], lm.condition_provider(lm.condition_provider.tokenize(attributes)))
+        ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
+    grads = torch.autograd.grad(ce, [p for p in lora_parameters(lm).values() if p.requires_grad])
+    return torch.nan_to_num(out.logits), ce, grads  # (NaN where the delay pattern has no token)
+
+
+def sample_tokens(lm) -> torch.Tensor:
+    """AudioCraft's token-by-token generation (streaming cache, CFG, top-k sampling, seed 4) of 12 steps for two
+    'trap beat' prompts, under CPU bf16 autocast."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+    conditions = [ConditioningAttributes(text={'description': 'trap beat'}) for _ in range(2)]
+    torch.manual_seed(4)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        return lm.generate(None, conditions, max_gen_len=12, use_sampling=True, top_k=50, cfg_coef=3.0)

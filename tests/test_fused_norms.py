@@ -13,32 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from audiocraft.modules.conditioners import ConditioningAttributes
-from audiocraft.solvers.musicgen import MusicGenSolver
-
 from audiocraft_lora import base_models, fused_norms, norm_kernels
-from audiocraft_lora.lora import LoRASettings, inject_lora, lora_parameters
 from audiocraft_lora.speed import SpeedSettings, apply_to_model
+
+from helpers import debug_lora_lm as _lm, lora_step as _step, sample_tokens
 
 OP = 'audiocraft_lora.layer_norm_to.default'
 ADD_OP = 'audiocraft_lora.add_layer_norm_to.default'
-
-
-def _lm(dropout: float = 0.0):
-    torch.manual_seed(0)
-    lm = base_models.build_lm(base_models.load_lm_package(base_models.resolve_base('debug')))
-    inject_lora(lm, LoRASettings(rank=4, alpha=8, init='random', dropout=dropout))
-    return lm.train()
-
-
-def _step(lm, codes, autocast=True, dtype=torch.bfloat16):
-    torch.manual_seed(1)  # the same dropout draws
-    attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(codes.shape[0])]
-    with torch.autocast('cpu', dtype=dtype, enabled=autocast):
-        out = lm.compute_predictions(codes, [], lm.condition_provider(lm.condition_provider.tokenize(attributes)))
-        ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
-    grads = torch.autograd.grad(ce, [p for p in lora_parameters(lm).values() if p.requires_grad])
-    return torch.nan_to_num(out.logits), ce, grads  # (NaN where the delay pattern has no token)
 
 
 class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
@@ -344,15 +325,12 @@ def test_generation_samples_the_same_tokens():
     apply_to_model(reference, SpeedSettings(fused_norms=False), True, torch.bfloat16)
     fused = copy.deepcopy(reference)
     apply_to_model(fused, SpeedSettings(), True, torch.bfloat16)
-    conditions = [ConditioningAttributes(text={'description': 'trap beat'}) for _ in range(2)]
-    tokens = []
-    for lm in (reference, fused):
-        torch.manual_seed(4)
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), _Ops() as ops:
-            tokens.append(lm.generate(None, conditions, max_gen_len=12, use_sampling=True, top_k=50, cfg_coef=3.0))
+    expected = sample_tokens(reference)
+    with _Ops() as ops:
+        got = sample_tokens(fused)
     assert ADD_OP not in ops.counts and OP not in ops.counts and ops.counts['aten.native_layer_norm.default'] > 0
     assert type(fused.transformer.layers[0]) is fused_norms.FusedResidualLayer
-    assert torch.equal(tokens[0], tokens[1])
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize('norm_first, cross, layer_scale', [(True, False, None), (False, True, None),
