@@ -3,18 +3,29 @@
 At batch 4, or 15 s segments, a LoRA step on a GPU is bound by the host: the GPU work of musicgen-small at batch 4 x
 30 s is ~0.65x that of full fine-tuning, but the ~2,200 kernel launches, AudioCraft's attention, peft and the fast
 path's Python take longer than the kernels (`benchmarks/gpu_model.py`). `torch.cuda.make_graphed_callables` records
-each layer's forward and backward once and then replays each as one launch, with the very kernels eager mode runs:
+the layers' forward and backward once and then replays each as one launch, with the very kernels eager mode runs:
 the same values as eager (unlike inductor's), none of the Python at replay. Measured on an H100 (session 12,
-`benchmarks/step_time.py`): musicgen-small batch 4 x 30 s, 0.058 s a step against 0.166 s eager and 0.116 s for
-AudioCraft's full fine-tuning; medium batch 4, 0.163 vs 0.295 and 0.238 s.
+`benchmarks/step_time.py`, a graph per layer then): musicgen-small batch 4 x 30 s, 0.058 s a step against 0.166 s
+eager and 0.116 s for AudioCraft's full fine-tuning; medium batch 4, 0.163 vs 0.295 and 0.238 s.
 
 How it stays exact and lean:
 
 - One capture per input signature (the shapes of the layer input and of the text conditioning, dtypes, autocast),
-  of *all* layers at once: forward graphs in layer order, backward graphs in reverse, as the step runs them, so the
-  captures may share one memory pool (`make_graphed_callables` of a tuple). Every signature uses that same pool
-  (only one signature runs in a step), and the same static layer inputs; what each signature adds is its layers'
-  static outputs and gradients (`memory_plan.static_bytes`).
+  of the whole layer stack as one callable (`_StackCall`): one forward graph of every layer in order, one backward
+  graph. The transformer's `_apply_layer` hook (the one AudioCraft's checkpointing and ours use) dispatches: in a
+  graphed step the first layer's call replays the stack, and each later layer's call hands its output on as it is.
+  Between layers nothing is static: a graph per layer (sessions 12-14) kept each layer's static input, output,
+  incoming and outgoing gradient beside the pool (4 x 24 float32 activations at small, ~9 GiB at batch 16 x 30 s,
+  +4.3 GiB reserved over the eager step measured) and copied every layer's input and gradient in and out at each
+  replay. Every signature uses one memory pool (only one signature runs in a step) and the same static input; what
+  each adds is its static output and incoming gradient (`memory_plan.static_bytes`).
+- `lora.activation_checkpointing=selective` runs inside the capture (`run_captured`): each layer's backward graph
+  recomputes what selective's policy leaves out (norms, GELU, copies), so the pool holds a selective step's
+  activations (estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what random ops drew (LoRA
+  dropout's output and mask: the generator's state can't be saved and restored inside a capture, so a mask drawn
+  again in backward would be another; recompute.selective_context's `save_random`). The memory plan leaves the
+  graphs off under selective with LoRA dropout (its estimate of the selective step doesn't hold the masks:
+  `memory_plan.plan_graphs`). Whole-layer checkpointing (`torch`) is refused: it would draw the masks again.
 - Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
   longest description of the batch, so its length varies (with AudioCraft's text augmentation, at most steps:
   benchmarks/text_lengths.py). Graphed steps pad it on to a multiple of `lora.graph_text_bucket` tokens, the added
@@ -29,9 +40,8 @@ How it stays exact and lean:
 - Nothing outside the graphs may change what they read behind their back: the shared adapter casts
   (adapter_casts), refreshed by a Python check, are taken away (each projection casts its adapter inside the graph);
   LoRA dropout masks are drawn inside the graph from CUDA's generator (graph-safe: a new mask at every replay; the
-  capture itself runs on a forked generator, so replays draw the masks eager steps would), so
-  replayed dropout masks (`dropout_replay`, CPU generator state) and activation checkpointing are not combined with
-  it (`speed.resolve_graph_layers`).
+  capture itself runs on a forked generator, so replays draw the masks eager steps would), so replayed dropout masks
+  (`dropout_replay`, CPU generator state) are not combined with it (`SpeedSettings.graph_layers_clash`).
 
 A capture that fails (other than for memory) leaves the layers eager with a warning under `lora.graph_layers=auto`
 where CUDA's generator still works (a capture that failed midway can leave it in capture mode), and raises under
@@ -43,10 +53,12 @@ Gradients: a graph's backward hands autograd its static gradient buffers, which 
 (no copy); they must be cleared with `zero_grad(set_to_none=True)` (torch's default, what AudioCraft's step does)
 between backward passes: accumulating two backward passes into them would double the second.
 
-Parameter and state-dict names don't change (each layer's `forward` becomes an instance attribute; `remove` undoes
-it). Tests: tests/test_layer_graphs.py (the dispatch, on CPU, with torch's capture function stood in for), and
+Parameter and state-dict names don't change (the transformer's `_apply_layer` becomes an instance attribute;
+`remove` puts back the one it replaced). Tests: tests/test_layer_graphs.py (the dispatch, on CPU, with torch's
+capture function stood in for), and
 benchmarks/cuda_checks.py (the real graphs on a GPU: six steps over changing text lengths give eager's losses and
-gradients bit for bit at exact text lengths, `text_bucket=1`; with LoRA dropout each replay draws a new mask), and
+gradients bit for bit at exact text lengths, `text_bucket=1`; with LoRA dropout each replay draws a new mask; with
+selective checkpointing inside, eager selective's values), and
 tests/test_text_buckets.py (padded text: eager's values up to summation order).
 """
 import contextlib
@@ -60,7 +72,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import text_buckets
+from . import recompute, text_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -69,47 +81,60 @@ __all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'all_ranks_agree']
 Key = tp.Tuple[tp.Any, ...]
 
 
-class _LayerCall(nn.Module):
-    """`layer(x, cross_attention_src=cross)` with positional tensors only (what make_graphed_callables takes, and
-    replaces this module's forward with the graphs: one per capture), through `run` (`LayerGraphs.run_eager`)."""
+class _StackCall(nn.Module):
+    """Every transformer layer in turn, `run(index, x, cross)` each, with positional tensors only: what
+    make_graphed_callables takes (it replaces this module's forward with the graphs: one forward graph and one backward
+    graph of the whole stack per capture)."""
 
-    def __init__(self, layer: nn.Module, run: tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    def __init__(self, layers: tp.Sequence[nn.Module],
+                 run: tp.Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.layer = layer  # (its parameters are the graphs')
+        self.layers = nn.ModuleList(layers)  # (their parameters are the graphs')
         self.run = run
 
     def forward(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-        return self.run(x, cross)
+        for index in range(len(self.layers)):
+            x = self.run(index, x, cross)
+        return x
 
 
 class LayerGraphs:
-    """The graphs of one LM's transformer layers, keyed by input signature, and the dispatch of each layer's call.
+    """The graphs of one LM's transformer layers, keyed by input signature, and the dispatch of each layer's call
+    (`apply_layer`, the transformer's `_apply_layer` hook).
 
     `capture` is torch.cuda.make_graphed_callables (tests stand something else in on CPU); `device_type` is where
-    calls are graphed."""
+    calls are graphed; `planned` is the hook it replaced (recompute's checkpointing plan, or AudioCraft's), which
+    every call the graphs don't take goes through (None: the layer itself); `capture_context`: the `context_fn` of
+    the layers whose plan is `selective`, inside the captures (recompute.selective_context, with `save_random`)."""
 
     def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
                  capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
                  strict: bool = False,
                  agree: tp.Optional[tp.Callable[[tp.Sequence[int], torch.device], tp.List[int]]] = None,
-                 buckets: tp.Optional[text_buckets.TextBuckets] = None):
+                 buckets: tp.Optional[text_buckets.TextBuckets] = None,
+                 planned: tp.Optional[tp.Callable] = None, capture_context: tp.Optional[tp.Callable] = None):
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.layers = list(layers)
-        self.eager = [layer.forward for layer in self.layers]  # bound before `install` shadows them
+        self.index = {id(layer): index for index, layer in enumerate(self.layers)}
         self.max_shapes = int(max_shapes)
         self.capture = capture or torch.cuda.make_graphed_callables
         self.pool = pool
         self.device_type = device_type
-        self.sets: tp.Dict[Key, tp.Tuple[tp.Tuple[tp.Callable, ...], tp.List[bool]]] = {}  # graphs, input grads
-        self.inputs: tp.Dict[Key, tp.List[torch.Tensor]] = {}  # static layer inputs, shared by the signatures
+        self.sets: tp.Dict[Key, tp.Tuple[tp.Callable, bool]] = {}  # the stack's graphs, whether its input has a grad
+        self.inputs: tp.Dict[Key, torch.Tensor] = {}  # the static stack input, shared by the signatures
         self.active: tp.Optional[Key] = None  # the signature of the step in flight (set by the first layer)
+        self.through: tp.Optional[torch.Tensor] = None  # the replayed stack's output, which the later layers pass on
         self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0}
         self.strict = strict  # a capture that fails raises (lora.graph_layers=true), else training goes on eagerly
         self.agree = agree  # with several ranks: the MIN of some flags over the ranks (all_ranks_agree)
         self.failed: tp.Optional[str] = None
         self.on_failure: tp.Optional[tp.Callable[[], tp.Any]] = None  # what undoes install's changes (eager again)
         self.buckets = buckets  # the text conditioning padded to a few lengths, the added keys masked (text_buckets)
+        self.planned = planned
+        self.capture_context = capture_context
+        self.transformer: tp.Optional[nn.Module] = None  # whose `_apply_layer` this is (install)
+        self.replaced: tp.Optional[tp.Callable] = None  # the instance's own hook it replaced (recompute's), if any
 
     # ------------------------------------------------------------------ dispatch
     def graphable(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
@@ -125,12 +150,24 @@ class LayerGraphs:
         return (tuple(x.shape), x.dtype, x.requires_grad, tuple(cross.shape), cross.dtype, cross.requires_grad,
                 x.device, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
 
-    def forward(self, index: int, x: torch.Tensor, *args, cross_attention_src: tp.Optional[torch.Tensor] = None,
-                src_mask: tp.Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """Layer `index`'s call: its graph for this signature, or its eager forward."""
-        layer = self.layers[index]
-        if self.failed or not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask):
-            return self.eager[index](x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
+    def apply_layer(self, layer: nn.Module, x: torch.Tensor, *args,
+                    cross_attention_src: tp.Optional[torch.Tensor] = None,
+                    src_mask: tp.Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """The transformer's call of `layer`. In a graphed step the first layer replays the whole stack's graph, and
+        each later layer hands that output on as it is; other calls run as without the graphs (`planned`)."""
+        index = self.index.get(id(layer))
+        if index is None or self.failed or not self.graphable(layer, x, args, kwargs, cross_attention_src,
+                                                               src_mask):
+            self.through = None
+            if self.planned is None:
+                return layer(x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
+            return self.planned(layer, x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
+        if index and self.through is not None and x is self.through:  # (the stack's graph ran this layer)
+            self.stats['graphed_calls'] += 1
+            if index == len(self.layers) - 1:
+                self.through = None
+            return x
+        self.through = None
         cross = cross_attention_src
         if self.buckets is not None:
             cross = self.buckets.padded(cross) if index else self.buckets.pad(cross, self.padded_size(x, cross))
@@ -147,15 +184,16 @@ class LayerGraphs:
                     self.sets[key] = self._capture(key, x, cross)
                 except Exception as error:
                     if self._capture_failed(error, x.device):  # the text mask refused: graphs at exact lengths
-                        return self.forward(index, x, cross_attention_src=cross_attention_src, src_mask=src_mask)
-                    return self.eager[index](x, cross_attention_src=cross_attention_src)
+                        return self.apply_layer(layer, x, cross_attention_src=cross_attention_src,
+                                                src_mask=src_mask)
+                    return self.apply_layer(layer, x, cross_attention_src=cross_attention_src)  # (eager: failed)
             if self.agree is not None and graphed and anyone_captures and not self.agree([1], x.device)[0]:
                 raise RuntimeError("Capturing the CUDA graphs of the transformer layers failed on another rank (its "
                                    "log says why). Rerun with lora.graph_layers=false (outside the XP signature: it "
                                    "resumes from the last checkpoint).")
             self.active = key if graphed and key in self.sets else None
         entry = self.sets.get(self.active) if self.active is not None else None
-        if entry is None or x.requires_grad != entry[1][index] or tuple(x.shape) != self.active[0]:
+        if index or entry is None or x.requires_grad != entry[1] or tuple(x.shape) != self.active[0]:
             # Eagerly, recomputed in backward: the graphs' pool keeps a step's activations for itself, so an eager
             # step beside it keeps only its layer inputs (torch's checkpoint: the same values, masks included)
             self.stats['eager_calls'] += 1
@@ -163,7 +201,9 @@ class LayerGraphs:
             mask = self.buckets.mask_for(cross).clone() if self.buckets is not None else None
             return checkpoint(self.run_eager, index, x, cross, mask, use_reentrant=False)
         self.stats['graphed_calls'] += 1
-        return entry[0][index](x, cross)
+        out = entry[0](x, cross)
+        self.through = out if len(self.layers) > 1 else None
+        return out
 
     def padded_size(self, x: torch.Tensor, cross: torch.Tensor) -> int:
         """The text length a step's conditioning is padded to: the next multiple of the bucket, or, when that has no
@@ -181,10 +221,20 @@ class LayerGraphs:
                   mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """Layer `index`'s eager forward on a graphable call's tensors (captured, or recomputed in backward: the text
         mask, the shared one or `mask`, is applied in both)."""
+        layer = self.layers[index]
         if self.buckets is None:
-            return self.eager[index](x, cross_attention_src=cross)
+            return layer(x, cross_attention_src=cross)
         with self.buckets.applied(cross, mask):
-            return self.eager[index](x, cross_attention_src=cross)
+            return layer(x, cross_attention_src=cross)
+
+    def run_captured(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """Layer `index` inside the stack's capture, on its checkpointing plan: `selective` recomputes in the
+        backward graph what its policy leaves out, drawing no random numbers there (`capture_context` keeps what
+        random ops drew: the generator's state can't be saved and restored inside a capture)."""
+        if recompute.layer_plan(self.layers[index]) == 'selective' and self.capture_context is not None:
+            return checkpoint(self.run_eager, index, x, cross, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=self.capture_context)
+        return self.run_eager(index, x, cross)
 
     def _capture_failed(self, error: Exception, device: torch.device) -> bool:
         """After a failed capture: True where the attention kernels refused the text mask (single process), the
@@ -216,22 +266,15 @@ class LayerGraphs:
         return False
 
     # ------------------------------------------------------------------ capture
-    def _capture(self, key: Key, x: torch.Tensor,
-                 cross: torch.Tensor) -> tp.Tuple[tp.Tuple[tp.Callable, ...], tp.List[bool]]:
+    def _capture(self, key: Key, x: torch.Tensor, cross: torch.Tensor) -> tp.Tuple[tp.Callable, bool]:
         start = time.time()
-        grads = [bool(x.requires_grad)]  # whether each layer's input needs a gradient
-        for layer in self.layers[:-1]:
-            grads.append(grads[-1] or any(p.requires_grad for p in layer.parameters()))
-        shape_key = (tuple(x.shape), x.dtype, x.device, tuple(grads))
-        inputs = self.inputs.get(shape_key)
-        if inputs is None:  # the same static inputs for every signature: one step runs one signature
-            inputs = [x.detach().clone().requires_grad_(grad) for grad in grads]
-            self.inputs[shape_key] = inputs
-        # one text buffer for every layer: each replay copies the same values into it
+        shape_key = (tuple(x.shape), x.dtype, x.device, bool(x.requires_grad))
+        static_x = self.inputs.get(shape_key)
+        if static_x is None:  # the same static input for every signature: one step runs one signature
+            static_x = x.detach().clone().requires_grad_(x.requires_grad)
+            self.inputs[shape_key] = static_x
         static_cross = cross.detach().clone().requires_grad_(cross.requires_grad)
-        calls = tuple(_LayerCall(layer, functools.partial(self.run_eager, index))
-                      for index, layer in enumerate(self.layers))
-        samples = tuple((inputs[i], static_cross) for i in range(len(calls)))
+        stack = _StackCall(self.layers, self.run_captured)
         if self.pool is None and self.device_type == 'cuda':
             self.pool = torch.cuda.graph_pool_handle()
         cache = torch.is_autocast_cache_enabled()
@@ -242,23 +285,23 @@ class LayerGraphs:
         devices = [x.device] if x.device.type == 'cuda' else []
         try:
             with torch.random.fork_rng(devices=devices), _thread_local_capture(), _sync_expected():
-                graphed = self.capture(calls, samples, num_warmup_iters=3, pool=self.pool)
+                graphed = self.capture((stack,), ((static_x, static_cross),), num_warmup_iters=3, pool=self.pool)
         finally:
             torch.set_autocast_cache_enabled(cache)
         seconds = time.time() - start
         self.stats['captures'] += 1
         self.stats['capture_seconds'] += seconds
         logger.info("CUDA graphs of %d transformer layers captured for layer input %s and text conditioning %s in "
-                    "%.1f s (signature %d of at most %d, lora.graph_shapes)", len(calls), list(x.shape),
+                    "%.1f s (signature %d of at most %d, lora.graph_shapes)", len(self.layers), list(x.shape),
                     list(cross.shape), seconds, len(self.sets) + 1, self.max_shapes)
-        return tuple(graphed), grads
+        return graphed[0], bool(x.requires_grad)
 
     def release(self) -> None:
         """Drop every captured graph and static input (their memory goes back to the allocator once nothing else
         holds them)."""
         self.sets.clear()
         self.inputs.clear()
-        self.active, self.pool = None, None
+        self.active, self.pool, self.through = None, None, None
         if self.buckets is not None:
             self.buckets.release()
 
@@ -338,8 +381,9 @@ def _thread_local_capture():
 def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,
             device_type: str = 'cuda', strict: bool = False, distributed: bool = False,
             text_bucket: int = 1) -> LayerGraphs:
-    """Route the training calls of every transformer layer of AudioCraft LM `model` through CUDA graphs (each layer's
-    `forward` becomes an instance attribute; names, parameters and state dict don't change). Takes the shared
+    """Route the training calls of every transformer layer of AudioCraft LM `model` through CUDA graphs of the whole
+    stack (the transformer's `_apply_layer` becomes an instance attribute: install after the checkpointing plan,
+    which it keeps; names, parameters and state dict don't change). Takes the shared
     adapter casts away (graphed projections cast their adapters themselves). `strict`: a failed capture raises
     instead of leaving the layers eager; `distributed`: the ranks agree on every step (`all_ranks_agree`), and a
     failed capture raises (one rank eager while the others replay would pair their gradient all-reduces wrongly);
@@ -351,6 +395,10 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
     if transformer is None or not hasattr(transformer, 'layers'):
         raise TypeError("lora.graph_layers needs AudioCraft's StreamingTransformer LM (model.transformer.layers).")
     remove(model)
+    plans = {recompute.layer_plan(layer) for layer in transformer.layers}
+    if 'torch' in plans or getattr(transformer, 'checkpointing', 'none') != 'none':
+        raise ValueError("Whole-layer activation checkpointing (lora.activation_checkpointing=torch) can't run inside "
+                         "the layers' CUDA graphs: use selective or none with lora.graph_layers.")
     shared = unshare_adapter_casts(model) > 0
     # The first backward after a capture meets the adapters' AccumulateGrad nodes that the capture's warmup made on
     # its side stream, and torch warns once that it may synchronise there (measured: same values, bit for bit).
@@ -363,14 +411,16 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
                         "needs AudioCraft's masked attention): %s.", text_bucket, reason)
         else:
             buckets = text_buckets.install(transformer.layers, text_bucket)
+    context = (recompute.selective_context(recompute.max_lora_rank(model), save_random=True)
+               if 'selective' in plans else None)
     graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type,
                          strict=strict or distributed, agree=all_ranks_agree if distributed else None,
-                         buckets=buckets)
+                         buckets=buckets, planned=transformer._apply_layer, capture_context=context)
+    graphs.transformer, graphs.replaced = transformer, transformer.__dict__.get('_apply_layer')
     if shared:  # a failed capture gives the eager steps their shared adapter casts back
         from .adapter_casts import share_adapter_casts
         graphs.on_failure = functools.partial(share_adapter_casts, model)
-    for index, layer in enumerate(graphs.layers):
-        layer.forward = functools.partial(graphs.forward, index)
+    transformer._apply_layer = graphs.apply_layer  # (an instance attribute, as recompute's plans)
     model.__dict__['_lora_layer_graphs'] = graphs
     return graphs
 
@@ -385,8 +435,9 @@ def remove(model: nn.Module) -> bool:
     graphs = model.__dict__.pop('_lora_layer_graphs', None)
     if graphs is None:
         return False
-    for layer in graphs.layers:
-        layer.__dict__.pop('forward', None)
+    graphs.transformer.__dict__.pop('_apply_layer', None)
+    if graphs.replaced is not None:  # (recompute's plan back)
+        graphs.transformer._apply_layer = graphs.replaced
     text_buckets.remove(graphs.layers)
     graphs.release()
     return True

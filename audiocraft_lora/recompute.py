@@ -9,6 +9,7 @@ copies and the rank-r LoRA updates. A plan may mix them: `mode` on `fraction` of
 import functools
 import typing as tp
 
+import torch
 from torch import nn
 
 from .errors import LoRAConfigError
@@ -19,6 +20,9 @@ def set_checkpointing(model: nn.Module, mode: str, fraction: float = 1.0, rest: 
     transformer = getattr(model, 'transformer', None)
     if transformer is None or not hasattr(transformer, 'checkpointing'):
         raise LoRAConfigError("lora.activation_checkpointing needs AudioCraft's StreamingTransformer LM.")
+    if '_lora_layer_graphs' in model.__dict__:  # (their hook holds the plan they were installed on)
+        raise RuntimeError("Remove the layers' CUDA graphs (layer_graphs.remove) before changing the checkpointing "
+                           "plan, and install them again after.")
     transformer.__dict__.pop('_apply_layer', None)  # back to AudioCraft's own hook
     transformer.checkpointing = 'none'
     for layer in transformer.layers:
@@ -29,7 +33,7 @@ def set_checkpointing(model: nn.Module, mode: str, fraction: float = 1.0, rest: 
     if mode == 'torch':
         transformer.checkpointing = 'torch'  # AudioCraft's own per-layer checkpointing
     if mode != 'torch' or fraction < 1.0:
-        info['checkpointed_layers'] = checkpoint_layers(transformer, mode, fraction, _max_lora_rank(model), rest=rest)
+        info['checkpointed_layers'] = checkpoint_layers(transformer, mode, fraction, max_lora_rank(model), rest=rest)
         if rest != 'none':
             info['checkpoint_rest'] = rest
     return info
@@ -51,10 +55,14 @@ def _op_kind(op) -> tp.Tuple[str, int]:
     return 'other', -1
 
 
-def _selective_policy(max_cheap_rank: int, ctx, op, *args, **kwargs):
+def _selective_policy(max_cheap_rank: int, ctx, op, *args, save_random: bool = False, **kwargs):
     """Keep large matmul outputs and attention outputs; recompute the rest (pointwise, norms, copies, and matmuls
-    contracting over at most `max_cheap_rank`, i.e. the LoRA up-projections)."""
+    contracting over at most `max_cheap_rank`, i.e. the LoRA up-projections). `save_random`: also keep what random
+    ops drew (LoRA dropout's output and mask), so that backward draws nothing (inside a CUDA graph, where the
+    generator's state can't be saved and restored around the recompute)."""
     from torch.utils.checkpoint import CheckpointPolicy
+    if save_random and torch.Tag.nondeterministic_seeded in op.tags:
+        return CheckpointPolicy.MUST_SAVE
     kind, left = _op_kind(op)
     if kind == 'matmul':
         if args[left].shape[-1] > max_cheap_rank:
@@ -65,7 +73,9 @@ def _selective_policy(max_cheap_rank: int, ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _max_lora_rank(model: nn.Module) -> int:
+def max_lora_rank(model: nn.Module) -> int:
+    """The largest LoRA rank of `model`'s adapters (0 without any): selective's policy recomputes products that
+    contract over at most this many."""
     ranks = [m.weight.shape[0] for name, m in model.named_modules()
              if name.endswith('lora_A.default') and hasattr(m, 'weight')]
     ranks += [p.shape[0] for name, p in model.named_parameters() if name.endswith('in_proj.lora_A.weight')]
@@ -88,13 +98,22 @@ def checkpoint_layers(transformer: nn.Module, mode: str, fraction: float, max_ch
     `selective`), the others with `rest` (`none` or `selective`); returns the indices of the first group. Replaces the
     instance's `_apply_layer` hook (AudioCraft's own applies one method to every layer and only knows whole-layer
     torch checkpointing or xformers-internal policies)."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
     layers = list(transformer.layers)
     count = max(1, round(fraction * len(layers)))
     indices = sorted({int(i * len(layers) / count) for i in range(count)})
     for index, layer in enumerate(layers):
         layer._lora_checkpointing = mode if index in indices else rest
-    selective_context = functools.partial(create_selective_checkpoint_contexts,
-                                          functools.partial(_selective_policy, max_cheap_rank))
-    transformer._apply_layer = functools.partial(_apply_layer_planned, selective_context)
+    transformer._apply_layer = functools.partial(_apply_layer_planned, selective_context(max_cheap_rank))
     return indices
+
+
+def selective_context(max_cheap_rank: int, save_random: bool = False) -> tp.Callable:
+    """The `context_fn` of torch's checkpoint that runs `selective`'s policy (`save_random`: see _selective_policy)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    policy = functools.partial(_selective_policy, max_cheap_rank, save_random=save_random)
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def layer_plan(layer: nn.Module) -> str:
+    """What `layer` recomputes in backward: 'none', 'selective' or 'torch' (set by `checkpoint_layers`)."""
+    return getattr(layer, '_lora_checkpointing', 'none')

@@ -318,7 +318,7 @@ def graphs_on_cuda(pkg):
     from audiocraft_lora import fused_norms, layer_graphs
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
-    for dropout, bucket in ((0.0, 1), (0.1, 1), (0.0, 32)):
+    for dropout, bucket, plan in ((0.0, 1, 'none'), (0.1, 1, 'none'), (0.0, 32, 'none'), (0.1, 1, 'selective')):
         # (padded: 32, 64, 192, 32, 64, 32; 192 beyond graph_shapes=2, recomputed; cuDNN's masked backward had NaN
         # gradients at key lengths 64 mod 128, pytorch#196678)
         lengths = [3, 9, 3, 12, 9, 3] if bucket == 1 else [3, 40, 170, 9, 40, 3]
@@ -328,7 +328,8 @@ def graphs_on_cuda(pkg):
             lm = base_models.build_lm(pkg)
             inject_lora(lm, LoRASettings(rank=8, alpha=16, dropout=dropout, init='random'))
             lm = lm.cuda()
-            apply_to_model(lm, SpeedSettings(), autocast=True, autocast_dtype=torch.bfloat16)
+            apply_to_model(lm, SpeedSettings(activation_checkpointing=plan), autocast=True,
+                           autocast_dtype=torch.bfloat16)  # (selective: recomputed inside the graphs, eager alike)
             fused_norms.check_kernels(lm)  # (as the solver does, before any capture)
             graphs = layer_graphs.install(lm, max_shapes=2, text_bucket=bucket) if graphed else None
             opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
@@ -342,6 +343,11 @@ def graphs_on_cuda(pkg):
                   f"loss difference {max(abs(a - b) for a, b in zip(losses, eager_losses)):.2e}, worst relative "
                   f"grad difference {worst:.2e}, gradients finite {all(bool(g.isfinite().all()) for g in grads)}; "
                   f"{graphs.summary()}")
+        elif plan == 'selective':  # (the masks kept, not drawn again in the backward graph)
+            print(f"CUDA graphs with selective checkpointing inside, LoRA dropout 0.1, vs eager selective: losses "
+                  f"{[round(x, 4) for x in losses]} vs {[round(x, 4) for x in eager_losses]}, bit-equal "
+                  f"{losses == eager_losses}, worst relative grad difference {worst:.2e}; generator offsets equal: "
+                  f"{offsets == eager_offsets}; {graphs.summary()}")
         elif dropout == 0.0:
             print(f"CUDA graphs of the layers vs eager (bf16, text lengths {lengths}, graph_shapes=2): losses "
                   f"{[round(x, 5) for x in losses]} vs {[round(x, 5) for x in eager_losses]}, bit-equal "
@@ -351,7 +357,8 @@ def graphs_on_cuda(pkg):
                   f"{[round(x, 4) for x in eager_losses]}, bit-equal {losses == eager_losses}, worst relative grad "
                   f"difference {worst:.2e}; generator offsets after each step equal: {offsets == eager_offsets} "
                   f"({offsets})")
-    # the same input twice, no optimizer step: a new dropout mask at each replay gives another loss
+    # the same input twice, no optimizer step: a new dropout mask at each replay gives another loss (the last lm:
+    # LoRA dropout 0.1, selective inside the graphs)
     lm.train()
     text = torch.randn(codes.shape[0], 3, lm.dim, device='cuda')
     twice = []
@@ -362,7 +369,7 @@ def graphs_on_cuda(pkg):
             ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
         ce.backward()
         twice.append(float(ce))
-    print(f"CUDA graphs, dropout 0.1, one input replayed twice: losses {twice} (new mask each replay: "
+    print(f"CUDA graphs, dropout 0.1, selective, one input replayed twice: losses {twice} (new mask each replay: "
           f"{twice[0] != twice[1]})")
 
 

@@ -13,7 +13,9 @@
 # the long one. Results in $OUT (the tables in the log); DEADLINE (s, default 340) bounds the run. Session 13 added
 # the mixed-text-length row (small b4; ~40 s); session 14 the layer norms alone (benchmarks/norms.py, ~15 s),
 # `lora_graphed_unfused` at small b16 (the graphed step with AudioCraft's norms: what lora.fused_norms saves on the
-# GPU) and `lora_fast_keep_unfused` at small b4 (what its custom ops cost the host in an eager step).
+# GPU) and `lora_fast_keep_unfused` at small b4 (what its custom ops cost the host in an eager step); session 15
+# `lora_graphed_sac` at small and medium b16 (selective checkpointing inside the graphs, which since session 15 are
+# one graph each way for the whole layer stack: #7's memory target, 0.55x of full fine-tuning, at the graphs' speed).
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
@@ -29,7 +31,7 @@ run_case() {
 }
 for args in "--scale small --batch 4 --cases full,lora_fast_keep,lora_fast_keep_unfused,lora_graphed,lora_graphed_keep,hf_lora --iters 15 \
              --json $OUT/small_b4.json" \
-            "--scale small --batch 16 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,hf_lora \
+            "--scale small --batch 16 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,lora_graphed_sac,hf_lora \
              --json $OUT/small_b16.json"; do
   run_case $args
 done
@@ -42,7 +44,7 @@ if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head
   # (an H200: AudioCraft's full fine-tune of medium at batch 16 x 30 s needs ~130 GiB; an H100 runs none of it)
   # (lora_graphed_concat: every CONCAT_RANK_GEMMS part; the rank-r GEMMs are ~6% of the modelled LoRA step here)
   LIMIT=170 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
-    --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_concat,hf_lora
+    --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_sac,lora_graphed_concat,hf_lora
 fi
 for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases full,lora_fast,lora_graphed,hf_lora \
              --iters 10" \

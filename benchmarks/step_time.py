@@ -33,6 +33,9 @@ Cases (`--cases`, comma separated):
   lora_graphed_keep lora_graphed with the merged weights kept (what the solver runs on a GPU with LoRA dropout 0)
   lora_graphed_concat lora_graphed with the CONCAT_RANK_GEMMS parts of --concat-rank-gemms (as lora_fast_concat)
   lora_graphed_unfused lora_graphed with AudioCraft's layer norms (lora.fused_norms=false)
+  lora_graphed_sac lora_graphed with selective checkpointing recomputed inside the graphs
+                  (lora.activation_checkpointing=selective: the memory of lora_sac at the graphs' speed, less the
+                  recompute)
   lora_graphed_exact lora_graphed with each step's own text length (lora.graph_text_bucket=1, before session 13);
                   the graphed cases otherwise pad the text as the solver does (multiples of 32, keys masked)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
@@ -85,9 +88,10 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_unfused',
          'lora_fast_keep_unfused', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed',
          'lora_compile', 'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat',
-         'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'hf_lora', 'hf_full', 'encode')
+         'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'lora_graphed_sac', 'hf_lora',
+         'hf_full', 'encode')
 CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
-             'lora_graphed_keep_unfused')
+             'lora_graphed_keep_unfused', 'lora_graphed_sac')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -250,7 +254,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               fused_norms=not case.endswith('_unfused') and case != 'lora_fast_f32attn',
                               keep_merged_weights=case.startswith(('lora_fast_keep', 'lora_graphed_keep')),
                               activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
-                              else 'selective' if case == 'lora_sac' else 'none',
+                              else 'selective' if case in ('lora_sac', 'lora_graphed_sac') else 'none',
                               checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
                               checkpoint_rest='selective' if case == 'lora_mixed' else 'none',
                               compile=('inductor' if device == 'cuda' else 'aot_eager')
@@ -458,7 +462,7 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
                  'lora_fast_keep_unfused', 'lora_graphed_keep_unfused',
                  'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
                  'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact',
-                 'lora_graphed_unfused'):
+                 'lora_graphed_unfused', 'lora_graphed_sac'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed', 'lora_fast_keep',
                     'lora_graphed_keep'):
             if case in results and ref in results and case != ref:

@@ -105,7 +105,7 @@ def _step(lm, codes, length):
 LENGTHS = [2, 5, 2, 7, 5]
 
 
-def test_one_capture_per_text_length_of_all_layers_with_shared_inputs_and_pool(debug_lm_pkg):
+def test_one_capture_per_text_length_of_the_whole_stack_with_a_shared_input_and_pool(debug_lm_pkg):
     lm = _lm(debug_lm_pkg, layers=4)
     reference = copy.deepcopy(lm)
     capture, pool = RecordingCapture(), object()
@@ -122,12 +122,12 @@ def test_one_capture_per_text_length_of_all_layers_with_shared_inputs_and_pool(d
     # lengths 2 (twice): one signature; 5 the second; 7 is beyond max_shapes=2 and runs eagerly; 5 replays again
     assert len(capture.calls) == 2
     for call in capture.calls:
-        assert [c.layer for c in call['callables']] == layers  # all layers at once, in order: one shared pool
-        assert call['pool'] is pool
-        assert len({id(sample[1]) for sample in call['samples']}) == 1  # one text buffer for every layer
-        assert [sample[0].requires_grad for sample in call['samples']] == [False] + [True] * (len(layers) - 1)
+        # one callable of all layers in order (one forward and one backward graph), one shared pool
+        (stack,), ((x, text),) = call['callables'], call['samples']
+        assert list(stack.layers) == layers and call['pool'] is pool
+        assert not x.requires_grad  # (the embeddings are frozen)
     first, second = capture.calls
-    assert all(a[0] is b[0] for a, b in zip(first['samples'], second['samples']))  # layer inputs shared
+    assert first['samples'][0][0] is second['samples'][0][0]  # the stack's input shared by the signatures
     assert first['samples'][0][1].shape[1] != second['samples'][0][1].shape[1]
     assert lengths[3] is None and lengths[0] == lengths[2] and lengths[1] == lengths[4]
     n = len(layers)
@@ -161,10 +161,11 @@ def test_install_keeps_names_takes_shared_casts_away_and_remove_undoes_it(debug_
     layer_graphs.install(lm, device_type='cpu')
     assert list(lm.state_dict()) == names
     assert not any('_lora_cast_slots' in m.__dict__ for m in lm.modules())
-    assert all('forward' in layer.__dict__ for layer in lm.transformer.layers)
+    assert '_apply_layer' in lm.transformer.__dict__  # (the transformer's hook: the layers are untouched)
+    assert not any('forward' in layer.__dict__ for layer in lm.transformer.layers)
     assert layer_graphs.installed(lm) is not None
     assert layer_graphs.remove(lm) and layer_graphs.installed(lm) is None
-    assert not any('forward' in layer.__dict__ for layer in lm.transformer.layers)
+    assert '_apply_layer' not in lm.transformer.__dict__
     assert not layer_graphs.remove(lm)
 
 
@@ -188,7 +189,9 @@ def test_remove_lets_the_captured_graphs_go(debug_lm_pkg):
     ({'graph_layers': 'sometimes'}, 'lora.graph_layers must be auto, true or false'),
     ({'graph_shapes': 0}, 'lora.graph_shapes must be a whole number >= 1'),
     ({'graph_layers': True, 'compile': 'inductor'}, 'lora.compile=inductor'),
-    ({'graph_layers': 'true', 'activation_checkpointing': 'selective'}, 'lora.activation_checkpointing=selective'),
+    ({'graph_layers': 'true', 'activation_checkpointing': 'torch'}, 'lora.activation_checkpointing=torch'),
+    ({'graph_layers': 'true', 'activation_checkpointing': 'selective', 'checkpoint_fraction': 0.5},
+     'lora.checkpoint_fraction=0.5'),
     ({'graph_layers': 'true', 'dropout_replay': True}, 'lora.dropout_replay=true'),
     ({'graph_layers': 'true', 'fast_path': False}, 'lora.fast_path=false'),
 ])
@@ -198,7 +201,7 @@ def test_settings_that_cant_be_graphed_are_refused(settings, message):
 
 
 def test_auto_accepts_what_true_refuses():
-    for clash in ({'compile': 'inductor'}, {'activation_checkpointing': 'selective'}, {'dropout_replay': True},
+    for clash in ({'compile': 'inductor'}, {'activation_checkpointing': 'torch'}, {'dropout_replay': True},
                   {'fast_path': False}):
         SpeedSettings(graph_layers='auto', **clash).validate()  # (it turns itself off: plan_graphs)
 
@@ -217,12 +220,12 @@ def test_auto_takes_the_signatures_that_fit_the_budget(debug_lm_pkg):
     lm = _lm(debug_lm_pkg)
     solver = _solver(lm)
     shared, per_shape, fallback = memory_plan.graph_static_bytes(solver, step_bytes=0)
-    assert shared == len(lm.transformer.layers) * 4 * 100 * lm.dim * 4  # batch 4 x 100 frames, float32
-    assert fallback == shared  # (a step of nothing but its layer inputs)
+    assert shared == 4 * 100 * lm.dim * 4  # the stack's input: batch 4 x 100 frames, float32
+    assert fallback == len(lm.transformer.layers) * shared  # (a step of nothing but its layer inputs)
     needed = 10 * 2 ** 30
-    solver = _solver(lm, budget=needed + 2 * shared + 3 * per_shape + 1, needed=needed)
+    solver = _solver(lm, budget=needed + shared + fallback + 3 * per_shape + 1, needed=needed)
     assert memory_plan.plan_graphs(solver) == 3 and layer_graphs.installed(lm).max_shapes == 3
-    solver = _solver(lm, budget=needed + 2 * shared + 100 * per_shape, needed=needed)
+    solver = _solver(lm, budget=needed + shared + fallback + 100 * per_shape, needed=needed)
     assert memory_plan.plan_graphs(solver) == 8  # lora.graph_shapes
     assert memory_plan.plan_graphs(_solver(lm, budget=needed, needed=needed)) == 0
     assert layer_graphs.installed(lm) is None
@@ -238,10 +241,25 @@ def test_graphs_stay_off_where_they_cant_apply(debug_lm_pkg, caplog):
     assert memory_plan.plan_graphs(_solver(lm, graph_layers='false')) == 0
     with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
         # what the memory plan chose (activation_checkpointing=auto resolved) rules graphs out
-        assert memory_plan.plan_graphs(_solver(lm, activation_checkpointing='selective')) == 0
+        assert memory_plan.plan_graphs(_solver(lm, activation_checkpointing='torch')) == 0
         assert memory_plan.plan_graphs(_solver(lm, dropout_replay=True)) == 0
-    assert 'off, with lora.activation_checkpointing=selective' in caplog.text
+    assert 'off, with lora.activation_checkpointing=torch' in caplog.text
     assert layer_graphs.installed(lm) is None
+
+
+def test_the_plan_takes_selective_checkpointing_into_the_graphs_without_lora_dropout(debug_lm_pkg, caplog):
+    """Inside the graphs selective keeps LoRA dropout's masks (it can't draw them again in backward), which the
+    plan's estimate of a selective step doesn't count: with dropout the graphs stay off under selective."""
+    from audiocraft_lora.recompute import set_checkpointing
+    for dropout, graphed in ((0.0, True), (0.1, False)):
+        lm = _lm(debug_lm_pkg, dropout=dropout)
+        set_checkpointing(lm, 'selective')
+        with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
+            shapes = memory_plan.plan_graphs(_solver(lm, activation_checkpointing='selective'))
+        assert (shapes == 8) == graphed and (layer_graphs.installed(lm) is not None) == graphed
+        if graphed:
+            assert layer_graphs.installed(lm).capture_context is not None
+    assert 'off, with lora.activation_checkpointing=selective and LoRA dropout' in caplog.text
 
 
 def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(debug_lm_pkg):
@@ -268,6 +286,58 @@ def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(d
     assert graphs.stats['eager_calls'] == len(lm.transformer.layers)
     assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
     assert saved < ref_saved / 2, (saved, ref_saved)
+
+
+def _saved_during(model, codes, length, seed):
+    """(tensors autograd saved outside checkpointed regions, loss, adapter gradients) of one step whose LoRA dropout
+    masks come from `seed`."""
+    count = [0]
+
+    def pack(tensor):
+        count[0] += 1
+        return tensor
+    torch.manual_seed(seed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, grads = _step(model, codes, length)
+    return count[0], loss, grads
+
+
+def test_selective_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_pkg):
+    """lora.activation_checkpointing=selective with the graphs: each layer of the captured stack recomputes in the
+    backward graph what selective's policy leaves out, but keeps what LoRA dropout drew (inside a capture the
+    generator's state can't be saved and restored around the recompute, so a mask drawn again would be another):
+    the same losses and adapter gradients as steps without checkpointing, masks included. Calls the graphs don't
+    take (beyond graph_shapes, eval) run as without them, and `remove` gives the plan its hook back."""
+    from audiocraft_lora.recompute import set_checkpointing
+    from helpers import conditioned_logits
+    lm = _lm(debug_lm_pkg, dropout=0.1, layers=3)
+    reference = copy.deepcopy(lm)  # (no checkpointing: what every plan must give)
+    set_checkpointing(lm, 'selective')
+    planned = lm.transformer.__dict__['_apply_layer']
+    graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu')
+    assert graphs.capture_context is not None
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(8))
+    for step, length in enumerate((2, 2, 5)):  # captured, replayed, beyond graph_shapes (whole layers recomputed)
+        saved, loss, grads = _saved_during(lm, codes, length, seed=step)
+        ref_saved, ref_loss, ref_grads = _saved_during(reference, codes, length, seed=step)
+        assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads), step
+        assert saved < ref_saved / 2, (step, saved, ref_saved)  # (the layers' activations are checkpointed)
+    assert graphs.stats['graphed_calls'] == 2 * 3 and graphs.stats['eager_calls'] == 3
+    assert torch.equal(conditioned_logits(lm, codes, ['trap']), conditioned_logits(reference, codes, ['trap']))
+    with pytest.raises(RuntimeError, match='Remove the layers'):
+        set_checkpointing(lm, 'none')
+    layer_graphs.remove(lm)
+    assert lm.transformer.__dict__['_apply_layer'] is planned
+
+
+def test_whole_layer_checkpointing_is_refused_inside_the_graphs(debug_lm_pkg):
+    from audiocraft_lora.recompute import set_checkpointing
+    lm = _lm(debug_lm_pkg)
+    for fraction, rest in ((1.0, 'none'), (0.5, 'selective')):
+        set_checkpointing(lm, 'torch', fraction, rest)
+        with pytest.raises(ValueError, match='activation_checkpointing=torch'):
+            layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu')
+        assert layer_graphs.installed(lm) is None and '_lora_cast_slots' not in str(lm.transformer.__dict__)
 
 
 def test_a_failed_capture_leaves_the_layers_eager_unless_asked_for(debug_lm_pkg, caplog):
