@@ -454,14 +454,16 @@ def test_ranks_agree_on_every_step(debug_lm_pkg, tmp_path):
         assert rank['stats']['graphed_calls'] == layers and rank['stats']['eager_calls'] == 3 * layers
 
 
-def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir):
+@pytest.mark.parametrize('plan', ['none', 'selective'])
+def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir, plan):
     """The solver's own steps (AudioCraft's run_step: conditioners, CFG, cross-entropy, clipping, AdamW, zero_grad,
     the non-finite guard), LoRA dropout 0.1, with the layers dispatched through the graphs (torch's capture stood in
-    for, as above): the same cross-entropies, step for step."""
+    for, as above): the same cross-entropies, step for step; with selective checkpointing recomputed inside them,
+    masks kept, too."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
     from cuda_checks import fit_one_batch
-    overrides = ['device=cpu', 'autocast=false', 'lora.dropout=0.1']
+    overrides = ['device=cpu', 'autocast=false', 'lora.dropout=0.1', f'lora.activation_checkpointing={plan}']
     installed = []
 
     def graphed(solver):
@@ -478,6 +480,7 @@ def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir):
     through_graphs = seeded(prepare=graphed)
     assert through_graphs == eager
     assert installed[0].stats['graphed_calls'] == 5 * len(installed[0].layers)
+    assert (installed[0].capture_context is not None) == (plan == 'selective')
 
 
 def _rank_plan(rank, pkg):
