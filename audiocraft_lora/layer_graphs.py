@@ -19,13 +19,13 @@ How it stays exact and lean:
   +4.3 GiB reserved over the eager step measured) and copied every layer's input and gradient in and out at each
   replay. Every signature uses one memory pool (only one signature runs in a step) and the same static input; what
   each adds is its static output and incoming gradient (`memory_plan.static_bytes`).
-- `lora.activation_checkpointing=selective` runs inside the capture (`run_captured`): each layer's backward graph
-  recomputes what selective's policy leaves out (norms, GELU, copies), so the pool holds a selective step's
-  activations (estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what random ops drew (LoRA
-  dropout's output and mask: the generator's state can't be saved and restored inside a capture, so a mask drawn
-  again in backward would be another; recompute.selective_context's `save_random`). The memory plan leaves the
-  graphs off under selective with LoRA dropout (its estimate of the selective step doesn't hold the masks:
-  `memory_plan.plan_graphs`). Whole-layer checkpointing (`torch`) is refused: it would draw the masks again.
+- Activation checkpointing runs inside the capture (`run_captured`): each layer's backward graph recomputes what its
+  plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), so the pool holds a checkpointed
+  step's activations (selective: estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what
+  random ops drew (LoRA dropout's output and mask: the generator's state can't be saved and restored inside a
+  capture, so a mask drawn again in backward would be another; `recompute.capture_context`). The memory plan leaves
+  the graphs off under checkpointing with LoRA dropout (its estimate of the checkpointed step doesn't hold the
+  masks: `memory_plan.plan_graphs`).
 - Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
   longest description of the batch, so its length varies (with AudioCraft's text augmentation, at most steps:
   benchmarks/text_lengths.py). Graphed steps pad it on to a multiple of `lora.graph_text_bucket` tokens, the added
@@ -58,7 +58,7 @@ Parameter and state-dict names don't change (the transformer's `_apply_layer` be
 capture function stood in for), and
 benchmarks/cuda_checks.py (the real graphs on a GPU: six steps over changing text lengths give eager's losses and
 gradients bit for bit at exact text lengths, `text_bucket=1`; with LoRA dropout each replay draws a new mask; with
-selective checkpointing inside, eager selective's values), and
+checkpointing inside, eager checkpointing's values), and
 tests/test_text_buckets.py (padded text: eager's values up to summation order).
 """
 import contextlib
@@ -104,15 +104,16 @@ class LayerGraphs:
 
     `capture` is torch.cuda.make_graphed_callables (tests stand something else in on CPU); `device_type` is where
     calls are graphed; `planned` is the hook it replaced (recompute's checkpointing plan, or AudioCraft's), which
-    every call the graphs don't take goes through (None: the layer itself); `capture_context`: the `context_fn` of
-    the layers whose plan is `selective`, inside the captures (recompute.selective_context, with `save_random`)."""
+    every call the graphs don't take goes through (None: the layer itself); `capture_contexts`: by checkpointing plan
+    ('selective', 'torch'), the `context_fn` of the layers on it inside the captures (recompute.capture_context)."""
 
     def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
                  capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
                  strict: bool = False,
                  agree: tp.Optional[tp.Callable[[tp.Sequence[int], torch.device], tp.List[int]]] = None,
                  buckets: tp.Optional[text_buckets.TextBuckets] = None,
-                 planned: tp.Optional[tp.Callable] = None, capture_context: tp.Optional[tp.Callable] = None):
+                 planned: tp.Optional[tp.Callable] = None,
+                 capture_contexts: tp.Optional[tp.Dict[str, tp.Callable]] = None):
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.layers = list(layers)
@@ -132,7 +133,7 @@ class LayerGraphs:
         self.on_failure: tp.Optional[tp.Callable[[], tp.Any]] = None  # what undoes install's changes (eager again)
         self.buckets = buckets  # the text conditioning padded to a few lengths, the added keys masked (text_buckets)
         self.planned = planned
-        self.capture_context = capture_context
+        self.capture_contexts = dict(capture_contexts or {})
         self.transformer: tp.Optional[nn.Module] = None  # whose `_apply_layer` this is (install)
         self.replaced: tp.Optional[tp.Callable] = None  # the instance's own hook it replaced (recompute's), if any
 
@@ -228,13 +229,15 @@ class LayerGraphs:
             return layer(x, cross_attention_src=cross)
 
     def run_captured(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-        """Layer `index` inside the stack's capture, on its checkpointing plan: `selective` recomputes in the
-        backward graph what its policy leaves out, drawing no random numbers there (`capture_context` keeps what
-        random ops drew: the generator's state can't be saved and restored inside a capture)."""
-        if recompute.layer_plan(self.layers[index]) == 'selective' and self.capture_context is not None:
-            return checkpoint(self.run_eager, index, x, cross, use_reentrant=False, preserve_rng_state=False,
-                              context_fn=self.capture_context)
-        return self.run_eager(index, x, cross)
+        """Layer `index` inside the stack's capture, on its checkpointing plan: the backward graph recomputes what the
+        plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), drawing no random numbers there
+        (`capture_contexts` keep what random ops drew: the generator's state can't be saved and restored inside a
+        capture)."""
+        context = self.capture_contexts.get(recompute.layer_plan(self.layers[index], self.transformer))
+        if context is None:
+            return self.run_eager(index, x, cross)
+        return checkpoint(self.run_eager, index, x, cross, use_reentrant=False, preserve_rng_state=False,
+                          context_fn=context)
 
     def _capture_failed(self, error: Exception, device: torch.device) -> bool:
         """After a failed capture: True where the attention kernels refused the text mask (single process), the
@@ -395,10 +398,6 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
     if transformer is None or not hasattr(transformer, 'layers'):
         raise TypeError("lora.graph_layers needs AudioCraft's StreamingTransformer LM (model.transformer.layers).")
     remove(model)
-    plans = {recompute.layer_plan(layer) for layer in transformer.layers}
-    if 'torch' in plans or getattr(transformer, 'checkpointing', 'none') != 'none':
-        raise ValueError("Whole-layer activation checkpointing (lora.activation_checkpointing=torch) can't run inside "
-                         "the layers' CUDA graphs: use selective or none with lora.graph_layers.")
     shared = unshare_adapter_casts(model) > 0
     # The first backward after a capture meets the adapters' AccumulateGrad nodes that the capture's warmup made on
     # its side stream, and torch warns once that it may synchronise there (measured: same values, bit for bit).
@@ -411,11 +410,12 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
                         "needs AudioCraft's masked attention): %s.", text_bucket, reason)
         else:
             buckets = text_buckets.install(transformer.layers, text_bucket)
-    context = (recompute.selective_context(recompute.max_lora_rank(model), save_random=True)
-               if 'selective' in plans else None)
+    plans = {recompute.layer_plan(layer, transformer) for layer in transformer.layers} - {'none'}
+    rank = recompute.max_lora_rank(model)
     graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type,
                          strict=strict or distributed, agree=all_ranks_agree if distributed else None,
-                         buckets=buckets, planned=transformer._apply_layer, capture_context=context)
+                         buckets=buckets, planned=transformer._apply_layer,
+                         capture_contexts={plan: recompute.capture_context(plan, rank) for plan in plans})
     graphs.transformer, graphs.replaced = transformer, transformer.__dict__.get('_apply_layer')
     if shared:  # a failed capture gives the eager steps their shared adapter casts back
         from .adapter_casts import share_adapter_casts

@@ -259,12 +259,12 @@ def plan_graphs(solver: tp.Any) -> int:
             raise LoRAConfigError("lora.graph_layers=true needs the solver on a CUDA device (device=cuda); "
                                   "use lora.graph_layers=auto to run without CUDA graphs elsewhere.")
         return 0
-    clash = settings.graph_layers_clash(planned=True)
-    if not clash and settings.activation_checkpointing == 'selective' and has_fast_dropout(solver.model):
+    clash = settings.graph_layers_clash()
+    if not clash and settings.activation_checkpointing != 'none' and has_fast_dropout(solver.model):
         # (inside a capture the masks can't be drawn again in backward: kept, ~3 bytes an adapted input element
-        # more than the selective step the plan's estimate fits)
-        clash = ('lora.activation_checkpointing=selective and LoRA dropout (the graphs would keep the masks it '
-                 'recomputes)')
+        # more than the checkpointed step the plan's estimate fits)
+        clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} and LoRA dropout (the graphs '
+                 'would keep the masks it recomputes)')
     if clash:
         log = solver.logger.warning if choice == 'true' else solver.logger.info
         log("CUDA graphs of the layers (lora.graph_layers=%s): off, with %s.", choice, clash)

@@ -114,6 +114,30 @@ def selective_context(max_cheap_rank: int, save_random: bool = False) -> tp.Call
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def layer_plan(layer: nn.Module) -> str:
-    """What `layer` recomputes in backward: 'none', 'selective' or 'torch' (set by `checkpoint_layers`)."""
-    return getattr(layer, '_lora_checkpointing', 'none')
+def _random_kept_policy(ctx, op, *args, **kwargs):
+    """Recompute everything but what random ops drew (whole-layer checkpointing inside a CUDA graph)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    if torch.Tag.nondeterministic_seeded in op.tags:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def capture_context(plan: str, max_cheap_rank: int) -> tp.Callable:
+    """The `context_fn` of torch's checkpoint for a layer on `plan` ('selective' or 'torch') inside a CUDA graph
+    capture, where the generator's state can't be saved and restored around the recompute: what random ops drew
+    (LoRA dropout's output and mask) is kept, so backward draws nothing; the rest as the plan recomputes it."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    if plan == 'selective':
+        return selective_context(max_cheap_rank, save_random=True)
+    if plan == 'torch':
+        return functools.partial(create_selective_checkpoint_contexts, _random_kept_policy)
+    raise ValueError(f"no checkpointing context for plan {plan!r}")
+
+
+def layer_plan(layer: nn.Module, transformer: tp.Optional[nn.Module] = None) -> str:
+    """What `layer` recomputes in backward: 'none', 'selective' or 'torch' (set by `checkpoint_layers`, or for every
+    layer by AudioCraft's own `transformer.checkpointing='torch'`)."""
+    plan = getattr(layer, '_lora_checkpointing', None)
+    if plan is None:
+        plan = 'torch' if getattr(transformer, 'checkpointing', 'none') == 'torch' else 'none'
+    return plan

@@ -51,16 +51,15 @@ bit for bit. `auto` keeps them when the memory plan's estimate with them still f
 
 `graph_layers` records the transformer layers' forward and backward as CUDA graphs (one each way for the whole stack)
 at the first training step of each input signature and replays them (layer_graphs.py): eager mode's kernels, no host
-cost per kernel
-(musicgen-small, batch 4 x 30 s on an H100: 0.058 s a step against 0.166 s eager and 0.116 s for full fine-tuning).
-Signatures differ by the length of the text conditioning (the batch's longest description), which graphed steps pad
-to a multiple of `graph_text_bucket` tokens, masking the added keys in cross-attention (text_buckets.py: the keys
-attended are the plain step's); `graph_shapes` of them get graphs (each holds the stack's static output and
-incoming gradient: `memory_plan.static_bytes`), later ones run eagerly. `activation_checkpointing: selective`
-recomputes inside the graphs (the masks LoRA dropout drew are kept, not drawn again). `auto` turns it on on CUDA with
-the fast path, no `compile`, and a memory plan of none or selective on every layer without replayed dropout masks,
-for as many signatures as fit the memory budget next to the step's estimate; `true` asks for it where those hold
-(refused where they can't).
+cost per kernel (musicgen-small, batch 4 x 30 s on an H100: 0.058 s a step against 0.166 s eager and 0.116 s for
+full fine-tuning). Signatures differ by the length of the text conditioning (the batch's longest description), which
+graphed steps pad to a multiple of `graph_text_bucket` tokens, masking the added keys in cross-attention
+(text_buckets.py: the keys attended are the plain step's); `graph_shapes` of them get graphs (each holds the stack's
+static output and incoming gradient: `memory_plan.static_bytes`), later ones run eagerly. Activation checkpointing
+(`selective`, `torch`, mixed) recomputes inside the graphs (the masks LoRA dropout drew are kept, not drawn again).
+`auto` turns it on on CUDA with the fast path, no `compile`, no replayed dropout masks and a memory plan that either
+recomputes nothing or has no LoRA dropout, for as many signatures as fit the memory budget next to the step's
+estimate; `true` asks for it where those hold (refused where they can't).
 
 `fused_norms` (fast path, autocast, no `compile`) runs the transformer layers' norms (norm1, norm_cross, norm2), with
 the residual adds in front of norm_cross and norm2, as ops that compute the norm in float32 and write the autocast
@@ -152,8 +151,8 @@ class SpeedSettings:
     graph_layers: tp.Any = field(default='auto', metadata={
         'help': "auto | true | false: replay the transformer layers' training forward and backward as CUDA graphs "
                 "(layer_graphs.py; eager's kernels without their per-kernel host cost). auto: on CUDA, with the "
-                "fast path, no compile, activation checkpointing none or selective (recomputed inside the graphs), "
-                "no dropout replay, when it fits the memory budget."})
+                "fast path, no compile, no dropout replay, activation checkpointing (recomputed inside the graphs) "
+                "only without LoRA dropout, when it fits the memory budget."})
     graph_shapes: int = field(default=8, metadata={
         'help': "With graph_layers: how many input signatures (lengths of the batch's text conditioning) get graphs; "
                 "steps of other lengths run eagerly. Each holds its layers' static outputs and gradients."})
@@ -242,18 +241,13 @@ class SpeedSettings:
             raise LoRAConfigError("lora.checkpoint_rest applies to the layers left out by lora.checkpoint_fraction: "
                                   "set lora.activation_checkpointing=torch (or selective) as well.")
 
-    def graph_layers_clash(self, planned: bool = False) -> tp.Optional[str]:
-        """The setting that rules CUDA graphs of the layers out, or None. `planned`: after the memory plan (so
-        `activation_checkpointing` is no longer auto)."""
+    def graph_layers_clash(self) -> tp.Optional[str]:
+        """The setting that rules CUDA graphs of the layers out, or None. (Activation checkpointing recomputes inside
+        them; with LoRA dropout it rules them out too, which the model tells: `memory_plan.plan_graphs`.)"""
         if not self.fast_path:
             return 'lora.fast_path=false (peft\'s parametrized q/k/v is not graphed)'
         if self.compile != 'none':
             return f'lora.compile={self.compile} (torch.compile has its own graphs: lora.compile_mode=reduce-overhead)'
-        # (selective recomputes inside the graphs; whole layers would replay the dropout masks from host state)
-        if self.activation_checkpointing not in (('none', 'selective') if planned else ('none', 'selective', 'auto')):
-            return f'lora.activation_checkpointing={self.activation_checkpointing}'
-        if self.activation_checkpointing == 'selective' and self.checkpoint_fraction < 1.0:
-            return f'lora.checkpoint_fraction={self.checkpoint_fraction} (selective on every layer only)'
         if self.dropout_replay:
             return 'lora.dropout_replay=true (the masks are replayed from CPU-side generator state)'
         return None

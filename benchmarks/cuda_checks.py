@@ -318,7 +318,8 @@ def graphs_on_cuda(pkg):
     from audiocraft_lora import fused_norms, layer_graphs
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
-    for dropout, bucket, plan in ((0.0, 1, 'none'), (0.1, 1, 'none'), (0.0, 32, 'none'), (0.1, 1, 'selective')):
+    for dropout, bucket, plan in ((0.0, 1, 'none'), (0.1, 1, 'none'), (0.0, 32, 'none'), (0.1, 1, 'torch'),
+                                  (0.1, 1, 'selective')):
         # (padded: 32, 64, 192, 32, 64, 32; 192 beyond graph_shapes=2, recomputed; cuDNN's masked backward had NaN
         # gradients at key lengths 64 mod 128, pytorch#196678)
         lengths = [3, 9, 3, 12, 9, 3] if bucket == 1 else [3, 40, 170, 9, 40, 3]
@@ -329,7 +330,7 @@ def graphs_on_cuda(pkg):
             inject_lora(lm, LoRASettings(rank=8, alpha=16, dropout=dropout, init='random'))
             lm = lm.cuda()
             apply_to_model(lm, SpeedSettings(activation_checkpointing=plan), autocast=True,
-                           autocast_dtype=torch.bfloat16)  # (selective: recomputed inside the graphs, eager alike)
+                           autocast_dtype=torch.bfloat16)  # (recomputed inside the graphs, or eagerly alike)
             fused_norms.check_kernels(lm)  # (as the solver does, before any capture)
             graphs = layer_graphs.install(lm, max_shapes=2, text_bucket=bucket) if graphed else None
             opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
@@ -343,8 +344,8 @@ def graphs_on_cuda(pkg):
                   f"loss difference {max(abs(a - b) for a, b in zip(losses, eager_losses)):.2e}, worst relative "
                   f"grad difference {worst:.2e}, gradients finite {all(bool(g.isfinite().all()) for g in grads)}; "
                   f"{graphs.summary()}")
-        elif plan == 'selective':  # (the masks kept, not drawn again in the backward graph)
-            print(f"CUDA graphs with selective checkpointing inside, LoRA dropout 0.1, vs eager selective: losses "
+        elif plan != 'none':  # (the masks kept, not drawn again in the backward graph)
+            print(f"CUDA graphs with {plan} checkpointing inside, LoRA dropout 0.1, vs eager {plan}: losses "
                   f"{[round(x, 4) for x in losses]} vs {[round(x, 4) for x in eager_losses]}, bit-equal "
                   f"{losses == eager_losses}, worst relative grad difference {worst:.2e}; generator offsets equal: "
                   f"{offsets == eager_offsets}; {graphs.summary()}")

@@ -15,7 +15,8 @@
 # `lora_graphed_unfused` at small b16 (the graphed step with AudioCraft's norms: what lora.fused_norms saves on the
 # GPU) and `lora_fast_keep_unfused` at small b4 (what its custom ops cost the host in an eager step); session 15
 # `lora_graphed_sac` at small and medium b16 (selective checkpointing inside the graphs, which since session 15 are
-# one graph each way for the whole layer stack: #7's memory target, 0.55x of full fine-tuning, at the graphs' speed).
+# one graph each way for the whole layer stack: #7's memory target, 0.55x of full fine-tuning, at the graphs' speed)
+# and `lora_graphed_mixed` at medium b16 (the 40 GB plan, half whole layers + half selective, inside the graphs).
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
@@ -43,8 +44,8 @@ LIMIT=120 run_case --scale small --batch 4 --cases lora_fast_keep,lora_graphed_e
 if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 120000 ]; then
   # (an H200: AudioCraft's full fine-tune of medium at batch 16 x 30 s needs ~130 GiB; an H100 runs none of it)
   # (lora_graphed_concat: every CONCAT_RANK_GEMMS part; the rank-r GEMMs are ~6% of the modelled LoRA step here)
-  LIMIT=170 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
-    --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_sac,lora_graphed_concat,hf_lora
+  LIMIT=200 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
+    --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_sac,lora_graphed_mixed,lora_graphed_concat,hf_lora
 fi
 for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases full,lora_fast,lora_graphed,hf_lora \
              --iters 10" \

@@ -36,6 +36,8 @@ Cases (`--cases`, comma separated):
   lora_graphed_sac lora_graphed with selective checkpointing recomputed inside the graphs
                   (lora.activation_checkpointing=selective: the memory of lora_sac at the graphs' speed, less the
                   recompute)
+  lora_graphed_mixed lora_graphed with lora_mixed's plan (half the layers whole, half selective: the 40 GB plan of
+                  medium b16) recomputed inside the graphs
   lora_graphed_exact lora_graphed with each step's own text length (lora.graph_text_bucket=1, before session 13);
                   the graphed cases otherwise pad the text as the solver does (multiples of 32, keys masked)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
@@ -88,10 +90,10 @@ SCALES = {  # dim, heads, layers (MusicGen's model_scale presets)
 CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'lora_fast_f32attn', 'lora_fast_unfused',
          'lora_fast_keep_unfused', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed',
          'lora_compile', 'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat',
-         'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'lora_graphed_sac', 'hf_lora',
-         'hf_full', 'encode')
+         'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'lora_graphed_sac',
+         'lora_graphed_mixed', 'hf_lora', 'hf_full', 'encode')
 CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
-             'lora_graphed_keep_unfused', 'lora_graphed_sac')
+             'lora_graphed_keep_unfused', 'lora_graphed_sac', 'lora_graphed_mixed')
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -253,10 +255,12 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               # (the fused norms hand the attentions bf16 themselves: off for the float32 round trip)
                               fused_norms=not case.endswith('_unfused') and case != 'lora_fast_f32attn',
                               keep_merged_weights=case.startswith(('lora_fast_keep', 'lora_graphed_keep')),
-                              activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed')
+                              activation_checkpointing='torch' if case in ('lora_ckpt', 'lora_ckpt_half', 'lora_mixed',
+                                                                           'lora_graphed_mixed')
                               else 'selective' if case in ('lora_sac', 'lora_graphed_sac') else 'none',
-                              checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed') else 1.0,
-                              checkpoint_rest='selective' if case == 'lora_mixed' else 'none',
+                              checkpoint_fraction=0.5 if case in ('lora_ckpt_half', 'lora_mixed', 'lora_graphed_mixed')
+                              else 1.0,
+                              checkpoint_rest='selective' if case in ('lora_mixed', 'lora_graphed_mixed') else 'none',
                               compile=('inductor' if device == 'cuda' else 'aot_eager')
                               if case in ('lora_compile', 'lora_compile_ro') else 'none',
                               compile_mode='reduce-overhead' if case == 'lora_compile_ro' and device == 'cuda'
@@ -462,7 +466,7 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
                  'lora_fast_keep_unfused', 'lora_graphed_keep_unfused',
                  'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
                  'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact',
-                 'lora_graphed_unfused', 'lora_graphed_sac'):
+                 'lora_graphed_unfused', 'lora_graphed_sac', 'lora_graphed_mixed'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed', 'lora_fast_keep',
                     'lora_graphed_keep'):
             if case in results and ref in results and case != ref:

@@ -189,9 +189,6 @@ def test_remove_lets_the_captured_graphs_go(debug_lm_pkg):
     ({'graph_layers': 'sometimes'}, 'lora.graph_layers must be auto, true or false'),
     ({'graph_shapes': 0}, 'lora.graph_shapes must be a whole number >= 1'),
     ({'graph_layers': True, 'compile': 'inductor'}, 'lora.compile=inductor'),
-    ({'graph_layers': 'true', 'activation_checkpointing': 'torch'}, 'lora.activation_checkpointing=torch'),
-    ({'graph_layers': 'true', 'activation_checkpointing': 'selective', 'checkpoint_fraction': 0.5},
-     'lora.checkpoint_fraction=0.5'),
     ({'graph_layers': 'true', 'dropout_replay': True}, 'lora.dropout_replay=true'),
     ({'graph_layers': 'true', 'fast_path': False}, 'lora.fast_path=false'),
 ])
@@ -201,7 +198,7 @@ def test_settings_that_cant_be_graphed_are_refused(settings, message):
 
 
 def test_auto_accepts_what_true_refuses():
-    for clash in ({'compile': 'inductor'}, {'activation_checkpointing': 'torch'}, {'dropout_replay': True},
+    for clash in ({'compile': 'inductor'}, {'dropout_replay': True},
                   {'fast_path': False}):
         SpeedSettings(graph_layers='auto', **clash).validate()  # (it turns itself off: plan_graphs)
 
@@ -241,25 +238,27 @@ def test_graphs_stay_off_where_they_cant_apply(debug_lm_pkg, caplog):
     assert memory_plan.plan_graphs(_solver(lm, graph_layers='false')) == 0
     with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
         # what the memory plan chose (activation_checkpointing=auto resolved) rules graphs out
-        assert memory_plan.plan_graphs(_solver(lm, activation_checkpointing='torch')) == 0
         assert memory_plan.plan_graphs(_solver(lm, dropout_replay=True)) == 0
-    assert 'off, with lora.activation_checkpointing=torch' in caplog.text
+    assert 'off, with lora.dropout_replay=true' in caplog.text
     assert layer_graphs.installed(lm) is None
 
 
-def test_the_plan_takes_selective_checkpointing_into_the_graphs_without_lora_dropout(debug_lm_pkg, caplog):
-    """Inside the graphs selective keeps LoRA dropout's masks (it can't draw them again in backward), which the
-    plan's estimate of a selective step doesn't count: with dropout the graphs stay off under selective."""
+def test_the_plan_takes_checkpointing_into_the_graphs_without_lora_dropout(debug_lm_pkg, caplog):
+    """Inside the graphs a checkpointed layer keeps LoRA dropout's masks (it can't draw them again in backward), which
+    the plan's estimate of a checkpointed step doesn't count: with dropout the graphs stay off under any plan that
+    recomputes."""
     from audiocraft_lora.recompute import set_checkpointing
-    for dropout, graphed in ((0.0, True), (0.1, False)):
+    for plan, dropout, graphed in (('selective', 0.0, True), ('torch', 0.0, True), ('selective', 0.1, False),
+                                   ('torch', 0.1, False)):
         lm = _lm(debug_lm_pkg, dropout=dropout)
-        set_checkpointing(lm, 'selective')
+        set_checkpointing(lm, plan)
         with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
-            shapes = memory_plan.plan_graphs(_solver(lm, activation_checkpointing='selective'))
+            shapes = memory_plan.plan_graphs(_solver(lm, activation_checkpointing=plan))
         assert (shapes == 8) == graphed and (layer_graphs.installed(lm) is not None) == graphed
         if graphed:
-            assert layer_graphs.installed(lm).capture_context is not None
+            assert set(layer_graphs.installed(lm).capture_contexts) == {plan}
     assert 'off, with lora.activation_checkpointing=selective and LoRA dropout' in caplog.text
+    assert 'off, with lora.activation_checkpointing=torch and LoRA dropout' in caplog.text
 
 
 def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(debug_lm_pkg):
@@ -302,20 +301,22 @@ def _saved_during(model, codes, length, seed):
     return count[0], loss, grads
 
 
-def test_selective_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_pkg):
-    """lora.activation_checkpointing=selective with the graphs: each layer of the captured stack recomputes in the
-    backward graph what selective's policy leaves out, but keeps what LoRA dropout drew (inside a capture the
-    generator's state can't be saved and restored around the recompute, so a mask drawn again would be another):
-    the same losses and adapter gradients as steps without checkpointing, masks included. Calls the graphs don't
-    take (beyond graph_shapes, eval) run as without them, and `remove` gives the plan its hook back."""
+@pytest.mark.parametrize('plan', [('selective', 1.0, 'none'), ('torch', 1.0, 'none'), ('torch', 0.5, 'selective')])
+def test_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_pkg, plan):
+    """Activation checkpointing with the graphs: each layer of the captured stack recomputes in the backward graph
+    what its plan leaves out (selective's policy; the whole layer; half and half), but keeps what LoRA dropout drew
+    (inside a capture the generator's state can't be saved and restored around the recompute, so a mask drawn again
+    would be another): the same losses and adapter gradients as steps without checkpointing, masks included. Calls
+    the graphs don't take (beyond graph_shapes, eval) run as without them, and `remove` gives the plan its hook
+    back."""
     from audiocraft_lora.recompute import set_checkpointing
     from helpers import conditioned_logits
     lm = _lm(debug_lm_pkg, dropout=0.1, layers=3)
     reference = copy.deepcopy(lm)  # (no checkpointing: what every plan must give)
-    set_checkpointing(lm, 'selective')
-    planned = lm.transformer.__dict__['_apply_layer']
+    set_checkpointing(lm, *plan)
+    hook = lm.transformer.__dict__.get('_apply_layer')  # (None: AudioCraft's own method, torch on every layer)
     graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu')
-    assert graphs.capture_context is not None
+    assert set(graphs.capture_contexts) == {plan[0], plan[2]} - {'none'}
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(8))
     for step, length in enumerate((2, 2, 5)):  # captured, replayed, beyond graph_shapes (whole layers recomputed)
         saved, loss, grads = _saved_during(lm, codes, length, seed=step)
@@ -327,17 +328,7 @@ def test_selective_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice
     with pytest.raises(RuntimeError, match='Remove the layers'):
         set_checkpointing(lm, 'none')
     layer_graphs.remove(lm)
-    assert lm.transformer.__dict__['_apply_layer'] is planned
-
-
-def test_whole_layer_checkpointing_is_refused_inside_the_graphs(debug_lm_pkg):
-    from audiocraft_lora.recompute import set_checkpointing
-    lm = _lm(debug_lm_pkg)
-    for fraction, rest in ((1.0, 'none'), (0.5, 'selective')):
-        set_checkpointing(lm, 'torch', fraction, rest)
-        with pytest.raises(ValueError, match='activation_checkpointing=torch'):
-            layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu')
-        assert layer_graphs.installed(lm) is None and '_lora_cast_slots' not in str(lm.transformer.__dict__)
+    assert lm.transformer.__dict__.get('_apply_layer') is hook
 
 
 def test_a_failed_capture_leaves_the_layers_eager_unless_asked_for(debug_lm_pkg, caplog):
@@ -454,12 +445,12 @@ def test_ranks_agree_on_every_step(debug_lm_pkg, tmp_path):
         assert rank['stats']['graphed_calls'] == layers and rank['stats']['eager_calls'] == 3 * layers
 
 
-@pytest.mark.parametrize('plan', ['none', 'selective'])
+@pytest.mark.parametrize('plan', ['none', 'selective', 'torch'])
 def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir, plan):
     """The solver's own steps (AudioCraft's run_step: conditioners, CFG, cross-entropy, clipping, AdamW, zero_grad,
     the non-finite guard), LoRA dropout 0.1, with the layers dispatched through the graphs (torch's capture stood in
-    for, as above): the same cross-entropies, step for step; with selective checkpointing recomputed inside them,
-    masks kept, too."""
+    for, as above): the same cross-entropies, step for step; with selective or whole-layer checkpointing recomputed
+    inside them, masks kept, too."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
     from cuda_checks import fit_one_batch
@@ -480,7 +471,7 @@ def test_solver_steps_through_the_graphs_equal_eager_ones(dora_dir, plan):
     through_graphs = seeded(prepare=graphed)
     assert through_graphs == eager
     assert installed[0].stats['graphed_calls'] == 5 * len(installed[0].layers)
-    assert (installed[0].capture_context is not None) == (plan == 'selective')
+    assert set(installed[0].capture_contexts) == ({plan} - {'none'})
 
 
 def _rank_plan(rank, pkg):
