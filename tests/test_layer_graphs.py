@@ -123,12 +123,12 @@ def test_one_capture_per_text_length_of_the_whole_stack_with_a_shared_input_and_
     assert len(capture.calls) == 2
     for call in capture.calls:
         # one callable of all layers in order (one forward and one backward graph), one shared pool
-        (stack,), ((x, text),) = call['callables'], call['samples']
+        (stack,), ((x, _),) = call['callables'], call['samples']
         assert list(stack.layers) == layers and call['pool'] is pool
         assert not x.requires_grad  # (the embeddings are frozen)
-    first, second = capture.calls
-    assert first['samples'][0][0] is second['samples'][0][0]  # the stack's input shared by the signatures
-    assert first['samples'][0][1].shape[1] != second['samples'][0][1].shape[1]
+    (first,), (second,) = (call['samples'] for call in capture.calls)
+    assert first[0] is second[0]  # the stack's input shared by the signatures
+    assert first[1].shape[1] != second[1].shape[1]  # (text lengths 2 and 5)
     assert lengths[3] is None and lengths[0] == lengths[2] and lengths[1] == lengths[4]
     n = len(layers)
     assert graphs.stats['graphed_calls'] == 4 * n and graphs.stats['eager_calls'] == n
