@@ -155,7 +155,7 @@ class SpeedSettings:
                 "only without LoRA dropout, when it fits the memory budget."})
     graph_shapes: int = field(default=8, metadata={
         'help': "With graph_layers: how many input signatures (lengths of the batch's text conditioning) get graphs; "
-                "steps of other lengths run eagerly. Each holds its layers' static outputs and gradients."})
+                "steps of other lengths run eagerly. Each holds the layer stack's static output and gradient."})
     graph_text_bucket: int = field(default=32, metadata={
         'help': "With graph_layers: graphed steps pad the text conditioning to a multiple of this many tokens and "
                 "mask the added keys in cross-attention (text_buckets.py: the same keys attended, so a few "
