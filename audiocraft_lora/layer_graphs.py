@@ -34,9 +34,13 @@ How it stays exact and lean:
   beyond that runs eagerly with each layer recomputed in backward (counted: `stats`): the pool holds a step's
   activations for the graphs, so an eager step keeps only its layer inputs beside it (`memory_plan.fallback_bytes`),
   at ~1.3x an eager step's time.
-- Only training steps replay (grad enabled, module in training mode, CUDA tensors, no attention mask, no streaming
-  state): validation, the memory estimate's fake tensors and AudioCraft's token-by-token generation run the eager
-  layer.
+- Only training steps replay (grad enabled, every layer in training mode with no streaming state and no forward
+  hooks of its own, CUDA tensors, no attention mask): validation, the memory estimate's fake tensors and AudioCraft's
+  token-by-token generation run the layers as without the graphs, through the hook the graphs replaced.
+- make_graphed_callables warms a callable up with three whole steps outside the pool: fine for the first signature
+  (nothing in the pool yet), but beside the pool of earlier ones it would need a second step's activations. Later
+  signatures are warmed up once here instead, each layer recomputed in backward (`_warm_up`), and captured without
+  torch's warmup.
 - Nothing outside the graphs may change what they read behind their back: the shared adapter casts
   (adapter_casts), refreshed by a Python check, are taken away (each projection casts its adapter inside the graph);
   LoRA dropout masks are drawn inside the graph from CUDA's generator (graph-safe: a new mask at every replay; the
@@ -126,7 +130,8 @@ class LayerGraphs:
         self.inputs: tp.Dict[Key, torch.Tensor] = {}  # the static stack input, shared by the signatures
         self.active: tp.Optional[Key] = None  # the signature of the step in flight (set by the first layer)
         self.through: tp.Optional[torch.Tensor] = None  # the replayed stack's output, which the later layers pass on
-        self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0}
+        self.plain = False  # whether this step's layers run as without the graphs (set by the first layer)
+        self.stats = {'graphed_calls': 0, 'eager_calls': 0, 'captures': 0, 'capture_seconds': 0.0, 'warmups': 0}
         self.strict = strict  # a capture that fails raises (lora.graph_layers=true), else training goes on eagerly
         self.agree = agree  # with several ranks: the MIN of some flags over the ranks (all_ranks_agree)
         self.failed: tp.Optional[str] = None
@@ -146,6 +151,13 @@ class LayerGraphs:
                 and cross.device == x.device and not getattr(layer, '_streaming_state', None)
                 and type(x) is torch.Tensor and type(cross) is torch.Tensor)  # (no fake/functional tensors)
 
+    def stack_graphable(self) -> bool:
+        """Whether the stack's graph can stand for every layer's call of this step: each layer training, with no
+        streaming state and no forward hooks of its own (a graph replays kernels: a hook would run at the capture
+        only). A step where one can't runs every layer as without the graphs."""
+        return all(layer.training and not getattr(layer, '_streaming_state', None) and not layer._forward_hooks
+                   and not layer._forward_pre_hooks for layer in self.layers)
+
     def signature(self, x: torch.Tensor, cross: torch.Tensor) -> Key:
         device_type = x.device.type
         return (tuple(x.shape), x.dtype, x.requires_grad, tuple(cross.shape), cross.dtype, cross.requires_grad,
@@ -157,18 +169,20 @@ class LayerGraphs:
         """The transformer's call of `layer`. In a graphed step the first layer replays the whole stack's graph, and
         each later layer hands that output on as it is; other calls run as without the graphs (`planned`)."""
         index = self.index.get(id(layer))
-        if index is None or self.failed or not self.graphable(layer, x, args, kwargs, cross_attention_src,
-                                                               src_mask):
-            self.through = None
-            if self.planned is None:
-                return layer(x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
-            return self.planned(layer, x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
         if index and self.through is not None and x is self.through:  # (the stack's graph ran this layer)
             self.stats['graphed_calls'] += 1
             if index == len(self.layers) - 1:
                 self.through = None
             return x
         self.through = None
+        if index == 0:  # (a step the stack's graph can't stand for runs every layer as without the graphs)
+            self.plain = not (self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask)
+                              and self.stack_graphable())
+        if (index is None or self.failed or self.plain
+                or not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask)):
+            if self.planned is None:
+                return layer(x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
+            return self.planned(layer, x, *args, cross_attention_src=cross_attention_src, src_mask=src_mask, **kwargs)
         cross = cross_attention_src
         if self.buckets is not None:
             cross = self.buckets.padded(cross) if index else self.buckets.pad(cross, self.padded_size(x, cross))
@@ -286,9 +300,16 @@ class LayerGraphs:
         # eager steps would (LoRA dropout masks bit for bit), and a resumed run, which captures again at other
         # steps, draws what the uninterrupted one did.
         devices = [x.device] if x.device.type == 'cuda' else []
+        # make_graphed_callables warms a callable up with whole steps outside the pool; beside the pool of earlier
+        # signatures (a step's activations) that would need a second step's memory, so later ones are warmed up once
+        # here, each layer recomputed in backward (as a step beyond graph_shapes: memory_plan.fallback_bytes)
+        warmups = 3 if not self.sets else 0
         try:
             with torch.random.fork_rng(devices=devices), _thread_local_capture(), _sync_expected():
-                graphed = self.capture((stack,), ((static_x, static_cross),), num_warmup_iters=3, pool=self.pool)
+                if not warmups:
+                    self._warm_up(static_x, static_cross)
+                graphed = self.capture((stack,), ((static_x, static_cross),), num_warmup_iters=warmups,
+                                       pool=self.pool)
         finally:
             torch.set_autocast_cache_enabled(cache)
         seconds = time.time() - start
@@ -298,6 +319,25 @@ class LayerGraphs:
                     "%.1f s (signature %d of at most %d, lora.graph_shapes)", len(self.layers), list(x.shape),
                     list(cross.shape), seconds, len(self.sets) + 1, self.max_shapes)
         return graphed[0], bool(x.requires_grad)
+
+    def _warm_up(self, x: torch.Tensor, cross: torch.Tensor) -> None:
+        """One forward and backward of the stack at a new signature (lazy initialisation at its shapes, as
+        make_graphed_callables' warmup does, on a side stream), each layer recomputed in backward: its layer inputs
+        beside the pool, not a step's activations."""
+        self.stats['warmups'] += 1
+        params = [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
+        cuda = x.device.type == 'cuda'
+        if cuda:
+            torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream()) if cuda else contextlib.nullcontext():
+            out = x
+            for index in range(len(self.layers)):
+                out = checkpoint(self.run_eager, index, out, cross, use_reentrant=False)
+            inputs = [t for t in (x, cross) if t.requires_grad] + params
+            torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+            del out
+        if cuda:
+            torch.cuda.synchronize()
 
     def release(self) -> None:
         """Drop every captured graph and static input (their memory goes back to the allocator once nothing else
@@ -420,6 +460,10 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
     if shared:  # a failed capture gives the eager steps their shared adapter casts back
         from .adapter_casts import share_adapter_casts
         graphs.on_failure = functools.partial(share_adapter_casts, model)
+    hooked = [index for index, layer in enumerate(graphs.layers) if layer._forward_hooks or layer._forward_pre_hooks]
+    if hooked:
+        logger.warning("Transformer layers %s have forward hooks, which a CUDA graph can't replay: their training "
+                       "steps run without the graphs (lora.graph_layers).", hooked)
     transformer._apply_layer = graphs.apply_layer  # (an instance attribute, as recompute's plans)
     model.__dict__['_lora_layer_graphs'] = graphs
     return graphs

@@ -266,8 +266,11 @@ def plan_graphs(solver: tp.Any) -> int:
         clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} and LoRA dropout (the graphs '
                  'would keep the masks it recomputes)')
     if clash:
-        log = solver.logger.warning if choice == 'true' else solver.logger.info
-        log("CUDA graphs of the layers (lora.graph_layers=%s): off, with %s.", choice, clash)
+        if choice == 'true':  # (the other clashes are refused when the settings are read: SpeedSettings.validate)
+            raise LoRAConfigError(f"lora.graph_layers=true can't be used with {clash}, which the memory plan chose "
+                                  "or you set: set lora.graph_layers=auto (it turns itself off then) or change that "
+                                  "setting (lora.dropout=0 keeps the graphs with any checkpointing).")
+        solver.logger.info("CUDA graphs of the layers (lora.graph_layers=%s): off, with %s.", choice, clash)
         return 0
     shapes = int(settings.graph_shapes)
     planned = getattr(solver, 'memory_estimate', None) or {}

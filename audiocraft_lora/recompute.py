@@ -61,7 +61,7 @@ def _selective_policy(max_cheap_rank: int, ctx, op, *args, save_random: bool = F
     ops drew (LoRA dropout's output and mask), so that backward draws nothing (inside a CUDA graph, where the
     generator's state can't be saved and restored around the recompute)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if save_random and torch.Tag.nondeterministic_seeded in op.tags:
+    if save_random and torch.Tag.nondeterministic_seeded in getattr(op, 'tags', ()):
         return CheckpointPolicy.MUST_SAVE
     kind, left = _op_kind(op)
     if kind == 'matmul':
@@ -117,7 +117,7 @@ def selective_context(max_cheap_rank: int, save_random: bool = False) -> tp.Call
 def _random_kept_policy(ctx, op, *args, **kwargs):
     """Recompute everything but what random ops drew (whole-layer checkpointing inside a CUDA graph)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if torch.Tag.nondeterministic_seeded in op.tags:
+    if torch.Tag.nondeterministic_seeded in getattr(op, 'tags', ()):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -136,8 +136,8 @@ def capture_context(plan: str, max_cheap_rank: int) -> tp.Callable:
 
 def layer_plan(layer: nn.Module, transformer: tp.Optional[nn.Module] = None) -> str:
     """What `layer` recomputes in backward: 'none', 'selective' or 'torch' (set by `checkpoint_layers`, or for every
-    layer by AudioCraft's own `transformer.checkpointing='torch'`)."""
+    layer by AudioCraft's own `transformer.checkpointing`: whole layers, its xformers policies counted as such)."""
     plan = getattr(layer, '_lora_checkpointing', None)
     if plan is None:
-        plan = 'torch' if getattr(transformer, 'checkpointing', 'none') == 'torch' else 'none'
+        plan = 'none' if getattr(transformer, 'checkpointing', 'none') == 'none' else 'torch'
     return plan

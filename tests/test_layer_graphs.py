@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from audiocraft_lora import layer_graphs, memory_plan
 from audiocraft_lora.errors import LoRAConfigError
@@ -63,7 +64,7 @@ class RecordingCapture:
         self.calls = []
 
     def __call__(self, callables, samples, num_warmup_iters=3, pool=None):
-        self.calls.append({'callables': callables, 'samples': samples, 'pool': pool})
+        self.calls.append({'callables': callables, 'samples': samples, 'pool': pool, 'warmups': num_warmup_iters})
         return tuple(_Graph(c, s) for c, s in zip(callables, samples))
 
 
@@ -129,6 +130,8 @@ def test_one_capture_per_text_length_of_the_whole_stack_with_a_shared_input_and_
     (first,), (second,) = (call['samples'] for call in capture.calls)
     assert first[0] is second[0]  # the stack's input shared by the signatures
     assert first[1].shape[1] != second[1].shape[1]  # (text lengths 2 and 5)
+    # torch's warmup (whole steps outside the pool) for the first only; later ones warmed up layer by layer, recomputed
+    assert [call['warmups'] for call in capture.calls] == [3, 0] and graphs.stats['warmups'] == 1
     assert lengths[3] is None and lengths[0] == lengths[2] and lengths[1] == lengths[4]
     n = len(layers)
     assert graphs.stats['graphed_calls'] == 4 * n and graphs.stats['eager_calls'] == n
@@ -151,6 +154,53 @@ def test_eval_no_grad_and_off_device_calls_run_eagerly(debug_lm_pkg):
     cuda_graphs = layer_graphs.install(lm, capture=capture)  # the real device type: these CPU calls aren't its
     _step(lm, codes, 3)
     assert capture.calls == [] and cuda_graphs.stats['graphed_calls'] == 0
+
+
+def test_a_step_the_stack_cant_stand_for_runs_every_layer_once_as_without_the_graphs(debug_lm_pkg, caplog):
+    """The first layer's call replays every layer: a step where a later layer is in eval mode or has forward hooks of
+    its own (which a replay wouldn't run) runs each layer once, eagerly; a later layer given another tensor than
+    the stack's output runs on it."""
+    lm = _lm(debug_lm_pkg, layers=3)
+    reference = copy.deepcopy(lm)
+    graphs = layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu')
+    codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(9))
+    calls = []
+    for model in (lm, reference):
+        for layer in model.transformer.layers:
+            layer.forward = functools.partial(lambda f, *a, **k: calls.append(1) or f(*a, **k), layer.forward)
+    _step(lm, codes, 2)  # captured and replayed
+    assert graphs.stats['graphed_calls'] == 3
+    def stays_in_eval(model):  # (through _step's model.train())
+        layer = model.transformer.layers[1]
+        layer.eval()
+        layer.train = lambda mode=True: layer
+    for prepare, hooks in ((stays_in_eval, 0),
+                           (lambda m: m.transformer.layers[2].register_forward_hook(lambda *a: calls.append('h')), 2)):
+        prepare(lm)
+        prepare(reference)
+        calls.clear()
+        loss, grads = _step(lm, codes, 2)
+        ref_loss, ref_grads = _step(reference, codes, 2)
+        assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
+        assert calls.count(1) == 2 * 3 and calls.count('h') == hooks, calls  # each layer once a model, no recompute
+        for model in (lm, reference):
+            model.transformer.layers[1].__dict__.pop('train', None)
+    assert graphs.stats['graphed_calls'] == 3 and graphs.stats['eager_calls'] == 0
+    with caplog.at_level(logging.WARNING, logger='audiocraft_lora.layer_graphs'):
+        layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu')
+    assert 'have forward hooks' in caplog.text
+    # a later layer handed another tensor in a graphed step runs on it
+    for layer in lm.transformer.layers:
+        layer.train()
+        layer._forward_hooks.clear()
+    graphs = layer_graphs.install(lm, capture=RecordingCapture(), device_type='cpu')
+    _step(lm, codes, 2)
+    x, text = torch.randn(2, 30, lm.dim), torch.randn(2, 32, lm.dim)
+    first, second = lm.transformer.layers[:2]
+    out = lm.transformer._apply_layer(first, x, cross_attention_src=text)
+    assert graphs.through is out
+    other = torch.randn(2, 30, lm.dim)
+    assert not torch.equal(lm.transformer._apply_layer(second, other, cross_attention_src=text), other)
 
 
 def test_install_keeps_names_takes_shared_casts_away_and_remove_undoes_it(debug_lm_pkg):
@@ -259,6 +309,8 @@ def test_the_plan_takes_checkpointing_into_the_graphs_without_lora_dropout(debug
             assert set(layer_graphs.installed(lm).capture_contexts) == {plan}
     assert 'off, with lora.activation_checkpointing=selective and LoRA dropout' in caplog.text
     assert 'off, with lora.activation_checkpointing=torch and LoRA dropout' in caplog.text
+    with pytest.raises(LoRAConfigError, match='graph_layers=true can.t be used with lora.activation_checkpointing'):
+        memory_plan.plan_graphs(_solver(lm, activation_checkpointing='torch', graph_layers='true'))
 
 
 def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(debug_lm_pkg):
@@ -302,7 +354,7 @@ def _saved_during(model, codes, length, seed):
 
 
 @pytest.mark.parametrize('plan', [('selective', 1.0, 'none'), ('torch', 1.0, 'none'), ('torch', 0.5, 'selective')])
-def test_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_pkg, plan):
+def test_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_pkg, plan, monkeypatch):
     """Activation checkpointing with the graphs: each layer of the captured stack recomputes in the backward graph
     what its plan leaves out (selective's policy; the whole layer; half and half), but keeps what LoRA dropout drew
     (inside a capture the generator's state can't be saved and restored around the recompute, so a mask drawn again
@@ -317,6 +369,8 @@ def test_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_
     hook = lm.transformer.__dict__.get('_apply_layer')  # (None: AudioCraft's own method, torch on every layer)
     graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu')
     assert set(graphs.capture_contexts) == {plan[0], plan[2]} - {'none'}
+    checkpoints = []  # (inside a CUDA capture the generator's state can't be read: preserve_rng_state=False there)
+    monkeypatch.setattr(layer_graphs, 'checkpoint', lambda *a, **k: checkpoints.append(k) or checkpoint(*a, **k))
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(8))
     for step, length in enumerate((2, 2, 5)):  # captured, replayed, beyond graph_shapes (whole layers recomputed)
         saved, loss, grads = _saved_during(lm, codes, length, seed=step)
@@ -324,6 +378,8 @@ def test_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_
         assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads), step
         assert saved < ref_saved / 2, (step, saved, ref_saved)  # (the layers' activations are checkpointed)
     assert graphs.stats['graphed_calls'] == 2 * 3 and graphs.stats['eager_calls'] == 3
+    captured = [k for k in checkpoints if 'context_fn' in k]
+    assert captured and all(k['preserve_rng_state'] is False for k in captured)
     assert torch.equal(conditioned_logits(lm, codes, ['trap']), conditioned_logits(reference, codes, ['trap']))
     with pytest.raises(RuntimeError, match='Remove the layers'):
         set_checkpointing(lm, 'none')
