@@ -23,9 +23,9 @@ How it stays exact and lean:
   plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), so the pool holds a checkpointed
   step's activations (selective: estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what
   random ops drew (LoRA dropout's output and mask: the generator's state can't be saved and restored inside a
-  capture, so a mask drawn again in backward would be another; `recompute.capture_context`). The memory plan leaves
-  the graphs off under checkpointing with LoRA dropout (its estimate of the checkpointed step doesn't hold the
-  masks: `memory_plan.plan_graphs`).
+  capture, so a mask drawn again in backward would be another; `recompute.capture_context`). With LoRA dropout
+  the memory plan estimates the graphed step again as it runs (`captured_plan`: the masks held) and takes the graphs
+  only where that fits (`memory_plan.plan_graphs`).
 - Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
   longest description of the batch, so its length varies (with AudioCraft's text augmentation, at most steps:
   benchmarks/text_lengths.py). Graphed steps pad it on to a multiple of `lora.graph_text_bucket` tokens, the added
@@ -80,7 +80,7 @@ from . import recompute, text_buckets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'all_ranks_agree']
+__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'all_ranks_agree', 'captured_plan']
 
 Key = tp.Tuple[tp.Any, ...]
 
@@ -419,6 +419,31 @@ def _thread_local_capture():
         yield
     finally:
         torch.cuda.graph = original  # type: ignore
+
+
+@contextlib.contextmanager
+def captured_plan(model: nn.Module):
+    """While inside, AudioCraft LM `model`'s layers run their checkpointing plan as the graphs' captures run it (what
+    random ops drew kept for backward, not drawn again): what `memory_plan.plan_graphs` estimates a graphed step's
+    memory with when the plan recomputes and there is LoRA dropout."""
+    transformer = model.transformer
+    rank = recompute.max_lora_rank(model)
+    contexts = {plan: recompute.capture_context(plan, rank)
+                for plan in {recompute.layer_plan(layer, transformer) for layer in transformer.layers} - {'none'}}
+    replaced = transformer.__dict__.get('_apply_layer')
+
+    def apply_layer(layer, *args, **kwargs):
+        context = contexts.get(recompute.layer_plan(layer, transformer))
+        if context is None:
+            return layer(*args, **kwargs)
+        return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False, context_fn=context, **kwargs)
+    transformer._apply_layer = apply_layer
+    try:
+        yield
+    finally:
+        transformer.__dict__.pop('_apply_layer', None)
+        if replaced is not None:
+            transformer._apply_layer = replaced
 
 
 def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,

@@ -130,6 +130,17 @@ def what_fits(estimate: Estimate, shape: StepShape, budget: int, world_size: int
     return "a smaller dataset.batch_size and a shorter dataset.segment_duration"
 
 
+def step_shape(solver: tp.Any) -> tp.Tuple[StepShape, tp.Optional[torch.dtype]]:
+    """The shape of the solver's training step on one GPU, and its autocast dtype (None: no autocast)."""
+    cfg, cm = solver.cfg, solver.compression_model
+    cached = bool(cfg.get('cache') and cfg.cache.get('path') and not cfg.cache.get('write'))
+    duration = float(cfg.dataset.segment_duration)
+    shape = StepShape(batch=int(cfg.dataset.batch_size),  # per rank here (train.get_solver)
+                      frames=ceil_frames(duration, cm.frame_rate),
+                      samples=None if cached else int(duration * cm.sample_rate), channels=cm.channels)
+    return shape, (DTYPES[cfg.autocast_dtype] if cfg.autocast else None)
+
+
 def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     """Before the first step: estimate the solver's training step and, with `lora.activation_checkpointing=auto`,
     put its LM on the first plan that fits the budget (updating `solver.speed_settings`); stop with `OutOfMemory`
@@ -143,13 +154,9 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
         if auto:
             solver.speed_settings = dataclasses.replace(settings, activation_checkpointing='none')
         return None
-    cached = bool(cfg.get('cache') and cfg.cache.get('path') and not cfg.cache.get('write'))
     duration = float(cfg.dataset.segment_duration)
     cm = solver.compression_model
-    shape = StepShape(batch=int(cfg.dataset.batch_size),  # per rank here (train.get_solver)
-                      frames=ceil_frames(duration, cm.frame_rate),
-                      samples=None if cached else int(duration * cm.sample_rate), channels=cm.channels)
-    autocast_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast else None
+    shape, autocast_dtype = step_shape(solver)
     plans = plans_for(solver.model, replay=settings.dropout_replay) if auto else [
         (settings.activation_checkpointing, float(settings.checkpoint_fraction), settings.checkpoint_rest,
          bool(settings.dropout_replay))]
@@ -260,20 +267,26 @@ def plan_graphs(solver: tp.Any) -> int:
                                   "use lora.graph_layers=auto to run without CUDA graphs elsewhere.")
         return 0
     clash = settings.graph_layers_clash()
-    if not clash and settings.activation_checkpointing != 'none' and has_fast_dropout(solver.model):
-        # (inside a capture the masks can't be drawn again in backward: kept, ~3 bytes an adapted input element
-        # more than the checkpointed step the plan's estimate fits)
-        clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} and LoRA dropout (the graphs '
-                 'would keep the masks it recomputes)')
+    planned = getattr(solver, 'memory_estimate', None) or {}
+    if not clash and settings.activation_checkpointing != 'none' and has_fast_dropout(solver.model) and planned:
+        # inside a capture the masks can't be drawn again in backward: kept (~3 bytes an adapted input element more
+        # than the checkpointed step the plan fitted), so the graphed step is estimated again as it will run
+        kept = graphed_step_estimate(solver)
+        if kept is None:
+            clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} and LoRA dropout (the graphed '
+                     'step, which keeps the masks the plan recomputes, could not be estimated)')
+        else:
+            solver.logger.info("The graphed step keeps the LoRA dropout masks its checkpointing would draw again: "
+                               "estimated %s.", describe(kept, planned.get('budget_bytes')))
+            planned = dict(planned, needed_bytes=needed(kept), step_bytes=kept.step)
     if clash:
         if choice == 'true':  # (the other clashes are refused when the settings are read: SpeedSettings.validate)
             raise LoRAConfigError(f"lora.graph_layers=true can't be used with {clash}, which the memory plan chose "
                                   "or you set: set lora.graph_layers=auto (it turns itself off then) or change that "
-                                  "setting (lora.dropout=0 keeps the graphs with any checkpointing).")
+                                  "setting.")
         solver.logger.info("CUDA graphs of the layers (lora.graph_layers=%s): off, with %s.", choice, clash)
         return 0
     shapes = int(settings.graph_shapes)
-    planned = getattr(solver, 'memory_estimate', None) or {}
     if planned.get('budget_bytes') is not None and planned.get('needed_bytes') is not None:
         shared, per_shape, fallback = graph_static_bytes(solver, int(planned.get('step_bytes') or 0))
         left = int(planned['budget_bytes']) - int(planned['needed_bytes']) - shared - fallback
@@ -297,6 +310,19 @@ def plan_graphs(solver: tp.Any) -> int:
     solver.logger.info("CUDA graphs of the %d transformer layers (lora.graph_layers=%s): up to %d signature(s), "
                        "captured at the first training step of each.", len(graphs.layers), choice, shapes)
     return shapes
+
+
+def graphed_step_estimate(solver: tp.Any) -> tp.Optional[Estimate]:
+    """The solver's training step estimated as the layers' CUDA graphs run its checkpointing plan (LoRA dropout's
+    masks kept, not drawn again: layer_graphs.captured_plan); None where it can't be estimated."""
+    from .layer_graphs import captured_plan
+    shape, autocast_dtype = step_shape(solver)
+    try:
+        with captured_plan(solver.model):
+            return estimate_step(solver.model, solver.compression_model, shape, autocast_dtype)
+    except Exception as error:
+        solver.logger.warning("Could not estimate the graphed step (%s: %s).", type(error).__name__, error)
+        return None
 
 
 def graph_static_bytes(solver: tp.Any, step_bytes: int = 0) -> tp.Tuple[int, int, int]:

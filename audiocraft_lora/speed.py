@@ -57,9 +57,9 @@ graphed steps pad to a multiple of `graph_text_bucket` tokens, masking the added
 (text_buckets.py: the keys attended are the plain step's); `graph_shapes` of them get graphs (each holds the stack's
 static output and incoming gradient: `memory_plan.static_bytes`), later ones run eagerly. Activation checkpointing
 (`selective`, `torch`, mixed) recomputes inside the graphs (the masks LoRA dropout drew are kept, not drawn again).
-`auto` turns it on on CUDA with the fast path, no `compile`, no replayed dropout masks and a memory plan that either
-recomputes nothing or has no LoRA dropout, for as many signatures as fit the memory budget next to the step's
-estimate; `true` asks for it where those hold (refused where they can't).
+`auto` turns it on on CUDA with the fast path, no `compile` and no replayed dropout masks, for as many signatures as
+fit the memory budget next to the step's estimate (a checkpointed step with LoRA dropout estimated again with its
+masks kept); `true` asks for it where those hold (refused where they can't).
 
 `fused_norms` (fast path, autocast, no `compile`) runs the transformer layers' norms (norm1, norm_cross, norm2), with
 the residual adds in front of norm_cross and norm2, as ops that compute the norm in float32 and write the autocast
@@ -151,8 +151,8 @@ class SpeedSettings:
     graph_layers: tp.Any = field(default='auto', metadata={
         'help': "auto | true | false: replay the transformer layers' training forward and backward as CUDA graphs "
                 "(layer_graphs.py; eager's kernels without their per-kernel host cost). auto: on CUDA, with the "
-                "fast path, no compile, no dropout replay, activation checkpointing (recomputed inside the graphs) "
-                "only without LoRA dropout, when it fits the memory budget."})
+                "fast path, no compile, no dropout replay, when it fits the memory budget (activation checkpointing "
+                "recomputes inside the graphs)."})
     graph_shapes: int = field(default=8, metadata={
         'help': "With graph_layers: how many input signatures (lengths of the batch's text conditioning) get graphs; "
                 "steps of other lengths run eagerly. Each holds the layer stack's static output and gradient."})

@@ -293,24 +293,42 @@ def test_graphs_stay_off_where_they_cant_apply(debug_lm_pkg, caplog):
     assert layer_graphs.installed(lm) is None
 
 
-def test_the_plan_takes_checkpointing_into_the_graphs_without_lora_dropout(debug_lm_pkg, caplog):
+def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_kept(debug_lm_pkg, caplog,
+                                                                                     monkeypatch):
     """Inside the graphs a checkpointed layer keeps LoRA dropout's masks (it can't draw them again in backward), which
-    the plan's estimate of a checkpointed step doesn't count: with dropout the graphs stay off under any plan that
-    recomputes."""
+    the plan's estimate of a checkpointed step doesn't count: with dropout and a budget, the graphed step is
+    estimated again as it will run (layer_graphs.captured_plan), and the graphs take what fits next to that."""
+    from audiocraft_lora.memory_estimate import Estimate, StepShape, estimate_step
     from audiocraft_lora.recompute import set_checkpointing
-    for plan, dropout, graphed in (('selective', 0.0, True), ('torch', 0.0, True), ('selective', 0.1, False),
-                                   ('torch', 0.1, False)):
-        lm = _lm(debug_lm_pkg, dropout=dropout)
-        set_checkpointing(lm, plan)
-        with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
-            shapes = memory_plan.plan_graphs(_solver(lm, activation_checkpointing=plan))
-        assert (shapes == 8) == graphed and (layer_graphs.installed(lm) is not None) == graphed
-        if graphed:
-            assert set(layer_graphs.installed(lm).capture_contexts) == {plan}
-    assert 'off, with lora.activation_checkpointing=selective and LoRA dropout' in caplog.text
-    assert 'off, with lora.activation_checkpointing=torch and LoRA dropout' in caplog.text
+    for plan in ('selective', 'torch'):
+        for dropout in (0.0, 0.1):
+            lm = _lm(debug_lm_pkg, dropout=dropout)
+            set_checkpointing(lm, plan)
+            hook = lm.transformer.__dict__.get('_apply_layer')
+            shape = StepShape(batch=2, frames=60)
+            eager = estimate_step(lm, None, shape, None)
+            with layer_graphs.captured_plan(lm):
+                graphed = estimate_step(lm, None, shape, None)
+            assert lm.transformer.__dict__.get('_apply_layer') is hook
+            # (dropout: its masks and outputs kept; torch: SAC, which this runs it with, recomputes without early stop)
+            assert (graphed.step > 1.1 * eager.step) == (dropout > 0) and graphed.step >= eager.step, (plan, dropout)
+            assert memory_plan.plan_graphs(_solver(lm, activation_checkpointing=plan)) == 8  # (no budget: as asked)
+    lm = _lm(debug_lm_pkg, dropout=0.1)
+    set_checkpointing(lm, 'selective')
+    kept = Estimate(resident=2 ** 30, step=2 ** 30)
+    shared, per_shape, fallback = memory_plan.graph_static_bytes(_solver(lm), step_bytes=kept.step)
+    monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver: kept)
+    budget = memory_plan.needed(kept) + shared + fallback + 2 * per_shape
+    for needed_by_plan in (memory_plan.needed(kept) // 2, memory_plan.needed(kept)):  # (what the plan fitted: less)
+        solver = _solver(lm, budget=budget, needed=needed_by_plan, activation_checkpointing='selective')
+        assert memory_plan.plan_graphs(solver) == 2  # (room for 2 signatures next to the kept masks' estimate)
+    monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver: None)
+    with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
+        assert memory_plan.plan_graphs(_solver(lm, budget=budget, needed=1, activation_checkpointing='selective')) == 0
+    assert 'could not be estimated' in caplog.text
     with pytest.raises(LoRAConfigError, match='graph_layers=true can.t be used with lora.activation_checkpointing'):
-        memory_plan.plan_graphs(_solver(lm, activation_checkpointing='torch', graph_layers='true'))
+        memory_plan.plan_graphs(_solver(lm, budget=budget, needed=1, activation_checkpointing='selective',
+                                        graph_layers='true'))
 
 
 def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(debug_lm_pkg):
