@@ -23,9 +23,10 @@ How it stays exact and lean:
   plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), so the pool holds a checkpointed
   step's activations (selective: estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what
   random ops drew (LoRA dropout's output and mask: the generator's state can't be saved and restored inside a
-  capture, so a mask drawn again in backward would be another; `recompute.capture_context`). With LoRA dropout
-  the memory plan estimates the graphed step again as it runs (`captured_plan`: the masks held) and takes the graphs
-  only where that fits (`memory_plan.plan_graphs`).
+  capture, so a mask drawn again in backward would be another; `recompute.capture_context`; attention kernels,
+  tagged random for their `dropout_p`, only where it is above 0: `recompute.draws_random`). The memory plan
+  estimates the graphed step again as it runs (`captured_plan`: the masks held) and takes the graphs only where
+  that fits (`memory_plan.plan_graphs`).
 - Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
   longest description of the batch, so its length varies (with AudioCraft's text augmentation, at most steps:
   benchmarks/text_lengths.py). Graphed steps pad it on to a multiple of `lora.graph_text_bucket` tokens, the added
@@ -51,7 +52,11 @@ A capture that fails (other than for memory) leaves the layers eager with a warn
 where CUDA's generator still works (a capture that failed midway can leave it in capture mode), and raises under
 `true`, with several ranks, or with that generator broken; running out of memory raises, and the solver's advice names
 `lora.graph_layers=false`. With several ranks (DDP) the ranks agree on every step whether it is graphed
-(`all_ranks_agree`: their adapter gradients must arrive, and be all-reduced, in the same order).
+(`all_ranks_agree`: their adapter gradients must arrive, and be all-reduced, in the same order); a step the stack
+can't stand for on one rank only (a layer in eval mode or with a forward hook there alone) is not agreed on.
+
+Not budgeted: a training step the stack can't stand for (a layer in eval mode, a forward hook) runs as without the
+graphs, a whole eager step beside the pool that holds a graphed step's activations.
 
 Gradients: a graph's backward hands autograd its static gradient buffers, which become the parameters' `.grad`
 (no copy); they must be cleared with `zero_grad(set_to_none=True)` (torch's default, what AudioCraft's step does)
@@ -155,7 +160,8 @@ class LayerGraphs:
         """Whether the stack's graph can stand for every layer's call of this step: each layer training, with no
         streaming state and no forward hooks of its own (a graph replays kernels: a hook would run at the capture
         only). A step where one can't runs every layer as without the graphs."""
-        return all(layer.training and not getattr(layer, '_streaming_state', None) and not layer._forward_hooks
+        return all(layer.training and not getattr(layer, '_streaming_state', None)
+                   and not getattr(layer, '_is_streaming', False) and not layer._forward_hooks
                    and not layer._forward_pre_hooks for layer in self.layers)
 
     def signature(self, x: torch.Tensor, cross: torch.Tensor) -> Key:
@@ -178,6 +184,8 @@ class LayerGraphs:
         if index == 0:  # (a step the stack's graph can't stand for runs every layer as without the graphs)
             self.plain = not (self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask)
                               and self.stack_graphable())
+            if self.plain:
+                self.active = None
         if (index is None or self.failed or self.plain
                 or not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask)):
             if self.planned is None:

@@ -268,16 +268,17 @@ def plan_graphs(solver: tp.Any) -> int:
         return 0
     clash = settings.graph_layers_clash()
     planned = getattr(solver, 'memory_estimate', None) or {}
-    if not clash and settings.activation_checkpointing != 'none' and has_fast_dropout(solver.model) and planned:
-        # inside a capture the masks can't be drawn again in backward: kept (~3 bytes an adapted input element more
-        # than the checkpointed step the plan fitted), so the graphed step is estimated again as it will run
+    if not clash and settings.activation_checkpointing != 'none' and planned:
+        # inside a capture LoRA dropout's masks can't be drawn again in backward: kept (~3 bytes an adapted input
+        # element more than the checkpointed step the plan fitted), and the layers run torch's selective
+        # checkpointing whatever the plan: the graphed step is estimated again as it will run
         kept = graphed_step_estimate(solver)
         if kept is None:
-            clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} and LoRA dropout (the graphed '
-                     'step, which keeps the masks the plan recomputes, could not be estimated)')
+            clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} (the graphed step, which '
+                     'keeps the LoRA dropout masks the plan recomputes, could not be estimated)')
         else:
-            solver.logger.info("The graphed step keeps the LoRA dropout masks its checkpointing would draw again: "
-                               "estimated %s.", describe(kept, planned.get('budget_bytes')))
+            solver.logger.info("The graphed step, its checkpointing as captured (LoRA dropout masks kept): estimated "
+                               "%s.", describe(kept, planned.get('budget_bytes')))
             planned = dict(planned, needed_bytes=needed(kept), step_bytes=kept.step)
     if clash:
         if choice == 'true':  # (the other clashes are refused when the settings are read: SpeedSettings.validate)

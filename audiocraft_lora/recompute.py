@@ -61,7 +61,7 @@ def _selective_policy(max_cheap_rank: int, ctx, op, *args, save_random: bool = F
     ops drew (LoRA dropout's output and mask), so that backward draws nothing (inside a CUDA graph, where the
     generator's state can't be saved and restored around the recompute)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if save_random and torch.Tag.nondeterministic_seeded in getattr(op, 'tags', ()):
+    if save_random and draws_random(op, args, kwargs):
         return CheckpointPolicy.MUST_SAVE
     kind, left = _op_kind(op)
     if kind == 'matmul':
@@ -114,10 +114,23 @@ def selective_context(max_cheap_rank: int, save_random: bool = False) -> tp.Call
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
+def draws_random(op, args: tuple, kwargs: dict) -> bool:
+    """Whether this call of `op` draws random numbers: ops tagged so (dropout, random fills) do, except the attention
+    kernels (all tagged, for their `dropout_p`) called with `dropout_p=0`, as MusicGen trains."""
+    if torch.Tag.nondeterministic_seeded not in getattr(op, 'tags', ()):
+        return False
+    names = [argument.name for argument in op._schema.arguments]
+    if 'dropout_p' not in names:
+        return True
+    position = names.index('dropout_p')
+    dropout = args[position] if position < len(args) else kwargs.get('dropout_p', 0.0)
+    return float(dropout) > 0
+
+
 def _random_kept_policy(ctx, op, *args, **kwargs):
     """Recompute everything but what random ops drew (whole-layer checkpointing inside a CUDA graph)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if torch.Tag.nondeterministic_seeded in getattr(op, 'tags', ()):
+    if draws_random(op, args, kwargs):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
