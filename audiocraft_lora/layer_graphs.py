@@ -52,8 +52,8 @@ A capture that fails (other than for memory) leaves the layers eager with a warn
 where CUDA's generator still works (a capture that failed midway can leave it in capture mode), and raises under
 `true`, with several ranks, or with that generator broken; running out of memory raises, and the solver's advice names
 `lora.graph_layers=false`. With several ranks (DDP) the ranks agree on every step whether it is graphed
-(`all_ranks_agree`: their adapter gradients must arrive, and be all-reduced, in the same order); a step the stack
-can't stand for on one rank only (a layer in eval mode or with a forward hook there alone) is not agreed on.
+(`all_ranks_agree`: their adapter gradients must arrive, and be all-reduced, in the same order), a step the stack
+can't stand for on one rank only (a layer in eval mode or with a forward hook there alone) included.
 
 Not budgeted: a training step the stack can't stand for (a layer in eval mode, a forward hook) runs as without the
 graphs, a whole eager step beside the pool that holds a graphed step's activations.
@@ -186,6 +186,11 @@ class LayerGraphs:
                               and self.stack_graphable())
             if self.plain:
                 self.active = None
+                if (self.agree is not None and torch.is_grad_enabled() and type(x) is torch.Tensor
+                        and x.device.type == self.device_type):
+                    # (a training step another rank may graph: it must run eagerly too, its gradients in the same
+                    # order; the same collective the graphable first layer calls, saying not graphed)
+                    self.agree([0, 1], x.device)
         if (index is None or self.failed or self.plain
                 or not self.graphable(layer, x, args, kwargs, cross_attention_src, src_mask)):
             if self.planned is None:

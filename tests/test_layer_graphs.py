@@ -494,7 +494,9 @@ def _rank_main(rank, fn, args, init_file, out):
     SIGABRT, about once in 50 runs on a loaded machine (pytorch PR #179291)."""
     import json
     import os
-    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    import datetime  # (a rank left waiting in a collective fails the test in a minute, not CI's 90)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
     try:
         (out / f'rank{rank}.json').write_text(json.dumps(fn(rank, *args)))
     finally:
@@ -510,16 +512,21 @@ def _on_two_ranks(fn, tmp_path, *args):
     return [json.loads((tmp_path / f'rank{rank}.json').read_text()) for rank in (0, 1)]
 
 
-def _rank_steps(rank, pkg, lengths, text_bucket=1):
-    """One rank of `test_ranks_agree_on_every_step`: training steps of its own text lengths, max_shapes=1."""
+def _rank_steps(rank, pkg, lengths, text_bucket=1, hooked=None):
+    """One rank of `test_ranks_agree_on_every_step`: training steps of its own text lengths, max_shapes=1; at the
+    steps `hooked[rank]` lists, its second layer has a forward hook (a step the stack's graph can't stand for)."""
     lm = _lm(pkg)
     graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu', distributed=True,
                                   text_bucket=text_bucket)
     codes = torch.randint(0, 256, (1, 4, 30), generator=torch.Generator().manual_seed(9))
     graphed = []
-    for length in lengths[rank]:
+    for step, length in enumerate(lengths[rank]):
+        hook = (lm.transformer.layers[1].register_forward_hook(lambda *a: None)
+                if step in (hooked or {}).get(rank, ()) else None)
         _step(lm, codes, length)
         graphed.append(graphs.active is not None)
+        if hook is not None:
+            hook.remove()
     return {'graphed': graphed, 'stats': graphs.stats}
 
 
@@ -532,6 +539,14 @@ def test_ranks_agree_on_every_step(debug_lm_pkg, tmp_path):
     layers = 2
     for rank in ranks:
         assert rank['stats']['graphed_calls'] == layers and rank['stats']['eager_calls'] == 3 * layers
+
+
+def test_ranks_agree_on_a_step_the_stack_cant_stand_for_on_one_rank(debug_lm_pkg, tmp_path):
+    """A forward hook on one rank's layer at step 1: that rank runs the step as without the graphs, and tells the
+    others, which run it eagerly too (else they would wait in the agreement, or all-reduce in another order)."""
+    ranks = _on_two_ranks(_rank_steps, tmp_path, debug_lm_pkg, {0: [2, 2, 2], 1: [2, 2, 2]}, 1, {0: [1]})
+    assert ranks[0]['graphed'] == ranks[1]['graphed'] == [True, False, True]
+    assert ranks[1]['stats']['eager_calls'] == 2 and ranks[0]['stats']['eager_calls'] == 0
 
 
 @pytest.mark.parametrize('plan', ['none', 'selective', 'torch'])
