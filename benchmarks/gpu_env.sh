@@ -26,6 +26,6 @@ dora_on_cuda() {  # `dora_on_cuda SECONDS [LOG [OVERRIDES...]]` (SECONDS: its ti
   timeout $(left "$seconds") python3 -m dora -P audiocraft_lora run --clear solver=musicgen/lora_debug device=cuda \
     autocast=true autocast_dtype=bfloat16 dataset.num_workers=0 $gen "$@" > "$log" 2>&1
   echo "dora rc=$?"
-  grep -E "Summary|exported|speed settings|Estimated peak|Activation checkpointing|Could not estimate|Error|error|CUDA graph" \
+  grep -E "Summary|exported|speed settings|Estimated peak|Activation checkpointing|Could not estimate|Error|error|CUDA graph|graphed step" \
     "$log" | tail -16
 }

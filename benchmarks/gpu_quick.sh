@@ -55,6 +55,8 @@ for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases f
 done
 echo "== dora run lora_debug on cuda, bf16 autocast, speed defaults (CUDA graphs of the layers) [$((SECONDS-START)) s]"
 dora_on_cuda 40
+echo "== the same with selective checkpointing inside the graphs (session 15; LoRA dropout: masks kept) [$((SECONDS-START)) s]"
+dora_on_cuda 40 cuda_dora_selective lora.activation_checkpointing=selective
 for args in "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms forward" \
             "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms backward" \
             "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms forward,backward"; do

@@ -346,6 +346,21 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
                                         graph_layers='true'))
 
 
+def test_the_solver_estimates_its_graphed_step_as_captured(dora_dir):
+    """`memory_plan.graphed_step_estimate` runs on the solver's own step (EnCodec, conditioners, LM, loss; the recipes'
+    LoRA dropout 0.05, selective) and leaves the plan as it was. (At the debug sizes EnCodec's encode sets the peak,
+    so the kept masks don't raise it: `captured_plan`'s own test shows them.)"""
+    from helpers import DEBUG_ARGS, build_solver
+    from audiocraft_lora.memory_estimate import estimate_step
+    solver, _ = build_solver(DEBUG_ARGS + ['lora.activation_checkpointing=selective'])
+    hook = solver.model.transformer.__dict__.get('_apply_layer')
+    shape, dtype = memory_plan.step_shape(solver)
+    eager = estimate_step(solver.model, solver.compression_model, shape, dtype)
+    graphed = memory_plan.graphed_step_estimate(solver)
+    assert graphed is not None and graphed.step >= eager.step and graphed.resident == eager.resident
+    assert solver.model.transformer.__dict__.get('_apply_layer') is hook is not None
+
+
 def test_steps_beyond_graph_shapes_recompute_their_layers_with_the_same_values(debug_lm_pkg):
     """The graphs' pool keeps a step's activations, so a step of a new text length beyond lora.graph_shapes must not
     keep a second set beside it: its layers save their inputs only (torch's checkpoint) and give the same results."""
