@@ -36,6 +36,12 @@ ATen's kernels there, with a warning. As custom ops they are one op each to sele
 (recomputed in backward like any norm), to the memory estimate's fake tensors, and to torch.compile (which fuses
 norms itself: `lora.compile` keeps AudioCraft's). They hand the attentions bf16 whatever
 `lora.attention_in_autocast_dtype` says (the same values: that setting's float32 round trip changes none).
+
+Across layers (`run_chain`, session 15): where the layers' CUDA graphs run the whole stack as one callable with no
+checkpointing (layer_graphs), each layer's closing residual add runs with the next layer's norm1 as
+`add_layer_norm_to` too, a layer boundary an eager step (one module call a layer) can't fuse across: the add's pass
+over the stream and, in backward, the separate sum of the layer input's two gradients are gone. The same values (the
+same kernel reduces h = x + branch as it reduces x alone; the stream gradient added in float32 either way).
 """
 import contextlib
 import threading
@@ -234,20 +240,53 @@ class FusedResidualLayer(StreamingTransformerLayer):
 
     def forward(self, src: Tensor, src_mask: tp.Optional[Tensor] = None,  # type: ignore
                 src_key_padding_mask: tp.Optional[Tensor] = None, cross_attention_src: tp.Optional[Tensor] = None):
-        cross = cross_attention_src is not None
         if not _one_reader(self.linear1):  # peft's own forward reads norm2's output twice: AudioCraft's norms
             with _unfused():
                 return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
-        if (not self.norm_first or cross != (self.cross_attention is not None) or type(self.norm2) is not FusedLayerNorm
-                or (cross and type(self.norm_cross) is not FusedLayerNorm)):
+        if not self.fusable(cross_attention_src is not None):
             return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
-        x = src
-        branch = self.layer_scale_1(self._sa_block(self.norm1(x), src_mask, src_key_padding_mask))
-        if cross:
+        return self.chained(src, None, cross_attention_src, None, src_mask, src_key_padding_mask)[0]
+
+    def fusable(self, cross: bool) -> bool:
+        """Whether `forward` (with or without cross-attention) runs the fused adds and norms."""
+        return (_one_reader(self.linear1) and self.norm_first and cross == (self.cross_attention is not None)
+                and type(self.norm2) is FusedLayerNorm and (not cross or type(self.norm_cross) is FusedLayerNorm))
+
+    def chained(self, x: Tensor, normed: tp.Optional[Tensor], cross_attention_src: tp.Optional[Tensor],
+                next_norm: tp.Optional['FusedLayerNorm'], src_mask: tp.Optional[Tensor] = None,
+                src_key_padding_mask: tp.Optional[Tensor] = None) -> tp.Tuple[Tensor, tp.Optional[Tensor]]:
+        """The fused forward on stream `x`, from `normed`, its norm1 output, where the layer before made it (None:
+        made here); with `next_norm`, the next layer's norm1, the closing residual add and that norm run as one op
+        too. Returns (the stream, `next_norm`'s output or None). (`fusable` layers only.)"""
+        if normed is None:
+            normed = self.norm1(x)
+        branch = self.layer_scale_1(self._sa_block(normed, src_mask, src_key_padding_mask))
+        if cross_attention_src is not None:
             x, normed = self.norm_cross.add_and_norm(x, branch)
             branch = self.layer_scale_cross(self._cross_attention_block(normed, cross_attention_src))
         x, normed = self.norm2.add_and_norm(x, branch)
-        return x + self.layer_scale_2(self._ff_block(normed))
+        branch = self.layer_scale_2(self._ff_block(normed))
+        if next_norm is None:
+            return x + branch, None
+        return next_norm.add_and_norm(x, branch)
+
+
+def chainable(layers: tp.Sequence[nn.Module], cross: bool) -> bool:
+    """Whether `run_chain` can run `layers` (a whole stack, one after the other, no hooks: the layers' CUDA graphs):
+    every one a fusable FusedResidualLayer, each but the first with a FusedLayerNorm norm1."""
+    return bool(layers) and all(type(layer) is FusedResidualLayer and layer.fusable(cross) for layer in layers) and all(
+        type(layer.norm1) is FusedLayerNorm for layer in layers[1:])
+
+
+def run_chain(layers: tp.Sequence[nn.Module], x: Tensor, cross_attention_src: tp.Optional[Tensor]) -> Tensor:
+    """`layers` one after the other on stream `x` (`chainable` ones), each layer's closing residual add run with the
+    next layer's norm1 as one op (`FusedLayerNorm.add_and_norm`): where it applies, the add's own pass over the
+    stream and, in backward, the sum of the stream's two gradients are gone. Values as each layer's forward."""
+    normed = None
+    for index, layer in enumerate(layers):
+        next_norm = layers[index + 1].norm1 if index + 1 < len(layers) else None
+        x, normed = layer.chained(x, normed, cross_attention_src, next_norm)
+    return x
 
 
 def _one_reader(linear: nn.Module) -> bool:

@@ -19,6 +19,8 @@ How it stays exact and lean:
   +4.3 GiB reserved over the eager step measured) and copied every layer's input and gradient in and out at each
   replay. Every signature uses one memory pool (only one signature runs in a step) and the same static input; what
   each adds is its static output and incoming gradient (`memory_plan.static_bytes`).
+- Without checkpointing, `lora.fused_norms`' layers run chained inside the capture (`run_stack`,
+  fused_norms.run_chain): each layer's closing residual add with the next layer's norm1 as one op.
 - Activation checkpointing runs inside the capture (`run_captured`): each layer's backward graph recomputes what its
   plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), so the pool holds a checkpointed
   step's activations (selective: estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what
@@ -81,7 +83,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import recompute, text_buckets
+from . import fused_norms, recompute, text_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +93,17 @@ Key = tp.Tuple[tp.Any, ...]
 
 
 class _StackCall(nn.Module):
-    """Every transformer layer in turn, `run(index, x, cross)` each, with positional tensors only: what
+    """Every transformer layer in turn (`run(x, cross)`: LayerGraphs.run_stack), with positional tensors only: what
     make_graphed_callables takes (it replaces this module's forward with the graphs: one forward graph and one backward
     graph of the whole stack per capture)."""
 
-    def __init__(self, layers: tp.Sequence[nn.Module],
-                 run: tp.Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]):
+    def __init__(self, layers: tp.Sequence[nn.Module], run: tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         super().__init__()
         self.layers = nn.ModuleList(layers)  # (their parameters are the graphs')
         self.run = run
 
     def forward(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-        for index in range(len(self.layers)):
-            x = self.run(index, x, cross)
-        return x
+        return self.run(x, cross)
 
 
 class LayerGraphs:
@@ -255,6 +254,18 @@ class LayerGraphs:
         with self.buckets.applied(cross, mask):
             return layer(x, cross_attention_src=cross)
 
+    def run_stack(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """The whole stack inside a capture. With no checkpointing and `lora.fused_norms`' layers, each layer's
+        closing residual add runs with the next layer's norm1 as one op (fused_norms.run_chain: a layer boundary
+        eager steps can't fuse across, its pass over the stream and the sum of its two gradients gone); else each
+        layer on its plan (`run_captured`)."""
+        if not self.capture_contexts and fused_norms.chainable(self.layers, cross is not None):
+            with self.buckets.applied(cross, None) if self.buckets is not None else contextlib.nullcontext():
+                return fused_norms.run_chain(self.layers, x, cross)
+        for index in range(len(self.layers)):
+            x = self.run_captured(index, x, cross)
+        return x
+
     def run_captured(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         """Layer `index` inside the stack's capture, on its checkpointing plan: the backward graph recomputes what the
         plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), drawing no random numbers there
@@ -304,7 +315,7 @@ class LayerGraphs:
             static_x = x.detach().clone().requires_grad_(x.requires_grad)
             self.inputs[shape_key] = static_x
         static_cross = cross.detach().clone().requires_grad_(cross.requires_grad)
-        stack = _StackCall(self.layers, self.run_captured)
+        stack = _StackCall(self.layers, self.run_stack)
         if self.pool is None and self.device_type == 'cuda':
             self.pool = torch.cuda.graph_pool_handle()
         cache = torch.is_autocast_cache_enabled()

@@ -298,12 +298,15 @@ def test_triton_kernels_match_aten_in_the_interpreter():
             assert out['backward_dtype'] == 'torch.float32', (width, name, out)
 
 
-def test_graphed_layers_replay_the_fused_ops(debug_lm_pkg):
-    """The layers' CUDA graphs capture a fused layer's forward (torch's capture stood in for on CPU, as in
-    tests/test_layer_graphs.py): the same losses and gradients as the eager fused layers, under autocast."""
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_graphed_layers_replay_the_fused_ops_chained(debug_lm_pkg, dropout):
+    """The layers' CUDA graphs capture the fused layers' forward (torch's capture stood in for on CPU, as in
+    tests/test_layer_graphs.py), each layer's closing residual add run with the next layer's norm1 as one op
+    (fused_norms.run_chain: the graphs hold the whole stack): the same losses and gradients as the eager fused layers,
+    bit for bit, under autocast."""
     from test_layer_graphs import RecordingCapture
     from audiocraft_lora import layer_graphs
-    lm = _lm(0.0)
+    lm = _lm(dropout)
     info = apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
     assert info['fused_norms']
     reference = copy.deepcopy(lm)
@@ -314,8 +317,9 @@ def test_graphed_layers_replay_the_fused_ops(debug_lm_pkg):
         got = _step(lm, codes)
     expected = _step(reference, codes)
     _equal(got, expected)
-    assert len(capture.calls) == 1 and graphs.stats['graphed_calls'] == len(lm.transformer.layers)
-    assert ops.counts.get(ADD_OP) == 2 * len(lm.transformer.layers)
+    n = len(lm.transformer.layers)
+    assert len(capture.calls) == 1 and graphs.stats['graphed_calls'] == n
+    assert ops.counts.get(ADD_OP) == 2 * n + n - 1 and ops.counts.get(OP) == 1  # (norm1 of the first layer alone)
 
 
 def test_generation_samples_the_same_tokens():
