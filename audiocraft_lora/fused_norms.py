@@ -41,7 +41,10 @@ Across layers (`run_chain`, session 15): where the layers' CUDA graphs run the w
 checkpointing (layer_graphs), each layer's closing residual add runs with the next layer's norm1 as
 `add_layer_norm_to` too, a layer boundary an eager step (one module call a layer) can't fuse across: the add's pass
 over the stream and, in backward, the separate sum of the layer input's two gradients are gone. The same values (the
-same kernel reduces h = x + branch as it reduces x alone; the stream gradient added in float32 either way).
+same kernel reduces h = x + branch as it reduces x alone; the stream gradient added in float32 either way, the
+backward kernel built without multiply-add contraction so that it rounds as autograd's separate add does). The
+chained norm1 is not called as a module: its backward and global module hooks don't run (forward hooks of its own
+make `add_and_norm` call it as one).
 """
 import contextlib
 import threading

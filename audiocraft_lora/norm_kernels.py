@@ -108,7 +108,10 @@ def triton_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, m
         with _on(h.device):
             backward_kernel[(rows,)](grad, h, weight.contiguous(), mean, rstd, h if grad_h is None else grad_h, dx,
                                      dx if dy is None else _bits(dy), width, HAS_GH=grad_h is not None,
-                                     HAS_DY=dy is not None, DY_BF16=y_dtype == torch.bfloat16, **_config(width))
+                                     HAS_DY=dy is not None, DY_BF16=y_dtype == torch.bfloat16,
+                                     enable_fp_fusion=False, **_config(width))
+    # (no multiply-add contraction: the stream's gradient added in the kernel is rounded as autograd's own add
+    # rounds it where the norm runs alone, so a norm chained across layers gives the same gradients bit for bit)
     return dx, dy
 
 
