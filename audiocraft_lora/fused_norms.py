@@ -246,14 +246,17 @@ class FusedResidualLayer(StreamingTransformerLayer):
         if not _one_reader(self.linear1):  # peft's own forward reads norm2's output twice: AudioCraft's norms
             with _unfused():
                 return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
-        if not self.fusable(cross_attention_src is not None):
+        if not self._fused_norms(cross_attention_src is not None):
             return super().forward(src, src_mask, src_key_padding_mask, cross_attention_src)
         return self.chained(src, None, cross_attention_src, None, src_mask, src_key_padding_mask)[0]
 
     def fusable(self, cross: bool) -> bool:
         """Whether `forward` (with or without cross-attention) runs the fused adds and norms."""
-        return (_one_reader(self.linear1) and self.norm_first and cross == (self.cross_attention is not None)
-                and type(self.norm2) is FusedLayerNorm and (not cross or type(self.norm_cross) is FusedLayerNorm))
+        return _one_reader(self.linear1) and self._fused_norms(cross)
+
+    def _fused_norms(self, cross: bool) -> bool:
+        return (self.norm_first and cross == (self.cross_attention is not None) and type(self.norm2) is FusedLayerNorm
+                and (not cross or type(self.norm_cross) is FusedLayerNorm))
 
     def chained(self, x: Tensor, normed: tp.Optional[Tensor], cross_attention_src: tp.Optional[Tensor],
                 next_norm: tp.Optional['FusedLayerNorm'], src_mask: tp.Optional[Tensor] = None,

@@ -25,10 +25,10 @@ How it stays exact and lean:
   plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), so the pool holds a checkpointed
   step's activations (selective: estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what
   random ops drew (LoRA dropout's output and mask: the generator's state can't be saved and restored inside a
-  capture, so a mask drawn again in backward would be another; `recompute.capture_context`; attention kernels,
+  capture, so a mask drawn again in backward would be another; `recompute.run_as_captured`; attention kernels,
   tagged random for their `dropout_p`, only where it is above 0: `recompute.draws_random`). The memory plan
-  estimates the graphed step again as it runs (`captured_plan`: the masks held) and takes the graphs only where
-  that fits (`memory_plan.plan_graphs`).
+  estimates the graphed step again as it runs (`recompute.captured_plan`: the masks held) and takes the graphs
+  only where that fits (`memory_plan.plan_graphs`).
 - Training batches have one token shape (fixed segments and batch size); the text conditioning is padded to the
   longest description of the batch, so its length varies (with AudioCraft's text augmentation, at most steps:
   benchmarks/text_lengths.py). Graphed steps pad it on to a multiple of `lora.graph_text_bucket` tokens, the added
@@ -87,7 +87,7 @@ from . import fused_norms, recompute, text_buckets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'all_ranks_agree', 'captured_plan']
+__all__ = ['LayerGraphs', 'install', 'remove', 'installed', 'all_ranks_agree']
 
 Key = tp.Tuple[tp.Any, ...]
 
@@ -113,7 +113,7 @@ class LayerGraphs:
     `capture` is torch.cuda.make_graphed_callables (tests stand something else in on CPU); `device_type` is where
     calls are graphed; `planned` is the hook it replaced (recompute's checkpointing plan, or AudioCraft's), which
     every call the graphs don't take goes through (None: the layer itself); `capture_contexts`: by checkpointing plan
-    ('selective', 'torch'), the `context_fn` of the layers on it inside the captures (recompute.capture_context)."""
+    ('selective', 'torch'), the `context_fn` of the layers on it inside the captures (recompute.capture_contexts)."""
 
     def __init__(self, layers: tp.Sequence[nn.Module], max_shapes: int = 8,
                  capture: tp.Optional[tp.Callable] = None, pool: tp.Any = None, device_type: str = 'cuda',
@@ -272,10 +272,7 @@ class LayerGraphs:
         (`capture_contexts` keep what random ops drew: the generator's state can't be saved and restored inside a
         capture)."""
         context = self.capture_contexts.get(recompute.layer_plan(self.layers[index], self.transformer))
-        if context is None:
-            return self.run_eager(index, x, cross)
-        return checkpoint(self.run_eager, index, x, cross, use_reentrant=False, preserve_rng_state=False,
-                          context_fn=context)
+        return recompute.run_as_captured(context, self.run_eager, index, x, cross)
 
     def _capture_failed(self, error: Exception, device: torch.device) -> bool:
         """After a failed capture: True where the attention kernels refused the text mask (single process), the
@@ -445,31 +442,6 @@ def _thread_local_capture():
         torch.cuda.graph = original  # type: ignore
 
 
-@contextlib.contextmanager
-def captured_plan(model: nn.Module):
-    """While inside, AudioCraft LM `model`'s layers run their checkpointing plan as the graphs' captures run it (what
-    random ops drew kept for backward, not drawn again): what `memory_plan.plan_graphs` estimates a graphed step's
-    memory with when the plan recomputes and there is LoRA dropout."""
-    transformer = model.transformer
-    rank = recompute.max_lora_rank(model)
-    contexts = {plan: recompute.capture_context(plan, rank)
-                for plan in {recompute.layer_plan(layer, transformer) for layer in transformer.layers} - {'none'}}
-    replaced = transformer.__dict__.get('_apply_layer')
-
-    def apply_layer(layer, *args, **kwargs):
-        context = contexts.get(recompute.layer_plan(layer, transformer))
-        if context is None:
-            return layer(*args, **kwargs)
-        return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False, context_fn=context, **kwargs)
-    transformer._apply_layer = apply_layer
-    try:
-        yield
-    finally:
-        transformer.__dict__.pop('_apply_layer', None)
-        if replaced is not None:
-            transformer._apply_layer = replaced
-
-
 def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Callable] = None,
             device_type: str = 'cuda', strict: bool = False, distributed: bool = False,
             text_bucket: int = 1) -> LayerGraphs:
@@ -499,12 +471,10 @@ def install(model: nn.Module, max_shapes: int = 8, capture: tp.Optional[tp.Calla
                         "needs AudioCraft's masked attention): %s.", text_bucket, reason)
         else:
             buckets = text_buckets.install(transformer.layers, text_bucket)
-    plans = {recompute.layer_plan(layer, transformer) for layer in transformer.layers} - {'none'}
-    rank = recompute.max_lora_rank(model)
     graphs = LayerGraphs(transformer.layers, max_shapes=max_shapes, capture=capture, device_type=device_type,
                          strict=strict or distributed, agree=all_ranks_agree if distributed else None,
                          buckets=buckets, planned=transformer._apply_layer,
-                         capture_contexts={plan: recompute.capture_context(plan, rank) for plan in plans})
+                         capture_contexts=recompute.capture_contexts(model))
     graphs.transformer, graphs.replaced = transformer, transformer.__dict__.get('_apply_layer')
     if shared:  # a failed capture gives the eager steps their shared adapter casts back
         from .adapter_casts import share_adapter_casts

@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import OutOfMemory
 from .memory_estimate import Estimate, StepShape, estimate_step
-from .recompute import set_checkpointing
+from .recompute import captured_plan, set_checkpointing
 from .plans import PLANS, Plan
 from .speed import DTYPES, SpeedSettings, has_fast_dropout, set_dropout_replay, set_keep_merged
 
@@ -315,8 +315,7 @@ def plan_graphs(solver: tp.Any) -> int:
 
 def graphed_step_estimate(solver: tp.Any) -> tp.Optional[Estimate]:
     """The solver's training step estimated as the layers' CUDA graphs run its checkpointing plan (LoRA dropout's
-    masks kept, not drawn again: layer_graphs.captured_plan); None where it can't be estimated."""
-    from .layer_graphs import captured_plan
+    masks kept, not drawn again: recompute.captured_plan); None where it can't be estimated."""
     shape, autocast_dtype = step_shape(solver)
     try:
         with captured_plan(solver.model):

@@ -6,11 +6,13 @@ the outputs of large matmuls (contraction > the LoRA rank) and of attention kern
 copies and the rank-r LoRA updates. A plan may mix them: `mode` on `fraction` of the layers (evenly spaced), `rest`
 (`none` or `selective`) on the others. The plan of each layer is an attribute of the layer, so a deepcopy keeps it.
 """
+import contextlib
 import functools
 import typing as tp
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import LoRAConfigError
 
@@ -135,7 +137,7 @@ def _random_kept_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def capture_context(plan: str, max_cheap_rank: int) -> tp.Callable:
+def _capture_context(plan: str, max_cheap_rank: int) -> tp.Callable:
     """The `context_fn` of torch's checkpoint for a layer on `plan` ('selective' or 'torch') inside a CUDA graph
     capture, where the generator's state can't be saved and restored around the recompute: what random ops drew
     (LoRA dropout's output and mask) is kept, so backward draws nothing; the rest as the plan recomputes it."""
@@ -154,3 +156,39 @@ def layer_plan(layer: nn.Module, transformer: tp.Optional[nn.Module] = None) -> 
     if plan is None:
         plan = 'none' if getattr(transformer, 'checkpointing', 'none') == 'none' else 'torch'
     return plan
+
+
+def capture_contexts(model: nn.Module) -> tp.Dict[str, tp.Callable]:
+    """{plan: its `_capture_context`} for the plans AudioCraft LM `model`'s layers are on ('none' left out)."""
+    transformer = model.transformer
+    plans = {layer_plan(layer, transformer) for layer in transformer.layers} - {'none'}
+    rank = max_lora_rank(model)
+    return {plan: _capture_context(plan, rank) for plan in plans}
+
+
+def run_as_captured(context: tp.Optional[tp.Callable], fn: tp.Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)` as a layer on a checkpointing plan runs inside a CUDA graph capture (`context`: from
+    `capture_contexts`; None: not checkpointed): torch's checkpoint restoring no generator state."""
+    if context is None:
+        return fn(*args, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, context_fn=context, **kwargs)
+
+
+@contextlib.contextmanager
+def captured_plan(model: nn.Module):
+    """While inside, AudioCraft LM `model`'s layers run their checkpointing plan as the layers' CUDA graphs run it
+    (`run_as_captured`: what random ops drew kept for backward, not drawn again): what `memory_plan.plan_graphs`
+    estimates a graphed step's memory with when the plan recomputes."""
+    transformer = model.transformer
+    contexts = capture_contexts(model)
+    replaced = transformer.__dict__.get('_apply_layer')
+
+    def apply_layer(layer, *args, **kwargs):
+        return run_as_captured(contexts.get(layer_plan(layer, transformer)), layer, *args, **kwargs)
+    transformer._apply_layer = apply_layer
+    try:
+        yield
+    finally:
+        transformer.__dict__.pop('_apply_layer', None)
+        if replaced is not None:
+            transformer._apply_layer = replaced

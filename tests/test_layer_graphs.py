@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from audiocraft_lora import layer_graphs, memory_plan
+from audiocraft_lora import layer_graphs, memory_plan, recompute
 from audiocraft_lora.errors import LoRAConfigError
 from audiocraft_lora.lora import AdapterParameters, LoRASettings, inject_lora
 from audiocraft_lora.speed import SpeedSettings, apply_to_model
@@ -311,7 +311,7 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
                                                                                      monkeypatch):
     """Inside the graphs a checkpointed layer keeps LoRA dropout's masks (it can't draw them again in backward), which
     the plan's estimate of a checkpointed step doesn't count: with a budget, the graphed step is estimated again as
-    it will run (layer_graphs.captured_plan), and the graphs take what fits next to that."""
+    it will run (recompute.captured_plan), and the graphs take what fits next to that."""
     from audiocraft_lora.memory_estimate import Estimate, StepShape, estimate_step
     from audiocraft_lora.recompute import set_checkpointing
     for plan in ('selective', 'torch'):
@@ -321,7 +321,7 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
             hook = lm.transformer.__dict__.get('_apply_layer')
             shape = StepShape(batch=2, frames=60)
             eager = estimate_step(lm, None, shape, None)
-            with layer_graphs.captured_plan(lm):
+            with recompute.captured_plan(lm):
                 graphed = estimate_step(lm, None, shape, None)
             assert lm.transformer.__dict__.get('_apply_layer') is hook
             # as the plan, but what LoRA dropout drew (+12% selective, +14% torch here); attention (tagged random for
@@ -418,7 +418,7 @@ def test_checkpointing_runs_inside_the_capture_and_draws_no_mask_twice(debug_lm_
     graphs = layer_graphs.install(lm, max_shapes=1, capture=RecordingCapture(), device_type='cpu')
     assert set(graphs.capture_contexts) == {plan[0], plan[2]} - {'none'}
     checkpoints = []  # (inside a CUDA capture the generator's state can't be read: preserve_rng_state=False there)
-    monkeypatch.setattr(layer_graphs, 'checkpoint', lambda *a, **k: checkpoints.append(k) or checkpoint(*a, **k))
+    monkeypatch.setattr(recompute, 'checkpoint', lambda *a, **k: checkpoints.append(k) or checkpoint(*a, **k))
     codes = torch.randint(0, 256, (2, 4, 30), generator=torch.Generator().manual_seed(8))
     for step, length in enumerate((2, 2, 5)):  # captured, replayed, beyond graph_shapes (whole layers recomputed)
         saved, loss, grads = _saved_during(lm, codes, length, seed=step)
