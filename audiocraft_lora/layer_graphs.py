@@ -23,7 +23,7 @@ How it stays exact and lean:
   fused_norms.run_chain): each layer's closing residual add with the next layer's norm1 as one op.
 - Activation checkpointing runs inside the capture (`run_captured`): each layer's backward graph recomputes what its
   plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), so the pool holds a checkpointed
-  step's activations (selective: estimated 0.55x of full fine-tuning's peak at small batch 16), but keeps what
+  step's activations (selective: estimated 0.52x of full fine-tuning's peak at small batch 16), but keeps what
   random ops drew (LoRA dropout's output and mask: the generator's state can't be saved and restored inside a
   capture, so a mask drawn again in backward would be another; `recompute.run_as_captured`; attention kernels,
   tagged random for their `dropout_p`, only where it is above 0: `recompute.draws_random`). The memory plan
