@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from .adapter_casts import lookup, slots_of
 
-__all__ = ['LowRankLinear', 'FastLoraLinear', 'low_rank_linear', 'one_product', 'enable_fast_linear', 'cast_frozen_base']
+__all__ = ['LowRankLinear', 'FastLoraLinear', 'low_rank_linear', 'one_product', 'undropped', 'enable_fast_linear', 'cast_frozen_base']
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -320,16 +320,21 @@ class FastLoraLinear(LoraLinear):
                                slots_of(self, name), self.__dict__.get('_lora_keep_merged', False))
 
 
-def one_product(linear: nn.Module, x: torch.Tensor) -> bool:
-    """Whether peft LoRA projection `linear`'s training output on `x` is one GEMM's output, nothing added after it:
-    the fast path without LoRA dropout where the merged weight pays (`_merge_pays`; training batches)."""
+def undropped(linear: nn.Module) -> bool:
+    """Whether `linear` trains on the fast LoRA path (`FastLoraLinear`, one plain adapter) without LoRA dropout."""
     if not isinstance(linear, FastLoraLinear):
         return False
     name = linear._fast_adapter({})
     if name is None:
         return False
     dropout = linear.lora_dropout[name]
-    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+    return not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0)
+
+
+def one_product(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Whether peft LoRA projection `linear`'s training output on `x` is one GEMM's output, nothing added after it:
+    the fast path without LoRA dropout where the merged weight pays (`_merge_pays`; training batches)."""
+    if not undropped(linear):
         return False
     out_features = linear.base_layer.weight.shape[0]
     return _merge_pays(x, out_features, x.requires_grad, linear.__dict__.get('_lora_keep_merged', False))

@@ -6,11 +6,11 @@ the outputs of large matmuls (contraction > the LoRA rank) and of attention kern
 copies and the rank-r LoRA updates. A plan may mix them: `mode` on `fraction` of the layers (evenly spaced), `rest`
 (`none` or `selective`) on the others. The plan of each layer is an attribute of the layer, so a deepcopy keeps it.
 
-Under `selective` the feed-forward block's tail, `linear2(activation(h))`, runs outside the layer's checkpoint
-(`ff_block`): torch's checkpoint recomputes a layer's forward up to the last tensor it saved, so with linear2 inside,
-its output (never read in backward) had to be kept too or its GEMM run again. The tail saves what it needs itself
-and the activation's output as the recipe to make it again from `h` (kept anyway), and the layer's recompute stops
-at linear1: a `[B, T, d]` tensor per layer less (1.1 GiB at musicgen-small, batch 16 x 30 s), values unchanged.
+Under `selective`, without LoRA dropout, the feed-forward block's tail, `linear2(gelu(h))`, runs outside the layer's
+checkpoint (`ff_block`): torch's checkpoint recomputes a layer's forward up to the last tensor it saved, so with
+linear2 inside, its output (never read in backward) had to be kept too or its GEMM run again. The tail saves what it
+needs itself and the GELU's output as the recipe to make it again from `h` (kept anyway), and the layer's recompute
+stops at linear1: a `[B, T, d]` tensor per layer less (1.1 GiB at musicgen-small, batch 16 x 30 s), values unchanged.
 """
 import contextlib
 import functools
@@ -160,9 +160,6 @@ class _Region:
         return self.inner.__exit__(*exc)
 
 
-_ACTIVATIONS = (F.gelu, F.relu)  # elementwise and drawing nothing: made again from their input in backward
-
-
 def ff_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """AudioCraft's feed-forward block, `dropout2(linear2(dropout(activation(linear1(x)))))`, of a layer on
     `selective`; inside its checkpoint region the tail after linear1 runs outside the checkpoint (`_outside`), so the
@@ -173,56 +170,55 @@ def ff_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling() or _STATE.region is None or _STATE.tail or not _tail_fits(layer, x):
         return plain(layer, x)
     h = layer.linear1(x)
-    return _outside(layer.activation, h, lambda g: layer.dropout2(layer.linear2(layer.dropout(g))))
+    return _outside(h, lambda g: layer.dropout2(layer.linear2(layer.dropout(g))))
 
 
 def _tail_fits(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether running `layer`'s feed-forward tail on `x` outside the checkpoint keeps nothing the region would have
-    recomputed: an elementwise activation, no dropout or LayerScale around it; linear1's output one GEMM's output,
-    which the region keeps anyway (the merged weight's product: no LoRA dropout; with it the region keeps the base
-    product and makes the output again, so holding the output would be a tensor more); linear2 without LoRA dropout
-    (whose output and mask the tail would keep where the region draws them again)."""
-    if not layer.training or layer.activation not in _ACTIVATIONS:
+    recomputed:
+    - a pre-norm layer (a post-norm one saves the tail's output in norm2, and the recompute would run it again),
+      GELU (saves its input, which the region keeps: ReLU would save its output), no dropout or LayerScale around it;
+    - linear1's output one GEMM's output, which the region keeps anyway (the merged weight's product: no LoRA dropout;
+      with it the region keeps the base product and makes the output again, so holding it would be a tensor more);
+    - linear2 on the fast LoRA path without LoRA dropout: it saves the GELU output itself, which the tail keeps as a
+      recipe (peft's own forward saves a reshape of it, a frozen projection under autocast the cast weight, LoRA
+      dropout its output and mask: kept where the region makes them again)."""
+    if not (layer.training and getattr(layer, 'norm_first', False) and layer.activation is F.gelu):
         return False
     if not isinstance(layer.layer_scale_2, nn.Identity):  # (it saves the tail's output: the recompute reruns it)
         return False
     if any(float(getattr(layer, name).p) > 0 for name in ('dropout', 'dropout2')):
         return False
     from peft.tuners.lora import Linear as LoraLinear
-    from .fast_lora import one_product
-    first, second = layer.linear1, layer.linear2
-    return (one_product(first, x) if isinstance(first, LoraLinear) else True) and (
-        not isinstance(second, LoraLinear) or all(
-            float(getattr(dropout, 'p', 0.0)) == 0 or not dropout.training for dropout in second.lora_dropout.values()))
+    from .fast_lora import one_product, undropped
+    first = layer.linear1
+    return (one_product(first, x) if isinstance(first, LoraLinear) else True) and undropped(layer.linear2)
 
 
 class _Recipe:
-    """A saved tensor kept as how to make it: `activation(h)` under the forward's autocast state."""
+    """A saved tensor kept as how to make it: GELU of `h` (elementwise, in h's dtype whatever autocast says)."""
 
-    def __init__(self, activation: tp.Callable, h: torch.Tensor):
-        self.activation, self.h = activation, h
-        device = h.device.type
-        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+    def __init__(self, h: torch.Tensor):
+        self.h = h
 
     def make(self) -> torch.Tensor:
-        device, dtype, enabled = self.autocast
-        with torch.no_grad(), torch.autocast(device, dtype=dtype) if enabled else contextlib.nullcontext():
-            return self.activation(self.h)
+        with torch.no_grad():
+            return F.gelu(self.h)
 
 
 def _view_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _outside(activation: tp.Callable, h: torch.Tensor, project: tp.Callable) -> torch.Tensor:
-    """`project(activation(h))` with what autograd saves for it kept here, not by the enclosing checkpoint (so its
-    recompute never reaches it), the activation's output saved as its `_Recipe` (made again in backward: the GELU
-    that `selective` recomputes anyway) and nothing of it cached by the selective policy."""
+def _outside(h: torch.Tensor, project: tp.Callable) -> torch.Tensor:
+    """`project(gelu(h))` with what autograd saves for it kept here, not by the enclosing checkpoint (so its
+    recompute never reaches it), the GELU's output saved as its `_Recipe` (made again in backward: the GELU that
+    `selective` recomputes anyway) and nothing of it cached by the selective policy."""
     made: tp.Dict[str, tuple] = {}
 
     def pack(t: torch.Tensor):
         if 'g' in made and _view_key(t) == made['g']:
-            return _Recipe(activation, h)
+            return _Recipe(h)
         return t
 
     def unpack(saved):
@@ -231,7 +227,7 @@ def _outside(activation: tp.Callable, h: torch.Tensor, project: tp.Callable) -> 
     outer, _STATE.tail = _STATE.tail, True
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            g = activation(h)
+            g = F.gelu(h)
             made['g'] = _view_key(g)
             return project(g)
     finally:

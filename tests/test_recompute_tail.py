@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from audiocraft_lora import base_models, recompute
@@ -139,18 +140,26 @@ def test_the_block_runs_as_audiocraft_s_where_the_tail_would_keep_more(debug_lm_
     assert not recompute._tail_fits(layer, x)
     for linear in (layer.linear1, layer.linear2):
         linear.lora_dropout['default'].p = 0.0
-    assert recompute._tail_fits(layer, x)
-    assert not recompute._tail_fits(layer, x[:, :20])
     for linear in (layer.linear1, layer.linear2):
         linear.lora_dropout['default'].p = 0.1
         assert not recompute._tail_fits(layer, x)
         linear.lora_dropout['default'].p = 0.0
-    layer.linear1.merged_adapters.append('default')  # (merged: peft's own forward)
-    assert not recompute._tail_fits(layer, x)
-    layer.linear1.merged_adapters.clear()
-    layer.dropout.p = 0.1
-    assert not recompute._tail_fits(layer, x)
-    layer.dropout.p = 0.0
+        linear.merged_adapters.append('default')  # (merged: peft's own forward, which saves a reshape of its input)
+        assert not recompute._tail_fits(layer, x)
+        linear.merged_adapters.clear()
+    for name in ('dropout', 'dropout2'):
+        getattr(layer, name).p = 0.1
+        assert not recompute._tail_fits(layer, x)
+        getattr(layer, name).p = 0.0
+    for attribute, value in (('activation', F.relu), ('layer_scale_2', torch.nn.Linear(1, 1)), ('norm_first', False)):
+        before = getattr(layer, attribute)
+        setattr(layer, attribute, value)  # (ReLU saves its output; LayerScale and a post-norm norm2 save the tail's)
+        assert not recompute._tail_fits(layer, x)
+        setattr(layer, attribute, before)
+    # (the merged weight pays from 52 rows with dx, as LowRankLinear decides; from 32 without)
+    rows = x[:, :20].detach()
+    assert recompute._tail_fits(layer, rows) and not recompute._tail_fits(layer, rows.requires_grad_())
+    assert recompute._tail_fits(layer, x)
     layer.eval()
     assert not recompute._tail_fits(layer, x)
     lm = _lm(debug_lm_pkg, 'selective', dropout=0.1)
@@ -170,3 +179,29 @@ def test_plans_other_than_selective_leave_the_block_alone(debug_lm_pkg):
     assert all('_ff_block' not in vars(layer) for layer in lm.transformer.layers)
     recompute.set_checkpointing(lm, 'torch', 0.5, rest='selective')
     assert ['_ff_block' in vars(layer) for layer in lm.transformer.layers] == [False, True]
+
+
+def test_only_a_selective_region_runs_the_tail_and_leaves_no_state_behind(debug_lm_pkg, codes, monkeypatch):
+    """Whole-layer checkpointing of a selective layer (the CUDA graphs' warmup, their eager fallback) and a plain call
+    run the block as AudioCraft's; a selective step, or one that raises inside the layer, leaves the regions' state
+    as it found it."""
+    lm = _lm(debug_lm_pkg, 'selective')
+    layer = lm.transformer.layers[0]
+    x = torch.randn(2, 49, 32, requires_grad=True)
+    calls = []
+    outside = recompute._outside
+    monkeypatch.setattr(recompute, '_outside', lambda *args: calls.append(1) or outside(*args))
+    text = torch.randn(2, 3, 32)
+    torch.utils.checkpoint.checkpoint(layer, x, cross_attention_src=text, use_reentrant=False).sum().backward()
+    layer(x, cross_attention_src=text).sum().backward()
+    assert calls == []
+    _loss(lm, codes).backward()
+    assert len(calls) == len(lm.transformer.layers)
+    assert recompute._STATE.region is None and not recompute._STATE.tail
+
+    def broken(*args):
+        raise RuntimeError('in the tail')
+    monkeypatch.setattr(recompute, '_outside', broken)
+    with pytest.raises(RuntimeError, match='in the tail'):
+        _loss(lm, codes)
+    assert recompute._STATE.region is None and not recompute._STATE.tail
