@@ -268,6 +268,7 @@ def plan_graphs(solver: tp.Any) -> int:
         return 0
     clash = settings.graph_layers_clash()
     planned = getattr(solver, 'memory_estimate', None) or {}
+    masks = 0  # bytes the graphed step needs beyond the plan's checkpointed one: LoRA dropout's draws, kept
     if not clash and settings.activation_checkpointing != 'none' and planned:
         # inside a capture LoRA dropout's masks can't be drawn again in backward: kept (~3 bytes an adapted input
         # element more than the checkpointed step the plan fitted), and the layers run torch's selective
@@ -279,6 +280,8 @@ def plan_graphs(solver: tp.Any) -> int:
         else:
             solver.logger.info("The graphed step, its checkpointing as captured (LoRA dropout masks kept): estimated "
                                "%s.", describe(kept, planned.get('budget_bytes')))
+            if planned.get('needed_bytes') is not None:
+                masks = needed(kept) - int(planned['needed_bytes'])
             planned = dict(planned, needed_bytes=needed(kept), step_bytes=kept.step)
     if clash:
         if choice == 'true':  # (the other clashes are refused when the settings are read: SpeedSettings.validate)
@@ -294,8 +297,11 @@ def plan_graphs(solver: tp.Any) -> int:
         fit = max(0, left // per_shape)
         gib = per_shape / 2 ** 30
         if fit < shapes:
+            why = '' if masks <= 0 else (
+                f" (inside the graphs the step keeps what LoRA dropout drew, +{masks / 2 ** 30:.2f} GiB over the "
+                "plan's step, which draws it again: with lora.dropout=0 it keeps none)")
             solver.logger.info("CUDA graphs of the layers: %d signature(s) of %.2f GiB each fit the memory budget "
-                               "next to the step's estimate (lora.graph_shapes=%d).", fit, gib, shapes)
+                               "next to the step's estimate (lora.graph_shapes=%d)%s.", fit, gib, shapes, why)
         shapes = min(shapes, fit)
         if shapes < 1 and choice == 'true':
             solver.logger.warning("lora.graph_layers=true: the graphs' static tensors (%.2f GiB) don't fit the memory "

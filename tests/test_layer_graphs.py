@@ -336,7 +336,11 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
     budget = memory_plan.needed(kept) + shared + fallback + 2 * per_shape
     for needed_by_plan in (memory_plan.needed(kept) // 2, memory_plan.needed(kept)):  # (what the plan fitted: less)
         solver = _solver(lm, budget=budget, needed=needed_by_plan, activation_checkpointing='selective')
-        assert memory_plan.plan_graphs(solver) == 2  # (room for 2 signatures next to the kept masks' estimate)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
+            assert memory_plan.plan_graphs(solver) == 2  # (room for 2 signatures next to the kept masks' estimate)
+        # (the log names what the masks cost where they are what keeps graphs out)
+        assert ('with lora.dropout=0 it keeps none' in caplog.text) == (needed_by_plan < memory_plan.needed(kept))
     monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver: None)
     with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
         assert memory_plan.plan_graphs(_solver(lm, budget=budget, needed=1, activation_checkpointing='selective')) == 0
