@@ -45,7 +45,8 @@ from torch.nn import functional as F
 
 from .adapter_casts import lookup, slots_of
 
-__all__ = ['LowRankLinear', 'FastLoraLinear', 'low_rank_linear', 'one_product', 'undropped', 'enable_fast_linear', 'cast_frozen_base']
+__all__ = ['LowRankLinear', 'FastLoraLinear', 'low_rank_linear', 'one_product', 'undropped', 'enable_fast_linear',
+           'cast_frozen_base']
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
