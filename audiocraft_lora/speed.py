@@ -32,11 +32,11 @@ Activation checkpointing trades compute for memory. `torch` recomputes a whole l
 twice: least memory, ~1.3x the FLOPs). `selective` keeps the outputs of the large matmuls and of attention and
 recomputes only what is cheap: layer norms, GELU, copies and the rank-r LoRA updates (no extra matmul FLOPs beyond
 those updates; roughly 0.6x the activation memory of no checkpointing; without LoRA dropout the feed-forward tail
-runs outside the checkpoint, so linear2's output isn't kept either: recompute.ff_block). To fit a memory budget at the least recompute,
-mix them: `activation_checkpointing: torch` on `checkpoint_fraction` of the layers and `checkpoint_rest: selective`
-on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers whole, the rest selective). `auto` (the
-default) estimates the step's peak memory before training (memory_plan: fake tensors, a few seconds, no GPU memory)
-and takes the first of none, none with LoRA dropout masks replayed (`dropout_replay`, when there is dropout),
+runs outside the checkpoint, so linear2's output isn't kept either: recompute.ff_block). To fit a memory budget at
+the least recompute, mix them: `activation_checkpointing: torch` on `checkpoint_fraction` of the layers and
+`checkpoint_rest: selective` on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers whole, the rest
+selective). `auto` (the default) estimates the step's peak memory before training (memory_plan: fake tensors, a
+few seconds, no GPU memory) and takes the first of none, none with LoRA dropout masks replayed (`dropout_replay`, when there is dropout),
 selective, half whole + half selective, whole that fits `memory_budget_gib` (auto: the GPU's free memory); off CUDA,
 with `memory_budget_gib: auto`, it is `none`.
 
