@@ -55,7 +55,10 @@ Memory: `saved_MiB` is the bytes of tensors autograd saves for backward in one s
 parameters excluded), a deterministic proxy for activation memory that works on CPU; `state_MiB` is parameters +
 gradients + optimizer state; on CUDA `peak_GiB` is `torch.cuda.max_memory_allocated`, with --count-only the
 estimate of it by audiocraft_lora.memory_estimate.PeakTracker (every tensor the step creates, followed until freed, on
-top of the resident parameters) that `lora.activation_checkpointing=auto` plans with.
+top of the resident parameters) that `lora.activation_checkpointing=auto` plans with. With --count-only the CUDA-only
+`lora_graphed*` cases count their step as it runs inside the captures (`recompute.captured_plan`: under a
+checkpointing plan what LoRA dropout drew is kept, not drawn again; the graphs' static tensors and the cross-layer
+add + norm of `fused_norms.run_chain` not counted).
 
     python benchmarks/step_time.py --device cpu                                # tiny CPU smoke run
     python benchmarks/step_time.py --device cpu --scale xsmall --batch 4 --frames 250 --iters 3
@@ -244,6 +247,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     from audiocraft.modules.conditioners import ConditioningAttributes
     from audiocraft.solvers.musicgen import MusicGenSolver
     lm = build_ac_lm(args.scale, args.card, device)
+    captured = False
     if case != 'full':
         fast = case != 'lora_plain'
         dropout = getattr(args, 'lora_dropout', 0.0)
@@ -269,9 +273,11 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         if info.get('fused_norms') and device == 'cuda':  # (as the solver: checked before any capture)
             from audiocraft_lora.fused_norms import check_kernels
             check_kernels(lm)
-        if case in CUDA_ONLY:
+        if case in CUDA_ONLY and getattr(args, 'count_only', False):
+            captured = True  # (--count-only: the step as it runs inside the captures, below; no graphs installed)
+        elif case in CUDA_ONLY:
             if device != 'cuda':
-                raise RuntimeError(f'{case} needs a CUDA device (CUDA graphs)')
+                raise RuntimeError(f'{case} needs a CUDA device (CUDA graphs; --count-only counts its step)')
             from audiocraft_lora import layer_graphs
             # (the solver's graph_shapes, and the text padded as it pads it: lora.graph_text_bucket, keys masked)
             defaults = SpeedSettings()
@@ -299,6 +305,13 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
             else:
                 ce = cross_entropy_at(out.logits, codes, valid)
         return ce
+    if captured:  # each layer's checkpointing as inside a capture: what random ops drew kept, not drawn again
+        from audiocraft_lora.recompute import captured_plan
+
+        def captured_loss():
+            with captured_plan(lm):
+                return ac_loss()
+        return lm, captured_loss
     return lm, ac_loss
 
 
