@@ -16,7 +16,9 @@
 # GPU) and `lora_fast_keep_unfused` at small b4 (what its custom ops cost the host in an eager step); session 15
 # `lora_graphed_sac` at small and medium b16 (selective checkpointing inside the graphs, which since session 15 are
 # one graph each way for the whole layer stack: #7's memory target, 0.55x of full fine-tuning, at the graphs' speed)
-# and `lora_graphed_mixed` at medium b16 (the 40 GB plan, half whole layers + half selective, inside the graphs).
+# and `lora_graphed_mixed` at medium b16 (the 40 GB plan, half whole layers + half selective, inside the graphs);
+# session 16 `lora_graphed_sac` in the recipe row (LoRA dropout 0.05: the captures keep what dropout drew; estimated
+# 15.8 GiB there against 10.1 eager selective and 20.1 full fine-tuning, `step_time.py --count-only`).
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
@@ -47,7 +49,7 @@ if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head
   LIMIT=200 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
     --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_sac,lora_graphed_mixed,lora_graphed_concat,hf_lora
 fi
-for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases full,lora_fast,lora_graphed,hf_lora \
+for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases full,lora_fast,lora_graphed,lora_graphed_sac,hf_lora \
              --iters 10" \
             "--scale medium --batch 4 --cases full,lora_fast_keep,lora_graphed_keep,hf_lora --iters 15 \
              --json $OUT/medium_b4.json"; do
