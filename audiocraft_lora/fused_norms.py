@@ -56,6 +56,7 @@ from torch import nn
 
 from audiocraft.modules.transformer import StreamingTransformerLayer
 
+from . import recompute
 from .attention_dtype import _in_autocast_dtype
 from .fast_lora import FastLoraLinear
 from .norm_kernels import MAX_WIDTH, aten_backward, aten_forward, triton_backward, triton_forward, triton_ok
@@ -271,6 +272,10 @@ class FusedResidualLayer(StreamingTransformerLayer):
             x, normed = self.norm_cross.add_and_norm(x, branch)
             branch = self.layer_scale_cross(self._cross_attention_block(normed, cross_attention_src))
         x, normed = self.norm2.add_and_norm(x, branch)
+        if next_norm is not None:  # (a selective layer in the graphed stack: the closing op beside its FF tail)
+            closed = recompute.closing_tail(self, normed, lambda b: next_norm.add_and_norm(x, self.layer_scale_2(b)))
+            if closed is not None:
+                return closed
         branch = self.layer_scale_2(self._ff_block(normed))
         if next_norm is None:
             return x + branch, None

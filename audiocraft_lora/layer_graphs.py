@@ -20,7 +20,9 @@ How it stays exact and lean:
   replay. Every signature uses one memory pool (only one signature runs in a step) and the same static input; what
   each adds is its static output and incoming gradient (`memory_plan.static_bytes`).
 - Without checkpointing, `lora.fused_norms`' layers run chained inside the capture (`run_stack`,
-  fused_norms.run_chain): each layer's closing residual add with the next layer's norm1 as one op.
+  fused_norms.run_chain): each layer's closing residual add with the next layer's norm1 as one op. So do layers on
+  `selective` whose feed-forward tail runs outside their checkpoint (no LoRA dropout: `run_selective_chain`), the
+  closing op beside the tail and the norm1 output the next checkpoint takes kept as how to make it again.
 - Activation checkpointing runs inside the capture (`run_captured`): each layer's backward graph recomputes what its
   plan leaves out (`selective`: norms, GELU, copies; `torch`: the whole layer), so the pool holds a checkpointed
   step's activations (selective: estimated 0.52x of full fine-tuning's peak at small batch 16), but keeps what
@@ -257,13 +259,39 @@ class LayerGraphs:
     def run_stack(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         """The whole stack inside a capture. With no checkpointing and `lora.fused_norms`' layers, each layer's
         closing residual add runs with the next layer's norm1 as one op (fused_norms.run_chain: a layer boundary
-        eager steps can't fuse across, its pass over the stream and the sum of its two gradients gone); else each
-        layer on its plan (`run_captured`)."""
-        if not self.capture_contexts and fused_norms.chainable(self.layers, cross is not None):
+        eager steps can't fuse across, its pass over the stream and the sum of its two gradients gone), and on
+        `selective` where every layer's feed-forward tail runs outside its checkpoint (`run_selective_chain`); else
+        each layer on its plan (`run_captured`)."""
+        if fused_norms.chainable(self.layers, cross is not None) and self._chains(x):
             with self.buckets.applied(cross, None) if self.buckets is not None else contextlib.nullcontext():
-                return fused_norms.run_chain(self.layers, x, cross)
+                if not self.capture_contexts:
+                    return fused_norms.run_chain(self.layers, x, cross)
+                return self.run_selective_chain(x, cross)
         for index in range(len(self.layers)):
             x = self.run_captured(index, x, cross)
+        return x
+
+    def _chains(self, x: torch.Tensor) -> bool:
+        """Whether the stack chains each layer's closing add with the next norm1: without checkpointing, or with
+        every layer on `selective` and its feed-forward tail outside the checkpoint (recompute.closing_tail), where
+        the closing op runs beside it."""
+        if not self.capture_contexts:
+            return True
+        return set(self.capture_contexts) == {'selective'} and all(
+            recompute.layer_plan(layer, self.transformer) == 'selective' and recompute._tail_fits(layer, x)
+            for layer in self.layers)
+
+    def run_selective_chain(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """The stack on `selective` inside a capture, chained: each layer's checkpoint takes the stream and its norm1
+        output (kept as how to make it again from the stream, `recompute.normed_input`: no more memory than the layer
+        recomputing its norm1) and ends with the closing add and the next layer's norm1 as one op beside its
+        feed-forward tail. Values as `run_captured` layer by layer."""
+        context = self.capture_contexts['selective']
+        normed = None
+        for index, layer in enumerate(self.layers):
+            next_norm = self.layers[index + 1].norm1 if index + 1 < len(self.layers) else None
+            with recompute.normed_input(layer.norm1, x, normed):
+                x, normed = recompute.run_as_captured(context, layer.chained, x, normed, cross, next_norm)
         return x
 
     def run_captured(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:

@@ -166,11 +166,20 @@ def ff_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layer's recompute stops at linear1 and linear2's output is neither kept nor computed again. Elsewhere (eval,
     whole-layer checkpointing of the captures' warmup, a tail that would keep more than the recompute) as AudioCraft
     runs it."""
-    plain = type(layer)._ff_block
+    out = closing_tail(layer, x)
+    return type(layer)._ff_block(layer, x) if out is None else out
+
+
+def closing_tail(layer: nn.Module, x: torch.Tensor, close: tp.Optional[tp.Callable] = None) -> tp.Any:
+    """`close(feed-forward block of x)` (None: the block's output) with the tail, and `close`, outside the selective
+    region's checkpoint (`_outside`), where `_tail_fits`; else None. `close`: what ends the layer after the block
+    (the chained stack's residual add and the next layer's norm1, `FusedResidualLayer.chained`), which then saves
+    nothing into the checkpoint either, so its recompute still stops at linear1."""
     if torch.compiler.is_compiling() or _STATE.region is None or _STATE.tail or not _tail_fits(layer, x):
-        return plain(layer, x)
+        return None
     h = layer.linear1(x)
-    return _outside(h, lambda g: layer.dropout2(layer.linear2(layer.dropout(g))))
+    block = lambda g: layer.dropout2(layer.linear2(layer.dropout(g)))  # noqa: E731
+    return _outside(h, block if close is None else lambda g: close(block(g)))
 
 
 def _tail_fits(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -204,6 +213,39 @@ class _Recipe:
     def make(self) -> torch.Tensor:
         with torch.no_grad():
             return F.gelu(self.h)
+
+
+class _NormAgain:
+    """A checkpoint's input kept as how to make it: `norm(h)` (a layer's norm1 of the stream it also takes), under
+    the forward's autocast state and with grad enabled, so that the norm takes the path it took then."""
+
+    def __init__(self, norm: nn.Module, h: torch.Tensor):
+        self.norm, self.h = norm, h
+        device = h.device.type
+        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+
+    def make(self) -> torch.Tensor:
+        device, dtype, enabled = self.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype) if enabled else contextlib.nullcontext():
+            return self.norm(self.h.detach()).detach()
+
+
+@contextlib.contextmanager
+def normed_input(norm: nn.Module, h: torch.Tensor, normed: tp.Optional[torch.Tensor]):
+    """While inside, a checkpoint taking `normed` = `norm(h)` beside `h` keeps it as `_NormAgain` (made again when
+    the recompute needs it: the norm the region would otherwise recompute itself), not as a tensor."""
+    if normed is None:
+        yield
+        return
+    key = _view_key(normed)
+
+    def pack(t: torch.Tensor):
+        return _NormAgain(norm, h) if _view_key(t) == key else t
+
+    def unpack(saved):
+        return saved.make() if isinstance(saved, _NormAgain) else saved
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def _view_key(t: torch.Tensor) -> tuple:

@@ -298,6 +298,51 @@ def test_triton_kernels_match_aten_in_the_interpreter():
             assert out['backward_dtype'] == 'torch.float32', (width, name, out)
 
 
+def test_graphed_selective_layers_chain_the_closing_op_beside_the_feed_forward_tail(debug_lm_pkg):
+    """Under `selective` without LoRA dropout the graphed stack is chained too: each layer's closing add runs with
+    the next layer's norm1 as one op beside its feed-forward tail (outside its checkpoint, recompute.closing_tail),
+    and the next layer's checkpoint keeps that norm1 output as how to make it again from the stream
+    (recompute.normed_input). Bit for bit the eager selective step; norm1 runs once in forward (the first layer's)
+    and once per layer in backward (the first layer's recompute, the others' recipes); between forward and backward
+    no more memory than the stack run layer by layer."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+    from test_layer_graphs import RecordingCapture
+    from audiocraft_lora import layer_graphs, recompute
+    from audiocraft_lora.memory_estimate import PeakTracker
+    lm = _lm(0.0)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # (frozen norms of their own: a wrong norm made again gives other values)
+        for name, p in lm.transformer.named_parameters():
+            if 'norm' in name:
+                p.copy_(torch.rand(p.shape, generator=generator) + 0.5 if name.endswith('weight')
+                        else torch.randn(p.shape, generator=generator) * 0.1)
+    apply_to_model(lm, SpeedSettings(activation_checkpointing='selective'), True, torch.bfloat16)
+    reference, by_layer = copy.deepcopy(lm), copy.deepcopy(lm)
+    graphs = layer_graphs.install(lm, max_shapes=2, capture=RecordingCapture(), device_type='cpu')
+    apart = layer_graphs.install(by_layer, max_shapes=2, capture=RecordingCapture(), device_type='cpu')
+    apart._chains = lambda x: False
+    codes = torch.randint(0, 64, (2, 4, 31), generator=torch.Generator().manual_seed(6))
+    assert recompute._tail_fits(lm.transformer.layers[0], torch.zeros(2, 32, lm.dim, requires_grad=True))
+    with _Ops() as ops:
+        got = _step(lm, codes)
+    expected = _step(reference, codes)
+    _equal(got, expected)
+    _equal(_step(by_layer, codes), expected)
+    n = len(lm.transformer.layers)
+    assert graphs.stats['graphed_calls'] == n
+    assert ops.counts.get(OP) == 1 + n  # (forward: the first layer's alone; backward: one a layer)
+    assert ops.counts.get(ADD_OP) == (2 * n + n - 1) + 2 * n  # (forward, chained; backward: norm_cross's, norm2's)
+    live = []
+    for model in (lm, by_layer):  # (replays: each model's first step built its delay pattern's caches)
+        with PeakTracker() as tracker, torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model.compute_predictions(codes, [], model.condition_provider(model.condition_provider.tokenize(
+                [ConditioningAttributes(text={'description': 'trap beat'}) for _ in range(2)])))
+            live.append(tracker.current)
+        del out
+    rows = 2 * 34  # (the closing norms' float32 mean and 1/std per row are kept beside the tail: bytes a row)
+    assert live[0] <= live[1] + (n - 1) * rows * 8, live
+
+
 @pytest.mark.parametrize('dropout', [0.0, 0.1])
 def test_graphed_layers_replay_the_fused_ops_chained(debug_lm_pkg, dropout):
     """The layers' CUDA graphs capture the fused layers' forward (torch's capture stood in for on CPU, as in
