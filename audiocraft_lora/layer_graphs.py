@@ -263,10 +263,10 @@ class LayerGraphs:
         `selective` where every layer's feed-forward tail runs outside its checkpoint (`run_selective_chain`); else
         each layer on its plan (`run_captured`)."""
         if fused_norms.chainable(self.layers, cross is not None) and self._chains(x):
-            with self.buckets.applied(cross, None) if self.buckets is not None else contextlib.nullcontext():
-                if not self.capture_contexts:
-                    return fused_norms.run_chain(self.layers, x, cross)
+            if self.capture_contexts:
                 return self.run_selective_chain(x, cross)
+            with self.buckets.applied(cross, None) if self.buckets is not None else contextlib.nullcontext():
+                return fused_norms.run_chain(self.layers, x, cross)
         for index in range(len(self.layers)):
             x = self.run_captured(index, x, cross)
         return x
@@ -277,8 +277,9 @@ class LayerGraphs:
         the closing op runs beside it."""
         if not self.capture_contexts:
             return True
+        normed = x.detach().requires_grad_()  # (as norm2's output, which needs a gradient where the stack input not)
         return set(self.capture_contexts) == {'selective'} and all(
-            recompute.layer_plan(layer, self.transformer) == 'selective' and recompute._tail_fits(layer, x)
+            recompute.layer_plan(layer, self.transformer) == 'selective' and recompute._tail_fits(layer, normed)
             for layer in self.layers)
 
     def run_selective_chain(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -291,8 +292,18 @@ class LayerGraphs:
         for index, layer in enumerate(self.layers):
             next_norm = self.layers[index + 1].norm1 if index + 1 < len(self.layers) else None
             with recompute.normed_input(layer.norm1, x, normed):
-                x, normed = recompute.run_as_captured(context, layer.chained, x, normed, cross, next_norm)
+                x, normed = recompute.run_as_captured(context, self._chained, index, x, normed, cross, next_norm)
         return x
+
+    def _chained(self, index: int, x: torch.Tensor, normed: tp.Optional[torch.Tensor], cross: torch.Tensor,
+                 next_norm: tp.Optional[nn.Module]) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+        """Layer `index`'s chained forward (`FusedResidualLayer.chained`) with the text mask applied, in forward and
+        when backward recomputes it (as `run_eager`)."""
+        layer = self.layers[index]
+        if self.buckets is None:
+            return layer.chained(x, normed, cross, next_norm)
+        with self.buckets.applied(cross, None):
+            return layer.chained(x, normed, cross, next_norm)
 
     def run_captured(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         """Layer `index` inside the stack's capture, on its checkpointing plan: the backward graph recomputes what the
