@@ -319,7 +319,8 @@ def graphs_on_cuda(pkg):
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
     for dropout, bucket, plan in ((0.0, 1, 'none'), (0.1, 1, 'none'), (0.0, 32, 'none'), (0.1, 1, 'torch'),
-                                  (0.0, 1, 'selective'), (0.1, 1, 'selective')):  # (dropout 0: the tail outside)
+                                  (0.0, 1, 'selective'), (0.0, 32, 'selective'), (0.1, 1, 'selective')):
+        # (selective at dropout 0: the FF tail outside each checkpoint, the stack chained; padded: masked in recompute)
         # (padded: 32, 64, 192, 32, 64, 32; 192 beyond graph_shapes=2, recomputed; cuDNN's masked backward had NaN
         # gradients at key lengths 64 mod 128, pytorch#196678)
         lengths = [3, 9, 3, 12, 9, 3] if bucket == 1 else [3, 40, 170, 9, 40, 3]
@@ -339,9 +340,9 @@ def graphs_on_cuda(pkg):
         (eager_losses, eager_grads, eager_offsets), (losses, grads, offsets) = runs
         worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(grads, eager_grads))
         if bucket > 1:  # (a masked attention kernel on the padded text: equal up to bf16 rounding, not bit for bit)
-            print(f"CUDA graphs, text padded to multiples of {bucket} (lora.graph_text_bucket), vs eager at exact "
-                  f"lengths: losses {[round(x, 5) for x in losses]} vs {[round(x, 5) for x in eager_losses]}, worst "
-                  f"loss difference {max(abs(a - b) for a, b in zip(losses, eager_losses)):.2e}, worst relative "
+            print(f"CUDA graphs ({plan}), text padded to multiples of {bucket} (lora.graph_text_bucket), vs eager at "
+                  f"exact lengths: losses {[round(x, 5) for x in losses]} vs {[round(x, 5) for x in eager_losses]}, "
+                  f"worst loss difference {max(abs(a - b) for a, b in zip(losses, eager_losses)):.2e}, worst relative "
                   f"grad difference {worst:.2e}, gradients finite {all(bool(g.isfinite().all()) for g in grads)}; "
                   f"{graphs.summary()}")
         elif plan != 'none':  # (the masks kept, not drawn again in the backward graph)

@@ -24,7 +24,7 @@ DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA checks [$((SECONDS-START)) s]"
 timeout $(left 90) python3 benchmarks/cuda_checks.py > "$OUT/cuda_checks.txt" 2>&1; echo "rc=$?"
-quiet < "$OUT/cuda_checks.txt" | tail -28
+quiet < "$OUT/cuda_checks.txt" | tail -30
 echo "== one layer norm, AudioCraft's vs lora.fused_norms (session 14) [$((SECONDS-START)) s]"
 timeout $(left 40) python3 benchmarks/norms.py 2>&1 | quiet
 run_case() {
