@@ -250,11 +250,12 @@ class LayerGraphs:
                   mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """Layer `index`'s eager forward on a graphable call's tensors (captured, or recomputed in backward: the text
         mask, the shared one or `mask`, is applied in both)."""
-        layer = self.layers[index]
-        if self.buckets is None:
-            return layer(x, cross_attention_src=cross)
-        with self.buckets.applied(cross, mask):
-            return layer(x, cross_attention_src=cross)
+        with self._text_masked(cross, mask):
+            return self.layers[index](x, cross_attention_src=cross)
+
+    def _text_masked(self, cross: torch.Tensor, mask: tp.Optional[torch.Tensor] = None) -> tp.ContextManager:
+        """While inside, cross-attention masks the padded text keys (`lora.graph_text_bucket`; nothing without)."""
+        return self.buckets.applied(cross, mask) if self.buckets is not None else contextlib.nullcontext()
 
     def run_stack(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         """The whole stack inside a capture. With no checkpointing and `lora.fused_norms`' layers, each layer's
@@ -265,7 +266,7 @@ class LayerGraphs:
         if fused_norms.chainable(self.layers, cross is not None) and self._chains(x):
             if self.capture_contexts:
                 return self.run_selective_chain(x, cross)
-            with self.buckets.applied(cross, None) if self.buckets is not None else contextlib.nullcontext():
+            with self._text_masked(cross):
                 return fused_norms.run_chain(self.layers, x, cross)
         for index in range(len(self.layers)):
             x = self.run_captured(index, x, cross)
@@ -299,11 +300,8 @@ class LayerGraphs:
                  next_norm: tp.Optional[nn.Module]) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
         """Layer `index`'s chained forward (`FusedResidualLayer.chained`) with the text mask applied, in forward and
         when backward recomputes it (as `run_eager`)."""
-        layer = self.layers[index]
-        if self.buckets is None:
-            return layer.chained(x, normed, cross, next_norm)
-        with self.buckets.applied(cross, None):
-            return layer.chained(x, normed, cross, next_norm)
+        with self._text_masked(cross):
+            return self.layers[index].chained(x, normed, cross, next_norm)
 
     def run_captured(self, index: int, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         """Layer `index` inside the stack's capture, on its checkpointing plan: the backward graph recomputes what the

@@ -17,12 +17,14 @@ import functools
 import threading
 import typing as tp
 
+from peft.tuners.lora import Linear as LoraLinear
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import LoRAConfigError
+from .fast_lora import one_product, undropped
 
 
 def set_checkpointing(model: nn.Module, mode: str, fraction: float = 1.0, rest: str = 'none') -> dict:
@@ -198,53 +200,47 @@ def _tail_fits(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     if any(float(getattr(layer, name).p) > 0 for name in ('dropout', 'dropout2')):
         return False
-    from peft.tuners.lora import Linear as LoraLinear
-    from .fast_lora import one_product, undropped
     first = layer.linear1
     return (one_product(first, x) if isinstance(first, LoraLinear) else True) and undropped(layer.linear2)
 
 
-class _Recipe:
-    """A saved tensor kept as how to make it: GELU of `h` (elementwise, in h's dtype whatever autocast says)."""
+class _Remade:
+    """A saved tensor kept as how to make it again (`make()`), not as memory."""
 
-    def __init__(self, h: torch.Tensor):
-        self.h = h
-
-    def make(self) -> torch.Tensor:
-        with torch.no_grad():
-            return F.gelu(self.h)
+    def __init__(self, make: tp.Callable[[], torch.Tensor]):
+        self.make = make
 
 
-class _NormAgain:
-    """A checkpoint's input kept as how to make it: `norm(h)` (a layer's norm1 of the stream it also takes), under
-    the forward's autocast state and with grad enabled, so that the norm takes the path it took then."""
+@contextlib.contextmanager
+def _saved_as(key: tp.Callable[[], tp.Optional[tuple]], make: tp.Callable[[], torch.Tensor]):
+    """Saved-tensor hooks: the tensor viewed as `key()` (`_view_key`; None: none yet) is saved as `_Remade(make)`,
+    everything else as itself."""
+    def pack(t: torch.Tensor):
+        wanted = key()
+        return _Remade(make) if wanted is not None and _view_key(t) == wanted else t
 
-    def __init__(self, norm: nn.Module, h: torch.Tensor):
-        self.norm, self.h = norm, h
-        device = h.device.type
-        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-
-    def make(self) -> torch.Tensor:
-        device, dtype, enabled = self.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype) if enabled else contextlib.nullcontext():
-            return self.norm(self.h.detach()).detach()
+    def unpack(saved):
+        return saved.make() if isinstance(saved, _Remade) else saved
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 @contextlib.contextmanager
 def normed_input(norm: nn.Module, h: torch.Tensor, normed: tp.Optional[torch.Tensor]):
-    """While inside, a checkpoint taking `normed` = `norm(h)` beside `h` keeps it as `_NormAgain` (made again when
-    the recompute needs it: the norm the region would otherwise recompute itself), not as a tensor."""
+    """While inside, a checkpoint taking `normed` = `norm(h)` beside `h` keeps it as how to make it again (the norm
+    the region would otherwise recompute itself), not as a tensor: `norm(h)` under the forward's autocast state and
+    with grad enabled, so that the norm takes the path it took then."""
     if normed is None:
         yield
         return
     key = _view_key(normed)
+    device = h.device.type
+    dtype, enabled = torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
 
-    def pack(t: torch.Tensor):
-        return _NormAgain(norm, h) if _view_key(t) == key else t
-
-    def unpack(saved):
-        return saved.make() if isinstance(saved, _NormAgain) else saved
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    def make() -> torch.Tensor:
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype) if enabled else contextlib.nullcontext():
+            return norm(h.detach()).detach()
+    with _saved_as(lambda: key, make):
         yield
 
 
@@ -254,23 +250,20 @@ def _view_key(t: torch.Tensor) -> tuple:
 
 def _outside(h: torch.Tensor, project: tp.Callable) -> torch.Tensor:
     """`project(gelu(h))` with what autograd saves for it kept here, not by the enclosing checkpoint (so its
-    recompute never reaches it), the GELU's output saved as its `_Recipe` (made again in backward: the GELU that
-    `selective` recomputes anyway) and nothing of it cached by the selective policy."""
-    made: tp.Dict[str, tuple] = {}
+    recompute never reaches it), the GELU's output saved as how to make it again from `h` (the GELU that `selective`
+    recomputes anyway; elementwise, in h's dtype whatever autocast says) and nothing of it cached by the selective
+    policy."""
+    made: tp.List[tuple] = []
 
-    def pack(t: torch.Tensor):
-        if 'g' in made and _view_key(t) == made['g']:
-            return _Recipe(h)
-        return t
-
-    def unpack(saved):
-        return saved.make() if isinstance(saved, _Recipe) else saved
+    def gelu() -> torch.Tensor:
+        with torch.no_grad():
+            return F.gelu(h)
 
     outer, _STATE.tail = _STATE.tail, True
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with _saved_as(lambda: made[0] if made else None, gelu):
             g = F.gelu(h)
-            made['g'] = _view_key(g)
+            made.append(_view_key(g))
             return project(g)
     finally:
         _STATE.tail = outer
