@@ -43,6 +43,7 @@ from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn import functional as F
 
+from . import dropout_kernels
 from .adapter_casts import lookup, slots_of
 
 __all__ = ['LowRankLinear', 'FastLoraLinear', 'low_rank_linear', 'one_product', 'undropped', 'enable_fast_linear',
@@ -63,7 +64,8 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],  # type: ignore
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float,
                 replay: bool = False, a_cast: tp.Optional[torch.Tensor] = None,
-                b_cast: tp.Optional[torch.Tensor] = None, keep_merged: bool = False) -> torch.Tensor:
+                b_cast: tp.Optional[torch.Tensor] = None, keep_merged: bool = False,
+                kernel: bool = False) -> torch.Tensor:
         # every operand is cast to the compute dtype here, so autocast (if on) has nothing left to cast: no context
         # manager needed to turn it off (a Python-level cost paid by every projection, twice per step). `a_cast` and
         # `b_cast`: the adapter already in that dtype (adapter_casts: one cast per step for the whole model)
@@ -73,10 +75,13 @@ class LowRankLinear(torch.autograd.Function):
         b = b_cast if b_cast is not None and b_cast.dtype == dtype else _cast(lora_b, dtype)
         bias = None if bias is None else _cast(bias, dtype)
         mask = None
-        ctx.rng = _rng_state(x) if dropout > 0 and replay else None
+        # LoRA dropout inside the rank-r products (dropout_kernels): no mask, no dropped-out copy, nothing replayed
+        ctx.kernel = kernel and dropout > 0 and dropout_kernels.applies(x, dtype, a.shape[0])
+        ctx.rng = _rng_state(x) if dropout > 0 and replay and not ctx.kernel else None
         ctx.merged = dropout == 0 and _merge_pays(x, w.shape[0], ctx.needs_input_grad[0], keep_merged)
         xu = kept = None
-        if dropout > 0 and 'dropout_forward' in CONCAT_RANK_GEMMS and (x.dtype != dtype or x.shape[-1] < w.shape[0]):
+        if (dropout > 0 and not ctx.kernel and 'dropout_forward' in CONCAT_RANK_GEMMS
+                and (x.dtype != dtype or x.shape[-1] < w.shape[0])):
             # y = [x | u] [W | s B]^T: x is written (cast, which it needs anyway, or copied where the input is
             # narrower than the output) beside u, instead of a second pass over the [N, out] output for `+ s u B^T`
             xu = x.new_empty(*x.shape[:-1], x.shape[-1] + a.shape[0], dtype=dtype)
@@ -103,9 +108,13 @@ class LowRankLinear(torch.autograd.Function):
                 y = F.linear(xc, merged, bias)
                 u = _scaled_mm(_rows(xc), a.t(), scaling) if ctx.needs_input_grad[4] else None  # dB's (not validation)
         else:
-            if dropout > 0:
-                xd, mask = torch.native_dropout(xc, dropout, True)
-            u = _scaled_mm(_rows(xd), a.t(), scaling)  # s x A^T [N, r]: the scaling in the GEMM, not a pass
+            if ctx.kernel:  # the seed rides in the mask's slot: all backward needs to draw the same decisions
+                mask = dropout_kernels.draw_seed(xc.device)
+                u = dropout_kernels.rank_product(_rows(xc), a, mask, scaling, dropout)
+            else:
+                if dropout > 0:
+                    xd, mask = torch.native_dropout(xc, dropout, True)
+                u = _scaled_mm(_rows(xd), a.t(), scaling)  # s x A^T [N, r]: the scaling in the GEMM, not a pass
             if xu is not None:
                 xu[..., x.shape[-1]:] = u.view(*x.shape[:-1], -1)
                 y = F.linear(xu, torch.cat([w, b], dim=1), bias)
@@ -139,7 +148,11 @@ class LowRankLinear(torch.autograd.Function):
                 base = kept
             else:  # g (W + s B A), as in forward, built again
                 base = torch.addmm(w, b, a, alpha=s) if ctx.merged else w
-            if 'backward' in CONCAT_RANK_GEMMS and (need_a or not ctx.merged):
+            if ctx.kernel:  # g W, then + (s g B) A * keep / (1 - p) in place: the rank-r product never written
+                grad_x = torch.mm(g, base)
+                gb = _scaled_mm(g, b, s)
+                dropout_kernels.masked_update_(grad_x, gb, a, mask, ctx.dropout)
+            elif 'backward' in CONCAT_RANK_GEMMS and (need_a or not ctx.merged):
                 # g W and s g B ([N, r], for dA and the unmerged dx) from one GEMM over [W | s B]: one pass over g
                 in_features = w.shape[1]
                 both = torch.mm(g, torch.cat([base, b * s], dim=1))
@@ -147,7 +160,9 @@ class LowRankLinear(torch.autograd.Function):
             else:
                 grad_x = torch.mm(g, base)
                 gb = _scaled_mm(g, b, s) if not ctx.merged else None
-            if not ctx.merged and mask is None:
+            if ctx.kernel:
+                pass
+            elif not ctx.merged and mask is None:
                 grad_x = grad_x.addmm_(gb, a)
             elif not ctx.merged:  # g W + ((s g B) A) * mask / (1 - p): mask, dropout scale and add in one addcmul_
                 grad_x = grad_x.addcmul_(torch.mm(gb, a), mask.reshape(-1, mask.shape[-1]),
@@ -159,11 +174,13 @@ class LowRankLinear(torch.autograd.Function):
             grad_w = _grad_mm(g.t(), _recompute_input(xd, mask, ctx.dropout), ctx.w_dtype)
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
-        if need_a:
+        if need_a and ctx.kernel:  # (float32: the adapter's dtype, or autograd casts it)
+            grad_a = dropout_kernels.rank_grad(gb, _rows(xd), mask, ctx.dropout)
+        elif need_a:
             grad_a = _grad_mm(gb.t(), _rows(xd), ctx.a_dtype)
         if need_b:
             grad_b = _grad_mm(g.t(), u, ctx.b_dtype)  # u = s x A^T: dB = s g^T x A^T
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 # Where one GEMM gives both a base product and the rank-r product that reads the same big operand, instead of a
@@ -278,14 +295,16 @@ def _recompute_input(xd: torch.Tensor, mask: tp.Optional[torch.Tensor], dropout:
 
 def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scaling: float, dropout: float = 0.0, replay: bool = False,
-                    casts: tp.Tuple[tp.Any, tp.Any] = (None, None), keep_merged: bool = False) -> torch.Tensor:
+                    casts: tp.Tuple[tp.Any, tp.Any] = (None, None), keep_merged: bool = False,
+                    kernel: bool = False) -> torch.Tensor:
     """Functional entry point of `LowRankLinear`; `dropout` is the probability applied in this call; `replay`: keep
     no mask, draw it again in backward (less memory, one more dropout pass); `casts`: the `adapter_casts` slots of
     lora_a and lora_b, if any; `keep_merged`: keep the merged weight the forward built for backward's dx (one
-    [out, in] copy per projection until its backward, one GEMM launch fewer)."""
+    [out, in] copy per projection until its backward, one GEMM launch fewer); `kernel`: the dropout drawn inside
+    the rank-r products where `dropout_kernels` applies (no mask kept; `replay` then has nothing to do)."""
     a_cast, b_cast = _shared_casts(x, casts, lora_a, lora_b)
     return LowRankLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout), bool(replay),
-                               a_cast, b_cast, bool(keep_merged))
+                               a_cast, b_cast, bool(keep_merged), bool(kernel))
 
 
 def _shared_casts(x: torch.Tensor, casts: tp.Tuple[tp.Any, tp.Any], lora_a: torch.Tensor, lora_b: torch.Tensor):
@@ -318,7 +337,8 @@ class FastLoraLinear(LoraLinear):
         base = self.base_layer
         return low_rank_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], p, getattr(self, '_lora_replay_dropout', False),
-                               slots_of(self, name), self.__dict__.get('_lora_keep_merged', False))
+                               slots_of(self, name), self.__dict__.get('_lora_keep_merged', False),
+                               self.__dict__.get('_lora_dropout_kernel', False))
 
 
 def undropped(linear: nn.Module) -> bool:

@@ -278,7 +278,8 @@ def plan_graphs(solver: tp.Any) -> int:
             clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} (the graphed step, which '
                      'keeps the LoRA dropout masks the plan recomputes, could not be estimated)')
         else:
-            solver.logger.info("The graphed step, its checkpointing as captured (LoRA dropout masks kept): estimated "
+            solver.logger.info("The graphed step, its checkpointing as captured (what LoRA dropout drew kept: torch's "
+                               "masks, or lora.dropout_kernel's seeds): estimated "
                                "%s.", describe(kept, planned.get('budget_bytes')))
             if planned.get('needed_bytes') is not None:
                 masks = needed(kept) - int(planned['needed_bytes'])
@@ -299,7 +300,8 @@ def plan_graphs(solver: tp.Any) -> int:
         if fit < shapes:
             why = '' if masks <= 0 else (
                 f" (inside the graphs the step keeps what LoRA dropout drew, +{masks / 2 ** 30:.2f} GiB over the "
-                "plan's step, which draws it again: with lora.dropout=0 it keeps none)")
+                "plan's step, which draws it again: with lora.dropout=0, or lora.dropout_kernel on CUDA, it keeps "
+                "none)")
             solver.logger.info("CUDA graphs of the layers: %d signature(s) of %.2f GiB each fit the memory budget "
                                "next to the step's estimate (lora.graph_shapes=%d)%s.", fit, gib, shapes, why)
         shapes = min(shapes, fit)

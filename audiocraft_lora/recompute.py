@@ -54,7 +54,8 @@ def set_checkpointing(model: nn.Module, mode: str, fraction: float = 1.0, rest: 
 
 # ops whose outputs selective checkpointing keeps: attention kernels (by name: torch's and xformers' variants)
 _ATTENTION_MARKERS = ('attention', 'flash')
-_MATMULS = {'aten.mm.default': 0, 'aten.addmm.default': 1, 'aten.bmm.default': 0, 'aten.baddbmm.default': 1}
+_MATMULS = {'aten.mm.default': 0, 'aten.addmm.default': 1, 'aten.bmm.default': 0, 'aten.baddbmm.default': 1,
+            'audiocraft_lora.dropout_rank_product.default': 0}  # (x A^T with LoRA dropout drawn inside: a matmul)
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,7 +38,7 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from . import checkpointing, faults, fused_norms, layer_graphs, memory_plan
+from . import checkpointing, dropout_kernels, faults, fused_norms, layer_graphs, memory_plan
 from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
@@ -158,6 +158,11 @@ class LoRAMusicGenSolver(MusicGenSolver):
             # (the Triton kernels checked against ATen now, not at their first use inside a CUDA graph's warmup)
             logger.info("Fused layer norms (lora.fused_norms), Triton kernels usable: %s",
                         fused_norms.check_kernels(self.model))
+        kernels = dropout_kernels.check(self.model, self.device,
+                                        required=str(self.speed_settings.dropout_kernel).lower() == 'true')
+        if kernels is not None:
+            logger.info("LoRA dropout inside the rank-r products (lora.dropout_kernel): %s",
+                        'Triton kernels' if kernels else "no, torch's dropout")
         self.memory_estimate = memory_plan.plan_training(self)  # may switch the LM's checkpointing (auto)
         self.graph_shapes = memory_plan.plan_graphs(self)  # CUDA graphs of the layers (lora.graph_layers)
         planned = self.speed_settings

@@ -12,6 +12,7 @@
     lora.pin_memory: auto                 # auto | true | false: page-locked batches (auto: when training on CUDA)
     lora.encode_chunk: 4                  # EnCodec encodes a batch this many items at a time (0: all at once)
     lora.dropout_replay: false            # LoRA dropout masks drawn again in backward, not kept (auto may set it)
+    lora.dropout_kernel: auto             # auto | true | false: LoRA dropout drawn inside the rank-r products
     lora.index_select_logits: true        # the logits' delay pattern reverted with index_select (patterns.py)
     lora.attention_in_autocast_dtype: true  # attention inputs/outputs stay bf16 under autocast (attention_dtype.py)
     lora.fused_norms: true                # norms (+ the residual adds before them) write bf16 in one kernel
@@ -69,6 +70,12 @@ gradients and writes the branch's bf16 gradient: one Triton kernel each way on C
 cast, a widened gradient, an add, a sum and a cast (fused_norms.py: ~47 GB a step less at musicgen-small b16,
 modelled 18 of 150 GPU ms). On CUDA its float32 sums run in another order than ATen's; elsewhere it is ATen's
 kernels (bit for bit).
+
+`dropout_kernel` (fast path, no `compile`; CUDA, bf16/fp16) draws LoRA dropout inside the rank-r products
+(dropout_kernels.py: Triton kernels, a counter-based generator and a per-call seed): no mask and no dropped-out copy
+are written or kept, so LoRA dropout costs the memory of none, and checkpointing and the layers' CUDA graphs keep
+nothing for it. The same distribution as torch's dropout, another random stream. `auto` uses them where they pass a
+check on the GPU (else torch's dropout, with a warning); `true` stops before training where they can't be used.
 
 `base_dtype: auto` stores the frozen base weights read only by the fast path in the autocast dtype when autocast is
 on (what autocast would cast them to at every use: no result changes) and keeps float32 otherwise. A bf16/fp16
@@ -128,6 +135,10 @@ class SpeedSettings:
         'help': "Fast path with LoRA dropout: keep no dropout mask, draw it again in backward from the forward's "
                 "generator state (a byte less per input element of out_proj/linear1/linear2, one more dropout pass). "
                 "activation_checkpointing=auto turns it on when it is what makes the step fit."})
+    dropout_kernel: tp.Any = field(default='auto', metadata={
+        'help': "auto | true | false: fast-path LoRA dropout drawn inside the rank-r products by Triton kernels "
+                "(dropout_kernels.py; CUDA, bf16/fp16, no compile): no mask or dropped-out input kept, the memory of "
+                "no dropout. auto: where they pass their check on the GPU, else torch's dropout; true: required."})
     encode_chunk: int = field(default=4, metadata={
         'help': "EnCodec tokenizes a training batch this many items at a time (0: the whole batch at once, as "
                 "AudioCraft does). Same tokens; AudioCraft's float32 encode of 16 x 30 s holds ~13 GiB at its peak, "
@@ -181,7 +192,7 @@ class SpeedSettings:
         if str(self.base_dtype) not in ('auto', *DTYPES):
             raise LoRAConfigError(f"lora.base_dtype must be auto, float32, bfloat16 or float16, got "
                                   f"{self.base_dtype!r}.")
-        for key in ('fused_optimizer', 'pin_memory', 'keep_merged_weights'):
+        for key in ('fused_optimizer', 'pin_memory', 'keep_merged_weights', 'dropout_kernel'):
             if str(getattr(self, key)).lower() not in ('auto', 'true', 'false'):
                 raise LoRAConfigError(f"lora.{key} must be auto, true or false, got {getattr(self, key)!r}.")
         if not 0.0 < float(self.checkpoint_fraction) <= 1.0:
@@ -280,6 +291,8 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
                                       settings.checkpoint_rest))
     if settings.dropout_replay:  # (auto may also turn it on, never off)
         info['dropout_replay'] = set_dropout_replay(model, True)
+    if str(settings.dropout_kernel).lower() != 'false' and settings.fast_path and settings.compile == 'none':
+        info['dropout_kernel'] = set_dropout_kernel(model, True)  # (the device's check: dropout_kernels.check)
     if str(settings.keep_merged_weights).lower() == 'true' and settings.fast_path:  # (auto: memory_plan decides)
         info['keep_merged_weights'] = set_keep_merged(model, True)
     if settings.index_select_logits:
@@ -334,15 +347,36 @@ def chunk_encoder(compression_model: nn.Module, settings: SpeedSettings) -> None
             compression_model), int(settings.encode_chunk))
 
 
+def _has_dropout(linear: nn.Module) -> bool:
+    return any(isinstance(d, nn.Dropout) and d.p > 0 for d in linear.lora_dropout.values())
+
+
 def _fast_linears_with_dropout(model: nn.Module) -> tp.Tuple[tp.List[nn.Module], int]:
     from .fast_lora import FastLoraLinear
     linears = [m for m in model.modules() if isinstance(m, FastLoraLinear)]
-    return linears, sum(any(isinstance(d, nn.Dropout) and d.p > 0 for d in m.lora_dropout.values()) for m in linears)
+    return linears, sum(_has_dropout(m) for m in linears)
 
 
 def has_fast_dropout(model: nn.Module) -> bool:
-    """Whether any fast-path LoRA linear of `model` has dropout (what `dropout_replay` acts on)."""
-    return _fast_linears_with_dropout(model)[1] > 0
+    """Whether any fast-path LoRA linear of `model` has dropout drawn by torch (what `dropout_replay` acts on; not
+    the `dropout_kernel` ones, which keep no mask)."""
+    linears, _ = _fast_linears_with_dropout(model)
+    return any(_has_dropout(m) and not m.__dict__.get('_lora_dropout_kernel', False) for m in linears)
+
+
+def set_dropout_kernel(model: nn.Module, on: bool) -> int:
+    """Fast-path LoRA linears of `model` draw their dropout inside the rank-r products (`on`: dropout_kernels, where
+    they apply) or by torch; returns how many have dropout."""
+    linears, with_dropout = _fast_linears_with_dropout(model)
+    for module in linears:
+        module.__dict__['_lora_dropout_kernel'] = bool(on)
+    return with_dropout
+
+
+def wants_dropout_kernel(model: nn.Module) -> bool:
+    """Whether a fast-path LoRA linear of `model` with dropout is set to draw it inside the rank-r products."""
+    linears, _ = _fast_linears_with_dropout(model)
+    return any(_has_dropout(m) and m.__dict__.get('_lora_dropout_kernel', False) for m in linears)
 
 
 def set_dropout_replay(model: nn.Module, replay: bool) -> int:

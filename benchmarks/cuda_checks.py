@@ -55,6 +55,8 @@ def main():
     adapter_casts_on_cuda(pkg, codes)
     checkpointing_on_cuda(pkg, codes)
     checkpointing_on_cuda(pkg, codes, dropout=0.1)
+    dropout_kernels_on_cuda()
+    checkpointing_on_cuda(pkg, codes, dropout=0.1, kernel=True)
     dropout_replay_on_cuda()
     memory_estimate_on_cuda(pkg)
     graphs_on_cuda(pkg)
@@ -113,10 +115,12 @@ def memory_estimate_on_cuda(pkg):
           f"here, {optimizer:.3f} GiB of the estimate)")
 
 
-def checkpointing_on_cuda(pkg, codes, dropout: float = 0.0):
+def checkpointing_on_cuda(pkg, codes, dropout: float = 0.0, kernel: bool = False):
     """Selective / mixed / whole-layer checkpointing vs none under bf16 autocast on CUDA (flash attention kernels are
-    kept by the selective policy by name): same loss, same adapter gradients. With LoRA dropout also the masks drawn
-    again in backward (`dropout_replay`), alone and under selective checkpointing: the same masks as kept ones."""
+    kept by the selective policy by name): same loss, same adapter gradients. With LoRA dropout by torch
+    (`kernel=False`) also the masks drawn again in backward (`dropout_replay`), alone and under selective
+    checkpointing: the same masks as kept ones; with `kernel` (lora.dropout_kernel) the seeds drawn again."""
+    from audiocraft_lora import dropout_kernels
     from audiocraft_lora.lora import lora_parameters
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     settings = LoRASettings(rank=8, alpha=16, init='random', dropout=dropout)
@@ -127,13 +131,15 @@ def checkpointing_on_cuda(pkg, codes, dropout: float = 0.0):
              ('mixed', {'activation_checkpointing': 'torch', 'checkpoint_fraction': 0.5,
                         'checkpoint_rest': 'selective'}),
              ('torch', {'activation_checkpointing': 'torch'})]
-    if dropout:
+    if dropout and not kernel:
         cases += [('replay', {'dropout_replay': True}),
                   ('selective+replay', {'activation_checkpointing': 'selective', 'dropout_replay': True})]
     for name, kwargs in cases:
         lm = copy.deepcopy(reference)
-        apply_to_model(lm, SpeedSettings(**kwargs), True, torch.bfloat16)
+        apply_to_model(lm, SpeedSettings(dropout_kernel='true' if kernel else 'false', **kwargs), True,
+                       torch.bfloat16)
         lm = lm.cuda().train()
+        dropout_kernels.check(lm, 'cuda', required=kernel)
         torch.manual_seed(0)  # the same dropout masks in every case
         out = logits(lm, codes, True)
         ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)
@@ -142,8 +148,47 @@ def checkpointing_on_cuda(pkg, codes, dropout: float = 0.0):
     loss0, grads0 = results['none']
     for name, (loss, grads) in results.items():
         worst = max(float((grads[k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads0.items())
-        print(f"checkpointing {name} vs none (bf16 autocast, LoRA dropout {dropout}): loss {loss:.6f} vs {loss0:.6f}, "
+        print(f"checkpointing {name} vs none (bf16 autocast, LoRA dropout {dropout}"
+              f"{', dropout kernels' if kernel else ''}): loss {loss:.6f} vs {loss0:.6f}, "
               f"worst relative grad difference {worst:.2e}")
+
+
+def dropout_kernels_on_cuda():
+    """lora.dropout_kernel: the kernels' check on this GPU, the keep rate of a p=0.05 mask, and one musicgen-small
+    feed-forward projection at batch 16 x 30 s (x [24016, 4096] -> 1024, rank 16) forward + backward: kernels vs
+    torch's dropout vs no dropout (ms, CUDA events, median of 20)."""
+    from audiocraft_lora import dropout_kernels
+    from audiocraft_lora.fast_lora import low_rank_linear
+    ok = dropout_kernels.kernels_ok('cuda')
+    seed = dropout_kernels.draw_seed(torch.device('cuda'))
+    rate = float(dropout_kernels.keep_mask(seed, 24016, 4096, 0.05).float().mean())
+    gen = torch.Generator('cuda').manual_seed(0)
+    x = torch.randn(24016, 4096, device='cuda', generator=gen, dtype=torch.bfloat16).requires_grad_()
+    w = torch.randn(1024, 4096, device='cuda', generator=gen, dtype=torch.bfloat16) * 0.02
+    a = (torch.randn(16, 4096, device='cuda', generator=gen) * 0.02).requires_grad_()
+    b = (torch.randn(1024, 16, device='cuda', generator=gen) * 0.02).requires_grad_()
+    g = torch.randn(24016, 1024, device='cuda', generator=gen, dtype=torch.bfloat16)
+    times, by_torch = {}, "torch's dropout"
+    for name, p, kernel in (('no dropout', 0.0, False), (by_torch, 0.05, False), ('kernels', 0.05, True)):
+        if kernel and not ok:
+            continue
+        spans = []
+        for i in range(25):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                y = low_rank_linear(x, w, None, a, b, 2.0, p, kernel=kernel)
+            torch.autograd.backward(y, g)
+            end.record()
+            torch.cuda.synchronize()
+            x.grad = a.grad = b.grad = None
+            if i >= 5:
+                spans.append(start.elapsed_time(end))
+        times[name] = sorted(spans)[len(spans) // 2]
+    print(f"LoRA dropout kernels on CUDA: check passed {ok}; keep rate at p=0.05 {rate:.5f} (expected "
+          f"{1 - dropout_kernels.threshold(0.05) / 65536:.5f}); linear2 of small b16 forward+backward "
+          + ', '.join(f'{k} {v:.2f} ms' for k, v in times.items())
+          + (f"; kernels / torch's {times['kernels'] / times[by_torch]:.2f}x" if 'kernels' in times else ''))
 
 
 def adapter_casts_on_cuda(pkg, codes):
@@ -315,7 +360,7 @@ def graphs_on_cuda(pkg):
     """lora.graph_layers: the layers replayed as CUDA graphs give eager's losses and gradients (text lengths
     changing between steps, beyond graph_shapes too, eval calls in between, adapters updated by fused AdamW), and
     with LoRA dropout draw a new mask at every replay."""
-    from audiocraft_lora import fused_norms, layer_graphs
+    from audiocraft_lora import dropout_kernels, fused_norms, layer_graphs
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
     codes = torch.randint(0, 256, (4, 4, 200), device='cuda', generator=torch.Generator('cuda').manual_seed(0))
     for dropout, bucket, plan in ((0.0, 1, 'none'), (0.1, 1, 'none'), (0.0, 32, 'none'), (0.1, 1, 'torch'),
@@ -333,6 +378,7 @@ def graphs_on_cuda(pkg):
             apply_to_model(lm, SpeedSettings(activation_checkpointing=plan), autocast=True,
                            autocast_dtype=torch.bfloat16)  # (recomputed inside the graphs, or eagerly alike)
             fused_norms.check_kernels(lm)  # (as the solver does, before any capture)
+            dropout_kernels.check(lm, 'cuda')
             graphs = layer_graphs.install(lm, max_shapes=2, text_bucket=bucket) if graphed else None
             opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3, fused=True)
             torch.cuda.synchronize()

@@ -62,8 +62,15 @@ FOREACH_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 FOREACH_MAX_BLOCKS, FOREACH_CHUNK = 320, 65536
 
 
-# Ops the dispatcher sees once that run more than one kernel on CUDA (a zero fill, then the op's own kernel)
-COMPOSITE_LAUNCHES = {'slice_backward': 2, 'select_backward': 2, 'nll_loss_backward': 2}
+# Ops the dispatcher sees once that run more than one kernel on CUDA (a zero fill, then the op's own kernel; the
+# partial sums of dropout_kernels' dA, then their sum)
+COMPOSITE_LAUNCHES = {'slice_backward': 2, 'select_backward': 2, 'nll_loss_backward': 2, 'dropout_rank_grad': 2}
+# LoRA dropout drawn inside the rank-r products (audiocraft_lora/dropout_kernels.py): {op: the argument of the input's
+# size}. Each element's decision costs integer work: Philox4x32-10 gives 8 decisions per call (10 rounds of 2
+# IMAD.WIDE + 2 LOP3 + key adds), ~7 instructions an element with the unpacking, at the H100's ~16.7 T integer
+# instructions/s (64 per clock per SM); the in-place update of dx also writes it (its bytes counted twice).
+DROPOUT_KERNELS = {'dropout_rank_product': 0, 'dropout_masked_update': 0, 'dropout_rank_grad': 1, 'dropout_keep': -1}
+RNG_SECONDS_PER_ELEMENT = 7 / 16.7e12
 
 
 def kernel_launches(name: str, args: tp.Sequence[tp.Any]) -> int:
@@ -142,7 +149,12 @@ class KernelCosts(TorchDispatchMode):
         moved = _nbytes(tree_leaves((args, kwargs))) + _nbytes(tree_leaves(out))
         kind = category(name)
         accumulate = bool(kwargs.get('accumulate', args[3] if len(args) > 3 and name in SLOW else False))
+        if name == 'dropout_masked_update':
+            moved += _nbytes([args[0]])
         seconds = self.cost(name, flops, moved, accumulate)
+        if name in DROPOUT_KERNELS:
+            drawn = out if DROPOUT_KERNELS[name] < 0 else args[DROPOUT_KERNELS[name]]
+            seconds = max(seconds, drawn.numel() * RNG_SECONDS_PER_ELEMENT)
         self.seconds[kind] += seconds
         self.by_op[name] += seconds
         if self.detail:
@@ -221,7 +233,8 @@ def model_case(case: str, args) -> dict:
             step_time.patterns_on_real_tensors(), CudaAutocastRules(), \
             mock.patch.object(fast_lora, '_fp32_out_gemm', _fp32_out_gemm_as_on_cuda), \
             mock.patch.object(fast_lora, 'FakeTensor', _NeverFake), \
-            mock.patch.object(adapter_casts, '_storage', id):  # (fake tensors have no data pointer)
+            mock.patch.object(adapter_casts, '_storage', id), \
+            step_time.kernels_as_on_gpu():  # (fake tensors have no data pointer)
         model, loss_fn = step_time.make_case(case, args)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -18,7 +18,11 @@
 # one graph each way for the whole layer stack: #7's memory target, 0.55x of full fine-tuning, at the graphs' speed)
 # and `lora_graphed_mixed` at medium b16 (the 40 GB plan, half whole layers + half selective, inside the graphs);
 # session 16 `lora_graphed_sac` in the recipe row (LoRA dropout 0.05: the captures keep what dropout drew; estimated
-# 15.8 GiB there against 10.1 eager selective and 20.1 full fine-tuning, `step_time.py --count-only`).
+# 15.8 GiB there against 10.1 eager selective and 20.1 full fine-tuning, `step_time.py --count-only`); session 17
+# the LoRA dropout kernels (lora.dropout_kernel, the default on CUDA): cuda_checks' "LoRA dropout kernels on CUDA"
+# line (their check, keep rate, one linear2 timed against torch's dropout) and the recipe row's `_tdrop` cases
+# (torch's dropout, as before): modelled 0.90x their time at small b16 x 30 s eager, est. 10.1 GiB for
+# lora_graphed_sac at 15 s where torch's dropout keeps 15.8.
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
@@ -49,8 +53,8 @@ if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head
   LIMIT=200 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
     --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_sac,lora_graphed_mixed,lora_graphed_concat,hf_lora
 fi
-for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --cases full,lora_fast,lora_graphed,lora_graphed_sac,hf_lora \
-             --iters 10" \
+for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --iters 10 \
+             --cases full,lora_fast,lora_fast_tdrop,lora_graphed,lora_graphed_tdrop,lora_graphed_sac,lora_graphed_sac_tdrop,hf_lora" \
             "--scale medium --batch 4 --cases full,lora_fast_keep,lora_graphed_keep,hf_lora --iters 15 \
              --json $OUT/medium_b4.json"; do
   run_case $args

@@ -54,6 +54,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     parser.add_argument('--seconds', type=float, default=30.0, help='dataset.segment_duration')
     parser.add_argument('--rank', type=int, default=32)
     parser.add_argument('--dropout', type=float, default=0.05, help='lora.dropout (the recipes: 0.05)')
+    parser.add_argument('--torch-dropout', action='store_true',
+                        help="LoRA dropout by torch (lora.dropout_kernel=false: masks kept, or replayed) instead of "
+                             "inside the rank-r products (dropout_kernels, the default on a GPU)")
     parser.add_argument('--cached', action='store_true', help='tokens from the token cache: no EnCodec encode')
     parser.add_argument('--encode-chunk', type=int, default=SpeedSettings.encode_chunk,
                         help='lora.encode_chunk (0: the whole batch at once, as AudioCraft)')
@@ -65,19 +68,22 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
     with FakeTensorMode(allow_non_fake_inputs=True), step_time._cpu_moves_are_noops():
         lm = step_time.build_ac_lm(args.scale, 2048, 'cpu')
         inject_lora(lm, LoRASettings(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout))
-        apply_to_model(lm, SpeedSettings(activation_checkpointing='none'), autocast=True, autocast_dtype=bf16)
+        apply_to_model(lm, SpeedSettings(activation_checkpointing='none',
+                                         dropout_kernel='false' if args.torch_dropout else 'auto'),
+                       autocast=True, autocast_dtype=bf16)
         encodec = build_encodec('cpu')
     chunk_encoder(encodec, SpeedSettings(encode_chunk=args.encode_chunk))
     shape = memory_estimate.StepShape(batch=args.batch, frames=memory_plan.ceil_frames(args.seconds, 50),
                                   samples=None if args.cached else int(args.seconds * 32000))
-    print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank} dropout {args.dropout:g}, "
-          f"batch {args.batch} x "
+    print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank} dropout {args.dropout:g}"
+          f"{' (by torch)' if args.torch_dropout and args.dropout else ''}, batch {args.batch} x "
           f"{args.seconds:g} s, bf16 autocast, "
           + ('token cache' if args.cached else f'EnCodec encode in the step (encode_chunk={args.encode_chunk})'))
     estimates = {}
     for plan in memory_plan.plans_for(lm):
         memory_plan.apply_plan(lm, plan)
-        estimate = memory_estimate.estimate_step(lm, encodec, shape, bf16)
+        with step_time.kernels_as_on_gpu():  # (CPU fake tensors on the GPU's path; torch's with --torch-dropout)
+            estimate = memory_estimate.estimate_step(lm, encodec, shape, bf16)
         estimates[memory_plan.plan_name(plan)] = estimate
         print(f"  {memory_plan.plan_name(plan):<48} {estimate.peak_gib:6.2f} GiB, needs "
               f"{memory_plan.needed(estimate) / 2 ** 30:6.2f} GiB with the margin", flush=True)

@@ -40,6 +40,10 @@ Cases (`--cases`, comma separated):
                   medium b16) recomputed inside the graphs
   lora_graphed_exact lora_graphed with each step's own text length (lora.graph_text_bucket=1, before session 13);
                   the graphed cases otherwise pad the text as the solver does (multiples of 32, keys masked)
+  lora_fast_tdrop, lora_sac_tdrop, lora_graphed_tdrop, lora_graphed_sac_tdrop: the case with LoRA dropout drawn by
+              torch (lora.dropout_kernel=false: mask and dropped-out input kept, or replayed) instead of inside the
+              rank-r products (dropout_kernels.py, the default on CUDA; --count-only counts every other case as on a
+              GPU, with the kernels); compare with --lora-dropout > 0
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
   encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
@@ -94,9 +98,12 @@ CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'l
          'lora_fast_keep_unfused', 'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed',
          'lora_compile', 'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat',
          'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'lora_graphed_sac',
-         'lora_graphed_mixed', 'hf_lora', 'hf_full', 'encode')
+         'lora_graphed_mixed', 'lora_fast_tdrop', 'lora_sac_tdrop', 'lora_graphed_tdrop', 'lora_graphed_sac_tdrop',
+         'hf_lora', 'hf_full', 'encode')
 CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
-             'lora_graphed_keep_unfused', 'lora_graphed_sac', 'lora_graphed_mixed')
+             'lora_graphed_keep_unfused', 'lora_graphed_sac', 'lora_graphed_mixed', 'lora_graphed_tdrop',
+             'lora_graphed_sac_tdrop')
+TORCH_DROPOUT = '_tdrop'  # a case's suffix: LoRA dropout by torch (lora.dropout_kernel=false), the rest as the case
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -219,7 +226,9 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     """The model of a case and a closure computing its loss (forward only)."""
     from audiocraft_lora.lora import LoRASettings, inject_lora
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
-    from audiocraft_lora import fast_lora
+    from audiocraft_lora import dropout_kernels, fast_lora
+    torch_dropout = case.endswith(TORCH_DROPOUT)
+    case = case[:-len(TORCH_DROPOUT)] if torch_dropout else case
     fast_lora.CONCAT_RANK_GEMMS = frozenset(  # (read in forward and backward: set for the whole case)
         getattr(args, 'concat_rank_gemms', ','.join(fast_lora.CONCAT_PARTS)).split(',') if case.endswith('_concat')
         else ())
@@ -268,8 +277,10 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               compile=('inductor' if device == 'cuda' else 'aot_eager')
                               if case in ('lora_compile', 'lora_compile_ro') else 'none',
                               compile_mode='reduce-overhead' if case == 'lora_compile_ro' and device == 'cuda'
-                              else 'default')
+                              else 'default', dropout_kernel='false' if torch_dropout else 'auto')
         info = apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
+        if device == 'cuda' or not getattr(args, 'count_only', False):  # (as the solver; --count-only: as on a GPU)
+            dropout_kernels.check(lm, device)
         if info.get('fused_norms') and device == 'cuda':  # (as the solver: checked before any capture)
             from audiocraft_lora.fused_norms import check_kernels
             check_kernels(lm)
@@ -355,6 +366,13 @@ def _cpu_moves_are_noops():
         torch.nn.Module.to = original  # type: ignore
 
 
+def kernels_as_on_gpu():
+    """CPU fake tensors taking the GPU's LoRA dropout path (dropout_kernels: their fake ops, no mask kept)."""
+    from unittest import mock
+    from audiocraft_lora import dropout_kernels
+    return mock.patch.object(dropout_kernels, '_on_gpu', lambda t: True)
+
+
 def count(case: str, args) -> dict:
     """One step on fake tensors (shapes only, no data, no time): FLOPs, saved activations and state at any shape on
     any machine. Autocast is CPU autocast, which keeps layer norms in the autocast dtype where CUDA's runs them in
@@ -363,7 +381,8 @@ def count(case: str, args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     if case in ('lora_compile', 'lora_compile_ro'):
         raise RuntimeError('torch.compile is not counted on fake tensors; measure it on a GPU')
-    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_moves_are_noops(), patterns_on_real_tensors():
+    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_moves_are_noops(), patterns_on_real_tensors(), \
+            kernels_as_on_gpu():
         model, loss_fn = make_case(case, args)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -479,9 +498,10 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
                  'lora_fast_keep_unfused', 'lora_graphed_keep_unfused',
                  'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
                  'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact',
-                 'lora_graphed_unfused', 'lora_graphed_sac', 'lora_graphed_mixed'):
+                 'lora_graphed_unfused', 'lora_graphed_sac', 'lora_graphed_mixed', 'lora_fast_tdrop', 'lora_sac_tdrop',
+                 'lora_graphed_tdrop', 'lora_graphed_sac_tdrop'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed', 'lora_fast_keep',
-                    'lora_graphed_keep'):
+                    'lora_graphed_keep', 'lora_sac', 'lora_graphed_sac'):
             if case in results and ref in results and case != ref:
                 a, b = results[case], results[ref]
                 if a['step_s'] is not None:

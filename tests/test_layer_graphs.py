@@ -340,7 +340,8 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
         with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
             assert memory_plan.plan_graphs(solver) == 2  # (room for 2 signatures next to the kept masks' estimate)
         # (the log names what the masks cost where they are what keeps graphs out)
-        assert ('with lora.dropout=0 it keeps none' in caplog.text) == (needed_by_plan < memory_plan.needed(kept))
+        named = 'or lora.dropout_kernel on CUDA, it keeps none' in caplog.text
+        assert named == (needed_by_plan < memory_plan.needed(kept))
     monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver: None)
     with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
         assert memory_plan.plan_graphs(_solver(lm, budget=budget, needed=1, activation_checkpointing='selective')) == 0

@@ -64,8 +64,9 @@ def test_lora_step_launches_few_more_kernels_than_full_fine_tuning():
 
 def test_cuda_graph_cases_run_on_cuda_only_and_are_counted_as_captured():
     """A CPU run refuses the CUDA-graph cases; --count-only counts their step as it runs inside the captures: under
-    selective checkpointing what LoRA dropout drew is kept there (the generator can't be rewound inside a capture),
-    so it holds more than the eager plan with LoRA dropout and the same without. (What the graphs replay, and when:
+    selective checkpointing what LoRA dropout drew is kept there (the generator can't be rewound inside a capture):
+    with torch's dropout (`_tdrop`) its masks, more than the eager plan holds; with the dropout kernels (the GPU's
+    default, counted as on a GPU) a seed per call; without dropout the same. (What the graphs replay, and when:
     tests/test_layer_graphs.py.)"""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -73,10 +74,14 @@ def test_cuda_graph_cases_run_on_cuda_only_and_are_counted_as_captured():
                                    '1', '--iters', '1', '--cases', 'lora_graphed,lora_graphed_keep'])
         counted = {dropout: step_time.main(['--count-only', '--scale', 'tiny', '--batch', '2', '--frames', '50',
                                             '--dtype', 'bfloat16', '--lora-dropout', dropout,
-                                            '--cases', 'lora_sac,lora_graphed_sac'])['results']
+                                            '--cases', 'lora_sac,lora_graphed_sac,lora_sac_tdrop,lora_graphed_sac_tdrop'
+                                            ])['results']
                    for dropout in ('0', '0.1')}
     assert measured['results'] == {}
     assert 'lora_graphed needs a CUDA device' in out.getvalue()
     assert 'lora_graphed_keep needs a CUDA device' in out.getvalue()
     assert counted['0']['lora_graphed_sac']['peak_GiB'] == counted['0']['lora_sac']['peak_GiB']
-    assert counted['0.1']['lora_graphed_sac']['saved_MiB'] > 1.05 * counted['0.1']['lora_sac']['saved_MiB']
+    dropped = counted['0.1']
+    assert dropped['lora_graphed_sac_tdrop']['saved_MiB'] > 1.05 * dropped['lora_sac_tdrop']['saved_MiB']
+    assert dropped['lora_graphed_sac']['saved_MiB'] - dropped['lora_sac']['saved_MiB'] < 0.01  # (seeds: 8 bytes each)
+    assert dropped['lora_sac']['saved_MiB'] == dropped['lora_sac_tdrop']['saved_MiB']  # (selective draws again)

@@ -1,0 +1,251 @@
+"""LoRA dropout inside the rank-r products (`lora.dropout_kernel`): no mask and no dropped-out copy of the input.
+
+With LoRA dropout the fast path's projection is `y = x W^T + s (dropout(x) A^T) B^T`. torch's dropout writes
+`dropout(x)` and a bool mask (5 bytes an element with the read of x), the rank-r product reads it again, and
+backward adds `s ((g B) A) * mask / (1 - p)` to dx through a written `[N, in]` product and an `addcmul_` (9 bytes an
+element); both tensors are kept from forward to backward (3 bytes an element: ~5 GiB at musicgen-small batch 16 x
+30 s, all four dropout sites of every layer). Here the decision of each element is drawn by a counter-based
+generator from a per-call seed (a one-element tensor drawn from torch's generator: `draw_seed`) wherever it is
+needed, and three Triton kernels fold it into the products (dropout_triton.py):
+
+- `rank_product`: `u = s / (1 - p) * (keep * x) A^T` in one pass over x (forward);
+- `masked_update_`: `dx += keep * (g_B A) / (1 - p)` in place, with `g_B = s g B` ([N, r]): one read and one write
+  of dx (backward);
+- `rank_grad`: `dA = (g_B)^T (keep * x) / (1 - p)`, float32, over x (backward).
+
+Backward keeps x (which dA reads anyway) and the seed, no mask: LoRA dropout then costs the memory of no dropout,
+and activation checkpointing and the layers' CUDA graphs keep nothing for it but the seed (a capture replays its
+draw, and the kernels read it from the graph's memory). Each call gets a new seed, so masks are as independent as
+torch's; they are not torch's masks (another stream of the same Philox generator), so a step is not bit for bit the
+one torch's dropout would take with the same generator state: the same distribution, keep probability
+`1 - round(65536 p) / 65536` (`keep_scale` is its inverse, so the expectation is exact).
+
+`auto` uses them for fast-path projections on CUDA, in bf16 or fp16, up to rank `MAX_RANK`, after `kernels_ok` has
+checked them on the device against torch (once per device; `check` before training); elsewhere (CPU, float32,
+inside torch.compile) it is torch's dropout. The ops are torch custom ops with fake implementations, so the memory
+estimate, selective checkpointing's policy (`rank_product`'s `[N, r]` output is kept, as a matmul's) and
+`benchmarks/gpu_model.py` see them. Tests run the kernels on CPU tensors under `TRITON_INTERPRET=1`.
+"""
+import functools
+import logging
+import os
+import typing as tp
+
+import torch
+
+from .norm_kernels import _bits, _on
+
+logger = logging.getLogger(__name__)
+
+__all__ = ['MAX_RANK', 'threshold', 'keep_scale', 'applies', 'draw_seed', 'rank_product', 'masked_update_',
+           'rank_grad', 'keep_mask', 'kernels_ok', 'check']
+
+MAX_RANK = 128
+_BM, _BK = 64, 64  # rank_product: rows per program, columns per step
+_UPDATE_BM, _UPDATE_BK = 64, 128
+_GRAD_BM, _GRAD_BK, _GRAD_PROGRAMS = 64, 128, 512  # rank_grad: about this many programs (partial sums)
+
+
+def threshold(p: float) -> int:
+    """16-bit threshold of dropout probability `p`: an element is kept where its draw is at least this."""
+    return min(65535, max(0, round(float(p) * 65536)))
+
+
+def keep_scale(p: float) -> float:
+    """1 / (probability of keeping an element) at `p`'s threshold: the scale that keeps the expectation exact."""
+    return 65536.0 / (65536 - threshold(p))
+
+
+def _interpreted() -> bool:
+    return os.environ.get('TRITON_INTERPRET') == '1'
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    """Where the kernels run: CUDA tensors (CPU ones under Triton's interpreter, for the tests)."""
+    return t.device.type == 'cuda' or (_interpreted() and t.device.type == 'cpu')
+
+
+def applies(x: torch.Tensor, dtype: torch.dtype, rank: int) -> bool:
+    """Whether the kernels take the dropout of input `x`, computed in `dtype`, of a rank-`rank` adapter."""
+    return (dtype in (torch.bfloat16, torch.float16) and 0 < rank <= MAX_RANK and _on_gpu(x)
+            and not torch.compiler.is_compiling())
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A call's seed: one int64 drawn from torch's generator on `device` (a CUDA graph replays the draw: a new seed
+    at every replay; torch's checkpoint restores the generator around a recompute: the same seed again)."""
+    return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from . import dropout_triton
+    return dropout_triton
+
+
+def _block_rank(rank: int) -> int:
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def _flags(t: torch.Tensor) -> dict:
+    return {'BF16': t.dtype == torch.bfloat16, 'LOW': not _interpreted()}
+
+
+@torch.library.custom_op('audiocraft_lora::dropout_rank_product', mutates_args=())
+def rank_product(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+    """`scale * keep_scale(p) * (keep * x) @ a.T`: x [N, in], a [r, in] (same dtype) -> [N, r] in x's dtype."""
+    x, a = x.contiguous(), a.contiguous()
+    rows, cols = x.shape
+    out = x.new_empty(rows, a.shape[0])
+    if rows:
+        with _on(x.device):
+            _kernels().rank_product_kernel[(-(-rows // _BM),)](
+                _bits(x), _bits(a), _bits(out), seed, rows, cols, a.shape[0], scale * keep_scale(p), threshold(p),
+                BM=_BM, BK=_BK, BR=_block_rank(a.shape[0]), STEPS=-(-cols // _BK), **_flags(x))
+    return out
+
+
+@rank_product.register_fake
+def _(x, a, seed, scale, p):
+    return x.new_empty(x.shape[0], a.shape[0])
+
+
+@torch.library.custom_op('audiocraft_lora::dropout_masked_update', mutates_args=('dx',))
+def masked_update_(dx: torch.Tensor, gb: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> None:
+    """`dx += keep_scale(p) * keep * (gb @ a)` in place: dx [N, in] (contiguous), gb [N, r], a [r, in]."""
+    if not dx.is_contiguous():
+        raise ValueError("masked_update_ writes dx in place: it must be contiguous")
+    gb, a = gb.contiguous(), a.contiguous()
+    rows, cols = dx.shape
+    if rows:
+        with _on(dx.device):
+            grid = (-(-rows // _UPDATE_BM), -(-cols // _UPDATE_BK))
+            _kernels().masked_update_kernel[grid](
+                _bits(dx), _bits(gb), _bits(a), seed, rows, cols, a.shape[0], keep_scale(p), threshold(p),
+                BM=_UPDATE_BM, BK=_UPDATE_BK, BR=_block_rank(a.shape[0]), **_flags(dx))
+
+
+@masked_update_.register_fake
+def _(dx, gb, a, seed, p):
+    return None
+
+
+@torch.library.custom_op('audiocraft_lora::dropout_rank_grad', mutates_args=())
+def rank_grad(gb: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """`keep_scale(p) * gb.T @ (keep * x)` in float32: gb [N, r], x [N, in] -> [r, in] (the adapter's dA)."""
+    gb, x = gb.contiguous(), x.contiguous()
+    rows, cols = x.shape
+    rank = gb.shape[1]
+    if not rows:
+        return x.new_zeros(rank, cols, dtype=torch.float32)
+    blocks, row_blocks = -(-cols // _GRAD_BK), -(-rows // _GRAD_BM)
+    # row blocks per program: a power of two (few compiled variants) giving about _GRAD_PROGRAMS programs
+    steps = 1 << max(0, (-(-row_blocks * blocks // _GRAD_PROGRAMS) - 1).bit_length())
+    parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
+    with _on(x.device):
+        _kernels().rank_grad_kernel[(blocks, parts.shape[0])](
+            _bits(gb), _bits(x), parts, seed, rows, cols, rank, keep_scale(p), threshold(p),
+            BM=_GRAD_BM, BK=_GRAD_BK, BR=_block_rank(rank), STEPS=steps, **_flags(x))
+    return parts.sum(0)
+
+
+@rank_grad.register_fake
+def _(gb, x, seed, p):
+    return x.new_empty(gb.shape[1], x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op('audiocraft_lora::dropout_keep', mutates_args=())
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The [rows, cols] bool decisions the kernels draw under `seed` (the tests' reference; a trainable base)."""
+    out = torch.empty(rows, cols, dtype=torch.int8, device=seed.device)
+    if rows and cols:
+        with _on(seed.device):
+            grid = (-(-rows // _UPDATE_BM), -(-cols // _UPDATE_BK))
+            _kernels().keep_kernel[grid](seed, out, rows, cols, threshold(p), BM=_UPDATE_BM, BK=_UPDATE_BK)
+    return out.bool()
+
+
+@keep_mask.register_fake
+def _(seed, rows, cols, p):
+    return torch.empty(rows, cols, dtype=torch.bool, device=seed.device)
+
+
+_CHECKED: tp.Dict[torch.device, bool] = {}
+
+
+def kernels_ok(device: tp.Union[str, torch.device]) -> bool:
+    """Whether the kernels run on `device` and agree with torch (once per device; False, with a warning, where they
+    can't: no Triton, an unsupported GPU, a compiler error). Not checked during a CUDA graph capture (a check syncs):
+    False there, and `check` runs it before training."""
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    if device in _CHECKED:
+        return _CHECKED[device]
+    if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
+        return False
+    try:
+        error = _disagreement(device)
+    except Exception as exc:
+        error = f'{type(exc).__name__}: {exc}'
+    if error:
+        logger.warning("lora.dropout_kernel: the Triton LoRA dropout kernels can't be used on %s (%s); LoRA dropout "
+                       "runs torch's dropout there (its mask kept for backward).", device, error)
+    _CHECKED[device] = not error
+    return not error
+
+
+def _disagreement(device: torch.device) -> tp.Optional[str]:
+    """What differs between the kernels and torch on `device` (None: nothing): ragged sizes (rows, columns not a
+    multiple of 8, ranks 8 and 24 padded), bf16 and fp16, against float32 products with the kernels' own mask;
+    the mask's keep rate; a new seed, a new mask."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for rows, cols, rank in ((70, 200, 8), (131, 96, 24)):
+            x = torch.randn(rows, cols, device=device, generator=gen).to(dtype)
+            a = torch.randn(rank, cols, device=device, generator=gen).to(dtype)
+            gb = torch.randn(rows, rank, device=device, generator=gen).to(dtype)
+            dx = torch.randn(rows, cols, device=device, generator=gen).to(dtype)
+            seed, p = torch.tensor([12345], device=device), 0.25
+            kept = keep_mask(seed, rows, cols, p) * keep_scale(p)
+            checks = {
+                'rank_product': (rank_product(x, a, seed, 0.5, p).float(), 0.5 * (x.float() * kept) @ a.float().t()),
+                'rank_grad': (rank_grad(gb, x, seed, p), gb.float().t() @ (x.float() * kept)),
+            }
+            ref = dx.float() + kept * (gb.float() @ a.float())
+            masked_update_(dx, gb, a, seed, p)
+            checks['masked_update_'] = (dx.float(), ref)
+            for name, (got, want) in checks.items():
+                if not _rows_close(got, want, 2e-2):
+                    return f"{name} differs from torch's product ({dtype}, {rows}x{cols}, rank {rank})"
+    mask = keep_mask(torch.tensor([7], device=device), 512, 1000, 0.25)
+    rate = mask.float().mean().item()
+    if abs(rate - 0.75) > 0.01:
+        return f"the keep rate at p=0.25 is {rate:.4f}"
+    if torch.equal(mask, keep_mask(torch.tensor([8], device=device), 512, 1000, 0.25)):
+        return "two seeds drew the same mask"
+    return None
+
+
+def _rows_close(got: torch.Tensor, ref: torch.Tensor, tolerance: float) -> bool:
+    scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    return bool(((got - ref).abs() <= tolerance * scale).all())
+
+
+def check(model: torch.nn.Module, device: tp.Union[str, torch.device], required: bool = False) -> tp.Optional[bool]:
+    """Before training, with the LM on `device`: whether the kernels serve `model`'s fast-path LoRA dropout there
+    (None: nothing asks for them). Where they can't (another device, a failed check), its projections are set back to
+    torch's dropout; `required` (`lora.dropout_kernel=true`) raises instead."""
+    from .errors import LoRAConfigError
+    from .speed import set_dropout_kernel, wants_dropout_kernel
+    if not wants_dropout_kernel(model):
+        return None
+    device = torch.device(device)
+    ok = kernels_ok(device) if device.type == 'cuda' else (_interpreted() and device.type == 'cpu')
+    if not ok and required:
+        raise LoRAConfigError(f"lora.dropout_kernel=true: the Triton LoRA dropout kernels can't be used on {device} "
+                              "(CUDA only, and they must pass their check: see the warning above). Set "
+                              "lora.dropout_kernel=auto or false to use torch's dropout.")
+    if not ok:
+        set_dropout_kernel(model, False)
+    return ok

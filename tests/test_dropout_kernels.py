@@ -1,0 +1,190 @@
+"""LoRA dropout drawn inside the rank-r products (dropout_kernels, `lora.dropout_kernel`). The Triton kernels run on
+CPU tensors under Triton's interpreter (a subprocess with TRITON_INTERPRET=1: the kernels are defined at import), and
+on a GPU in benchmarks/cuda_checks.py; the rest (settings, the fall-backs, the estimates) in-process."""
+import logging
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from audiocraft_lora import dropout_kernels
+from audiocraft_lora.errors import LoRAConfigError
+from audiocraft_lora.fast_lora import FastLoraLinear, low_rank_linear
+from audiocraft_lora.speed import SpeedSettings, apply_to_model, has_fast_dropout
+
+from helpers import debug_lora_lm
+
+_INTERPRETED = r'''
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from audiocraft_lora import dropout_kernels as dk, recompute
+from audiocraft_lora.fast_lora import low_rank_linear
+from audiocraft_lora.speed import SpeedSettings, apply_to_model
+import sys
+sys.path.insert(0, 'tests')
+from helpers import debug_lora_lm, lora_step
+
+# 1. each kernel against float32 products with the kernels' own mask; keep rate; seeds (the GPU's check as it is)
+assert dk._disagreement(torch.device('cpu')) is None, dk._disagreement(torch.device('cpu'))
+
+# 2. one projection under bf16 autocast against autograd on y = x W^T + b + s ((keep * x / (1 - p)) A^T) B^T
+torch.manual_seed(0)
+N, IN, OUT, R, p, s = 50, 40, 24, 8, 0.25, 0.7
+x = torch.randn(3, N, IN, requires_grad=True)
+w, bias = torch.randn(OUT, IN), torch.randn(OUT)
+A, B = torch.randn(R, IN, requires_grad=True), torch.randn(OUT, R, requires_grad=True)
+g = torch.randn(3, N, OUT)
+saved = []
+torch.manual_seed(1)
+with torch.autocast('cpu', dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t) or t, lambda t: t):
+    y = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
+y.backward(g)
+assert not any(t.dtype == torch.bool for t in saved), 'a mask was saved'
+assert sum(t.numel() for t in saved if t.shape[-1] == IN and t.numel() >= 3 * N * IN) == 3 * N * IN, \
+    'more than x saved at its size'
+torch.manual_seed(1)
+keep = dk.keep_mask(dk.draw_seed(torch.device('cpu')), 3 * N, IN, p).view(3, N, IN) * dk.keep_scale(p)
+assert 0 < (keep == 0).float().mean() < 0.5
+low = lambda t: t.detach().bfloat16().float().requires_grad_()
+xb, Ab, Bb = low(x), low(A), low(B)
+ref = xb @ low(w).t() + low(bias) + s * ((xb * keep) @ Ab.t()) @ Bb.t()
+ref.backward(g.bfloat16().float())
+for name, got, want in (('y', y, ref), ('dx', x.grad, xb.grad), ('dA', A.grad, Ab.grad), ('dB', B.grad, Bb.grad)):
+    error = float((got.float() - want).abs().max() / want.abs().max())
+    assert error < 1e-2, (name, error)
+assert A.grad.dtype == torch.float32
+
+# 3. a debug LM step with the kernels: selective checkpointing and the captures' plan give the plain step bit for
+# bit (the seeds drawn again in the recompute, or kept), with rank_product's output kept (never run in backward),
+# and no mask saved; torch's dropout saves masks
+class Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+codes = torch.randint(0, 32, (2, 4, 40), generator=torch.Generator().manual_seed(0))
+results = {}
+
+def bool_saves(lm, step=lora_step):
+    bools = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: bools.append(t.dtype == torch.bool) or t, lambda t: t):
+        out = step(lm, codes)
+    return sum(bools), out
+
+lm = debug_lora_lm(dropout=0.0)
+apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
+undropped = bool_saves(lm)[0]  # (the loss's and attention's own)
+for plan in ('none', 'selective', 'captured', 'torch'):
+    lm = debug_lora_lm(dropout=0.25)
+    apply_to_model(lm, SpeedSettings(activation_checkpointing='selective' if plan == 'captured' else plan), True,
+                   torch.bfloat16)
+    count = Count()
+    with count:
+        if plan == 'captured':
+            with recompute.captured_plan(lm):
+                saves, results[plan] = bool_saves(lm)
+        else:
+            saves, results[plan] = bool_saves(lm)
+    assert saves == undropped, (plan, 'a mask was saved')
+    results[plan + '_calls'] = count.calls
+for plan in ('selective', 'captured', 'torch'):
+    logits, ce, grads = results[plan]
+    assert torch.equal(logits, results['none'][0]) and torch.equal(ce, results['none'][1]), plan
+    assert all(torch.equal(p, q) for p, q in zip(grads, results['none'][2])), plan
+calls = results['none_calls']
+assert calls['dropout_rank_product'] == calls['dropout_rank_grad'] == calls['dropout_masked_update'] > 0, calls
+assert results['selective_calls']['dropout_rank_product'] == calls['dropout_rank_product'], 'recomputed under selective'
+assert results['torch_calls']['dropout_rank_product'] == 2 * calls['dropout_rank_product']
+assert 'native_dropout' not in calls
+lm = debug_lora_lm(dropout=0.25)
+apply_to_model(lm, SpeedSettings(dropout_kernel='false'), True, torch.bfloat16)
+saves, torch_dropout = bool_saves(lm)
+assert saves > undropped
+assert not torch.equal(torch_dropout[1], results['none'][1])  # (another random stream)
+print('OK')
+'''
+
+
+def test_kernels_and_the_fast_path_with_them_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    proc = subprocess.run([sys.executable, '-c', _INTERPRETED], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('OK'), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_threshold_and_scale_keep_the_expectation():
+    assert dropout_kernels.threshold(0.05) == 3277 and dropout_kernels.threshold(0.0) == 0
+    assert dropout_kernels.keep_scale(0.05) == 65536 / (65536 - 3277)
+    assert dropout_kernels.keep_scale(0.0) == 1.0
+    assert dropout_kernels.threshold(0.999999) == 65535
+
+
+def test_off_the_gpu_the_kernel_flag_is_torch_dropout_bit_for_bit():
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 16, requires_grad=True)
+    w, a, b = torch.randn(12, 16), torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    outs = []
+    for kernel in (False, True):
+        torch.manual_seed(3)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = low_rank_linear(x, w, None, a, b, 0.5, 0.3, kernel=kernel)
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), [x, a, b])))
+    assert all(torch.equal(p, q) for p, q in zip(*outs))
+
+
+def test_setting_marks_the_dropout_projections_and_the_check_sets_them_back_off_the_gpu(caplog):
+    with pytest.raises(LoRAConfigError, match='lora.dropout_kernel'):
+        SpeedSettings(dropout_kernel='sometimes').validate()
+    lm = debug_lora_lm(dropout=0.1)
+    info = apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
+    linears = [m for m in lm.modules() if isinstance(m, FastLoraLinear)]
+    assert info['dropout_kernel'] == len(linears) > 0 and all(m._lora_dropout_kernel for m in linears)
+    assert not has_fast_dropout(lm)  # (nothing for dropout_replay to do)
+    with pytest.raises(LoRAConfigError, match='lora.dropout_kernel=true.*cpu'):
+        dropout_kernels.check(lm, 'cpu', required=True)
+    assert dropout_kernels.check(lm, 'cpu') is False
+    assert not any(m._lora_dropout_kernel for m in linears) and has_fast_dropout(lm)
+    for settings in (SpeedSettings(dropout_kernel='false'), SpeedSettings(compile='aot_eager')):
+        lm = debug_lora_lm(dropout=0.1)
+        assert 'dropout_kernel' not in apply_to_model(lm, settings, True, torch.bfloat16)
+        assert dropout_kernels.check(lm, 'cpu') is None
+    lm = debug_lora_lm(dropout=0.0)
+    apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
+    assert dropout_kernels.check(lm, 'cpu') is None  # (no dropout: nothing asks for them)
+
+
+def test_kernels_that_fail_their_check_fall_back_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(dropout_kernels, '_CHECKED', {})
+    monkeypatch.setattr(dropout_kernels, '_disagreement', lambda device: 'rank_grad differs')
+    with caplog.at_level(logging.WARNING):
+        assert dropout_kernels.kernels_ok('cpu') is False
+    assert "rank_grad differs" in caplog.text and "torch's dropout" in caplog.text
+    monkeypatch.setattr(dropout_kernels, '_disagreement', lambda device: None)
+    assert dropout_kernels.kernels_ok('cpu') is False  # (once per device)
+
+
+def test_estimates_count_no_mask_with_the_kernels_and_the_captures_keep_only_seeds():
+    """step_time --count-only (fake tensors, as on a GPU): with LoRA dropout the kernels' step is estimated at the
+    memory of the step without dropout; inside the captures' plan nothing more is kept; torch's dropout keeps masks
+    there."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+    import step_time
+    args = SimpleNamespace(scale='xsmall', batch=2, frames=64, card=2048, device='cpu', autocast_dtype=torch.bfloat16,
+                           count_only=True, lora_dropout=0.1, text_lengths=None)
+    est = {case: step_time.count(case, args)['peak_GiB'] for case in
+           ('lora_fast', 'lora_fast_tdrop', 'lora_sac', 'lora_graphed_sac', 'lora_graphed_sac_tdrop')}
+    args.lora_dropout = 0.0
+    undropped = step_time.count('lora_fast', args)['peak_GiB']
+    assert est['lora_fast'] < est['lora_fast_tdrop']
+    assert abs(est['lora_fast'] - undropped) < 0.02 * undropped
+    seeds = (est['lora_graphed_sac'] - est['lora_sac']) * 2 ** 30
+    assert 0 <= seeds <= 8 * 512  # (an int64 a call, in the allocator's 512-byte blocks)
+    assert est['lora_graphed_sac_tdrop'] > est['lora_graphed_sac'] * 1.05
