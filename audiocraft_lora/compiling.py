@@ -8,20 +8,19 @@ give up on the layer's whole frame (it runs eagerly, uncompiled):
   graph. `causal_marker_masks` gives each causal attention module of a model a `_get_mask` that returns `True` on
   exactly that path (memory-efficient attention, torch backend, more than one step, no streaming cache) and
   AudioCraft's own mask everywhere else.
-- `ops.unbind`, xformers' autograd Function splitting the packed q/k/v, can't be traced. `traceable_unbind` points
-  AudioCraft's transformer module at an `ops` whose `unbind` is `torch.unbind` (same views forward, the same stacked
-  gradient backward) and whose other functions are xformers' own.
+- `ops.unbind`, xformers' autograd Function splitting the packed q/k/v, can't be traced: `packed_qkv.install` (which
+  `speed.apply_to_model` runs for every model) points AudioCraft's transformer module at an `unbind` that is
+  `torch.unbind` under torch.compile.
 
 Neither changes a value (tests/test_compile_lever.py: the compiled layers' losses and gradients equal eager ones, and
 each layer is one graph).
 """
 import functools
-import typing as tp
 
 import torch
 from torch import nn
 
-__all__ = ['causal_marker_masks', 'traceable_unbind']
+__all__ = ['causal_marker_masks']
 
 
 def _marker_or_audiocraft_mask(module: nn.Module, current_steps: int, device: torch.device, dtype: torch.dtype):
@@ -42,21 +41,3 @@ def causal_marker_masks(model: nn.Module) -> int:
             module._get_mask = functools.partial(_marker_or_audiocraft_mask, module)
             count += 1
     return count
-
-
-class _TraceableOps:
-    """xformers' `ops` with a traceable `unbind`."""
-    unbind = staticmethod(torch.unbind)
-
-    def __init__(self, ops: tp.Any):
-        self._ops = ops
-
-    def __getattr__(self, name: str):  # everything but unbind: xformers' own
-        return getattr(self._ops, name)
-
-
-def traceable_unbind() -> None:
-    """Make AudioCraft's transformer split q/k/v with `torch.unbind` (idempotent)."""
-    from audiocraft.modules import transformer
-    if not isinstance(transformer.ops, _TraceableOps):
-        transformer.ops = _TraceableOps(transformer.ops)

@@ -43,6 +43,8 @@ memory); off CUDA, with `memory_budget_gib: auto`, it is `none`.
 
 Under autocast the fast path also casts the adapter weights once per optimizer step for the whole model, not at every
 projection (adapter_casts; no setting: the same values, ~400 fewer kernel launches a step at musicgen-small).
+AudioCraft's packed q/k/v split writes its gradient once, in the projection's layout (packed_qkv; no setting: bit for
+bit, one pass over the packed gradient fewer a layer).
 
 `keep_merged_weights` keeps, for each adapted projection that builds `W + s B A` in forward (no LoRA dropout, training
 batches), that merged weight until its backward instead of building it again there: one GEMM launch fewer per
@@ -295,6 +297,8 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
         info['dropout_kernel'] = set_dropout_kernel(model, True)  # (the device's check: dropout_kernels.check)
     if str(settings.keep_merged_weights).lower() == 'true' and settings.fast_path:  # (auto: memory_plan decides)
         info['keep_merged_weights'] = set_keep_merged(model, True)
+    from .packed_qkv import install as packed_qkv_gradients  # (no setting: the same values, one pass fewer)
+    info['packed_qkv_gradients'] = packed_qkv_gradients()
     if settings.index_select_logits:
         from .patterns import use_index_select_logits
         info['index_select_logits'] = use_index_select_logits(model)
@@ -317,8 +321,7 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
     if settings.compile != 'none':
         if transformer is None or not hasattr(transformer, 'layers'):
             raise LoRAConfigError("lora.compile needs AudioCraft's StreamingTransformer LM.")
-        from .compiling import causal_marker_masks, traceable_unbind
-        traceable_unbind()
+        from .compiling import causal_marker_masks
         causal_marker_masks(model)
         mode = {} if settings.compile_mode == 'default' else {'mode': settings.compile_mode}
         for layer in transformer.layers:

@@ -23,6 +23,7 @@ fake tensors otherwise skip), and a foreach op or fused AdamW counts the launche
 """
 import argparse
 import collections
+import importlib
 import sys
 import typing as tp
 from pathlib import Path
@@ -37,6 +38,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time  # noqa: E402
 from audiocraft_lora import adapter_casts, fast_lora  # noqa: E402
+xformers_unbind = importlib.import_module('xformers.ops.unbind')  # (the module: xformers.ops.unbind is its function)
 
 GEMM = {'mm', 'addmm', 'bmm', 'baddbmm', '_scaled_mm', 'linear'}
 CAST = {'_to_copy', 'copy_', 'clone', 'cat', 'stack', 'contiguous', 'to', '_copy_from_and_resize'}
@@ -234,7 +236,9 @@ def model_case(case: str, args) -> dict:
             mock.patch.object(fast_lora, '_fp32_out_gemm', _fp32_out_gemm_as_on_cuda), \
             mock.patch.object(fast_lora, 'FakeTensor', _NeverFake), \
             mock.patch.object(adapter_casts, '_storage', id), \
-            step_time.kernels_as_on_gpu():  # (fake tensors have no data pointer)
+            mock.patch.object(xformers_unbind, '_get_storage_base', id), \
+            step_time.kernels_as_on_gpu():  # (fake tensors have no data pointer: xformers' unbind would take
+        # three separate gradients for views of one storage and skip its stack, which a GPU step runs)
         model, loss_fn = step_time.make_case(case, args)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -226,7 +226,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     """The model of a case and a closure computing its loss (forward only)."""
     from audiocraft_lora.lora import LoRASettings, inject_lora
     from audiocraft_lora.speed import SpeedSettings, apply_to_model
-    from audiocraft_lora import dropout_kernels, fast_lora
+    from audiocraft_lora import dropout_kernels, fast_lora, packed_qkv
     torch_dropout = case.endswith(TORCH_DROPOUT)
     case = case[:-len(TORCH_DROPOUT)] if torch_dropout else case
     fast_lora.CONCAT_RANK_GEMMS = frozenset(  # (read in forward and backward: set for the whole case)
@@ -256,6 +256,7 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     from audiocraft.modules.conditioners import ConditioningAttributes
     from audiocraft.solvers.musicgen import MusicGenSolver
     lm = build_ac_lm(args.scale, args.card, device)
+    packed_qkv.install(False)  # (AudioCraft's full fine-tune as it is; apply_to_model below installs it for LoRA)
     captured = False
     if case != 'full':
         fast = case != 'lora_plain'
