@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .loss import masked_cross_entropy
+
 DESCRIPTION = ' '.join(['trap hip hop beat with 808 sub bass, hi-hats and a dark piano melody'] * 4)  # ~70 tokens
 _CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this
 
@@ -191,8 +193,9 @@ def valid_positions(lm: nn.Module, batch: int, frames: int, device: tp.Any = 'cp
 
 
 def cross_entropy_at(logits: torch.Tensor, codes: torch.Tensor, valid: tp.List[torch.Tensor]) -> torch.Tensor:
-    """`MusicGenSolver._compute_cross_entropy` with index_select at known positions instead of a boolean mask (the
-    same copies and saved tensors, shapes known without data)."""
+    """AudioCraft's `MusicGenSolver._compute_cross_entropy` (what its full fine-tune runs; the solver's is
+    `loss.masked_cross_entropy`) with index_select at known positions instead of a boolean mask (the same copies and
+    saved tensors, shapes known without data)."""
     import torch.nn.functional as F
     ce = torch.zeros([], device=logits.device)
     for k, index in enumerate(valid):
@@ -231,7 +234,6 @@ def estimate_step(lm: nn.Module, compression_model: tp.Optional[nn.Module], shap
     sample_rate = int(getattr(compression_model, 'sample_rate', 32000)) if compression_model is not None else 32000
     with real_tensors():
         tokenized = lm.condition_provider.tokenize(_attributes(lm, shape.batch, sample_rate))
-    valid = valid_positions(lm, shape.batch, shape.frames, device)
     tracker = PeakTracker(round_to=_CUDA_BLOCK if device.type == 'cuda' else 1)
     was_training = lm.training
     lm.train()
@@ -252,7 +254,7 @@ def estimate_step(lm: nn.Module, compression_model: tp.Optional[nn.Module], shap
                                 enabled=autocast_dtype is not None):
                 conditions = lm.condition_provider(tokenized)
                 out = lm.compute_predictions(codes, [], conditions)
-                loss = cross_entropy_at(out.logits, codes, valid)
+                loss, _ = masked_cross_entropy(out.logits, codes, out.mask)  # (the solver's own: no boolean mask)
             del out, conditions
             grads = torch.autograd.grad(loss, trainable, allow_unused=True) if trainable else ()
             del loss, grads

@@ -43,6 +43,7 @@ from .guards import NonFiniteGuard
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
+from .loss import masked_cross_entropy
 from .plans import out_of_memory_advice
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
                     chunk_encoder, has_fast_dropout, pin_loaders)
@@ -265,8 +266,9 @@ class LoRAMusicGenSolver(MusicGenSolver):
 
     def _compute_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
                                mask: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[torch.Tensor]]:
-        """AudioCraft's masked cross-entropy; in training the loss is also handed to the non-finite guard."""
-        ce, ce_per_codebook = super()._compute_cross_entropy(logits, targets, mask)
+        """AudioCraft's masked cross-entropy, without its per-codebook slices and boolean gathers (loss.py: the same
+        values); in training the loss is also handed to the non-finite guard."""
+        ce, ce_per_codebook = masked_cross_entropy(logits, targets, mask)
         if self.is_training:
             ce = faults.maybe_poison_loss(ce, epoch=self.epoch, step=self.nonfinite_guard.step_idx,
                                           rank=flashy.distrib.rank())

@@ -51,8 +51,9 @@ Cases (`--cases`, comma separated):
               AudioCraft's whole step
 
 The AudioCraft cases run MusicGenSolver's step: `lm.compute_predictions` (delay pattern, cross-attention on the text
-condition), `MusicGenSolver._compute_cross_entropy`, backward, grad clipping, AdamW, under autocast when `--dtype` is
-not float32. LoRA is rank 16 on every target (AudioCraft: out_proj, linear1, linear2 + fused in_proj of self- and
+condition), the cross-entropy (`full`: `MusicGenSolver._compute_cross_entropy`; the LoRA cases: our solver's,
+`audiocraft_lora/loss.py`, the same values without its slices and boolean gathers), backward, grad clipping, AdamW,
+under autocast when `--dtype` is not float32. LoRA is rank 16 on every target (AudioCraft: out_proj, linear1, linear2 + fused in_proj of self- and
 cross-attention; HF: q,k,v,o,fc1,fc2), dropout 0 (`--lora-dropout`). Weights are random: shapes are what matter.
 
 Memory: `saved_MiB` is the bytes of tensors autograd saves for backward in one step (deduplicated by storage,
@@ -80,6 +81,7 @@ import typing as tp
 
 import torch
 
+from audiocraft_lora.loss import masked_cross_entropy
 from audiocraft_lora.memory_estimate import (PeakTracker, cross_entropy_at, patterns_on_real_tensors, real_tensors,
                                              valid_positions)
 
@@ -299,8 +301,10 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
 
-    # --count-only: the solver's CE positions, known without data (a boolean mask's size needs data)
+    # AudioCraft's full fine-tune: its cross-entropy (--count-only: at positions known without data, as a boolean
+    # mask's size needs data); LoRA: the solver's (loss.py: no boolean mask)
     valid = valid_positions(lm, args.batch, args.frames) if getattr(args, 'count_only', False) else None
+    audiocraft_ce = case == 'full'
 
     lengths = itertools.cycle(text_lengths(args) or [None])
 
@@ -312,7 +316,9 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                 embedding, mask = condition_tensors['description']
                 condition_tensors['description'] = (embedding.repeat(1, length, 1), mask.repeat(1, length))
             out = lm.compute_predictions(codes, [], condition_tensors)
-            if valid is None:
+            if not audiocraft_ce:
+                ce, _ = masked_cross_entropy(out.logits, codes, out.mask)
+            elif valid is None:
                 ce, _ = MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)  # type: ignore
             else:
                 ce = cross_entropy_at(out.logits, codes, valid)

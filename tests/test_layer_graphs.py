@@ -326,7 +326,9 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
             assert lm.transformer.__dict__.get('_apply_layer') is hook
             # as the plan, but what LoRA dropout drew (+12% selective, +14% torch here); attention (tagged random for
             # its dropout_p) is recomputed by torch at dropout_p=0
-            assert graphed.step == eager.step if dropout == 0 else graphed.step > 1.1 * eager.step, (plan, dropout)
+            # (without dropout the same up to a few KiB: where the peak falls in backward, the recompute's transients)
+            assert (abs(graphed.step - eager.step) <= 0.005 * eager.step if dropout == 0
+                    else graphed.step > 1.1 * eager.step), (plan, dropout)
             assert memory_plan.plan_graphs(_solver(lm, activation_checkpointing=plan)) == 8  # (no budget: as asked)
     lm = _lm(debug_lm_pkg, dropout=0.1)
     set_checkpointing(lm, 'selective')

@@ -61,7 +61,7 @@ def _shape(solver, cached: bool) -> memory_estimate.StepShape:
 def _real_lm_step_peak(solver) -> int:
     """Peak of what a real LM step creates (tokens given: the token-cache case), tracked the same way."""
     from audiocraft.modules.conditioners import ConditioningAttributes
-    from audiocraft.solvers.musicgen import MusicGenSolver
+    from audiocraft_lora.loss import masked_cross_entropy
     lm, shape = solver.model, _shape(solver, cached=True)
     codes = torch.randint(0, lm.card, (shape.batch, lm.num_codebooks, shape.frames))
     attributes = [ConditioningAttributes(text={'description': memory_estimate.DESCRIPTION}) for _ in range(shape.batch)]
@@ -70,7 +70,7 @@ def _real_lm_step_peak(solver) -> int:
     lm.train()
     with memory_estimate.PeakTracker() as tracker:
         out = lm.compute_predictions(codes, [], lm.condition_provider(tokenized))
-        ce, _ = MusicGenSolver._compute_cross_entropy(solver, out.logits, codes, out.mask)  # AudioCraft's CE
+        ce, _ = masked_cross_entropy(out.logits, codes, out.mask)  # the solver's CE (loss.py)
         del out
         grads = torch.autograd.grad(ce, trainable)
         del ce, grads

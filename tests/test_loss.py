@@ -1,0 +1,79 @@
+"""loss.masked_cross_entropy, the solver's training loss: AudioCraft's per-codebook masked cross-entropy (CPU, float32:
+the means up to their summation order, an ulp; the gradients bit for bit), without boolean gathers (no host sync, runs
+on fake tensors) or per-codebook slice gradients."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from audiocraft.solvers.musicgen import MusicGenSolver
+
+from audiocraft_lora.lora import lora_parameters
+from audiocraft_lora.loss import masked_cross_entropy
+
+from helpers import debug_lora_lm
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _step(lm, codes, loss_fn, pad_from: int = 30):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+    attributes = [ConditioningAttributes(text={'description': f'trap beat {i}'}) for i in range(codes.shape[0])]
+    out = lm.compute_predictions(codes, [], lm.condition_provider(lm.condition_provider.tokenize(attributes)))
+    mask = out.mask.clone()
+    mask[0, :, pad_from:] = False  # (a padded clip: the solver masks its tail too)
+    with _Ops() as seen:
+        ce, per_codebook = loss_fn(out.logits, codes, mask)
+        params = [p for p in lora_parameters(lm).values() if p.requires_grad]
+        grads = torch.autograd.grad(ce, params)
+    return ce, per_codebook, grads, seen.names
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:  # (float32: the mean's sum over the kept rows in another order)
+    return bool(torch.allclose(a, b, rtol=4e-7, atol=0))
+
+
+def test_lm_loss_is_audiocrafts_and_adapter_gradients_bit_for_bit():
+    codes = torch.randint(0, 32, (2, 4, 40), generator=torch.Generator().manual_seed(0))
+    lm = debug_lora_lm()
+    ours = _step(lm, codes, masked_cross_entropy)
+    theirs = _step(lm, codes, lambda *a: MusicGenSolver._compute_cross_entropy(None, *a))
+    assert _close(ours[0], theirs[0]) and all(_close(a, b) for a, b in zip(ours[1], theirs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(ours[2], theirs[2]))
+    assert all(bool(g.isfinite().all()) for g in ours[2])  # (the NaN logits' gradient never reaches the LM)
+    assert 'index' in theirs[3] and 'index' not in ours[3]  # (boolean gathers: on CUDA a host sync each)
+    assert theirs[3].count('select_backward') == 4 and 'select_backward' not in ours[3]
+
+
+def test_nan_logits_of_invalid_steps_and_empty_codebooks_as_audiocraft():
+    torch.manual_seed(0)
+    B, K, T, card = 3, 4, 17, 11
+    logits = torch.randn(B, card, K, T).permute(0, 2, 3, 1)  # (AudioCraft's layout: card innermost in memory last)
+    targets = torch.randint(0, card, (B, K, T))
+    mask = torch.rand(B, K, T) > 0.3
+    logits = logits.masked_fill((~mask & (torch.rand(B, K, T) > 0.5))[..., None], float('nan'))
+    ce, per = masked_cross_entropy(logits, targets, mask)
+    ref, ref_per = MusicGenSolver._compute_cross_entropy(None, logits, targets, mask)
+    assert _close(ce, ref) and all(_close(a, b) for a, b in zip(per, ref_per)) and ce.isfinite()
+    mask[:, 2] = False  # a codebook with no valid step: NaN, as AudioCraft's mean of nothing
+    ce, per = masked_cross_entropy(logits, targets, mask)
+    assert per[2].isnan() and MusicGenSolver._compute_cross_entropy(None, logits, targets, mask)[1][2].isnan()
+
+
+def test_runs_on_fake_tensors_and_refuses_mismatched_shapes():
+    with FakeTensorMode():
+        logits = torch.randn(2, 4, 10, 8, requires_grad=True)
+        ce, per = masked_cross_entropy(logits, torch.randint(0, 8, (2, 4, 10)), torch.ones(2, 4, 10, dtype=torch.bool))
+        ce.backward()
+        assert ce.shape == () and len(per) == 4 and logits.grad.shape == logits.shape
+    with pytest.raises(ValueError, match=r'\[B, K, T, card\]'):
+        masked_cross_entropy(torch.randn(2, 4, 10, 8), torch.zeros(2, 3, 10, dtype=torch.long),
+                             torch.ones(2, 3, 10, dtype=torch.bool))
