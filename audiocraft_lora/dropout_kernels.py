@@ -41,9 +41,13 @@ __all__ = ['MAX_RANK', 'threshold', 'keep_scale', 'applies', 'draw_seed', 'rank_
            'rank_grad', 'keep_mask', 'kernels_ok', 'check']
 
 MAX_RANK = 128
-_BM, _BK = 64, 64  # rank_product: rows per program, columns per step
-_UPDATE_BM, _UPDATE_BK = 64, 128
-_GRAD_BM, _GRAD_BK, _GRAD_PROGRAMS = 64, 128, 512  # rank_grad: about this many programs (partial sums)
+# Tiles, from an offline sm_90 compile of the kernels (session 17's review: registers and grid, not yet timed):
+# rank_product 64 x 64 at 8 warps (62 registers); masked_update 64 x 64 at 4 warps (80; at 128 columns 167
+# registers and 3 programs an SM); rank_grad 64 x 64 (95 registers, ~5 programs an SM; at 128 columns 218), its row
+# blocks per program a power of two giving at least _GRAD_PROGRAMS programs (about two waves on an H100)
+_BM, _BK, _WARPS = 64, 64, 8
+_UPDATE_BM, _UPDATE_BK = 64, 64
+_GRAD_BM, _GRAD_BK, _GRAD_PROGRAMS = 64, 64, 1024
 
 
 def threshold(p: float) -> int:
@@ -101,7 +105,7 @@ def rank_product(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: fl
         with _on(x.device):
             _kernels().rank_product_kernel[(-(-rows // _BM),)](
                 _bits(x), _bits(a), _bits(out), seed, rows, cols, a.shape[0], scale * keep_scale(p), threshold(p),
-                BM=_BM, BK=_BK, BR=_block_rank(a.shape[0]), STEPS=-(-cols // _BK), **_flags(x))
+                BM=_BM, BK=_BK, BR=_block_rank(a.shape[0]), STEPS=-(-cols // _BK), num_warps=_WARPS, **_flags(x))
     return out
 
 
@@ -139,8 +143,8 @@ def rank_grad(gb: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -
     if not rows:
         return x.new_zeros(rank, cols, dtype=torch.float32)
     blocks, row_blocks = -(-cols // _GRAD_BK), -(-rows // _GRAD_BM)
-    # row blocks per program: a power of two (few compiled variants) giving about _GRAD_PROGRAMS programs
-    steps = 1 << max(0, (-(-row_blocks * blocks // _GRAD_PROGRAMS) - 1).bit_length())
+    # row blocks per program: a power of two (few compiled variants) giving at least _GRAD_PROGRAMS programs
+    steps = 1 << max(0, (row_blocks * blocks // _GRAD_PROGRAMS).bit_length() - 1)
     parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
     with _on(x.device):
         _kernels().rank_grad_kernel[(blocks, parts.shape[0])](
@@ -197,11 +201,22 @@ def kernels_ok(device: tp.Union[str, torch.device]) -> bool:
 
 def _disagreement(device: torch.device) -> tp.Optional[str]:
     """What differs between the kernels and torch on `device` (None: nothing): ragged sizes (rows, columns not a
-    multiple of 8, ranks 8 and 24 padded), bf16 and fp16, against float32 products with the kernels' own mask;
-    the mask's keep rate; a new seed, a new mask."""
+    multiple of 8, ranks 8 and 24 padded; dA's partial sums over several row blocks a program), bf16 and fp16, against
+    float32 products with the kernels' own mask; each kernel's mask read back exactly; the keep rate; a new seed, a
+    new mask."""
+    global _GRAD_PROGRAMS
+    programs = _GRAD_PROGRAMS
+    _GRAD_PROGRAMS = 2  # (dA's programs take several row blocks each, as at training sizes)
+    try:
+        return _products_disagree(device) or _masks_disagree(device)
+    finally:
+        _GRAD_PROGRAMS = programs
+
+
+def _products_disagree(device: torch.device) -> tp.Optional[str]:
     gen = torch.Generator(device=device).manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
-        for rows, cols, rank in ((70, 200, 8), (131, 96, 24)):
+        for rows, cols, rank in ((70, 200, 8), (331, 96, 24)):
             x = torch.randn(rows, cols, device=device, generator=gen).to(dtype)
             a = torch.randn(rank, cols, device=device, generator=gen).to(dtype)
             gb = torch.randn(rows, rank, device=device, generator=gen).to(dtype)
@@ -218,12 +233,38 @@ def _disagreement(device: torch.device) -> tp.Optional[str]:
             for name, (got, want) in checks.items():
                 if not _rows_close(got, want, 2e-2):
                     return f"{name} differs from torch's product ({dtype}, {rows}x{cols}, rank {rank})"
-    mask = keep_mask(torch.tensor([7], device=device), 512, 1000, 0.25)
+    return None
+
+
+def _masks_disagree(device: torch.device) -> tp.Optional[str]:
+    """Each kernel's decisions read back exactly (x = 1, A one-hot on 16 columns across group and row edges, p = 0.5:
+    keep_scale 2) against `keep_mask`; the keep rate; a new seed, a new mask."""
+    rows, cols, seed = 200, 1003, torch.tensor([99], device=device)
+    columns = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 500, 999, 1001, 1002], device=device)
+    a = torch.zeros(16, cols, device=device, dtype=torch.bfloat16)
+    a[torch.arange(16, device=device), columns] = 1
+    ones = torch.ones(rows, cols, device=device, dtype=torch.bfloat16)
+    want = keep_mask(seed, rows, cols, 0.5).float() * 2
+    dx = torch.zeros(rows, cols, device=device, dtype=torch.bfloat16)
+    masked_update_(dx, torch.ones(rows, 16, device=device, dtype=torch.bfloat16), a, seed, 0.5)
+    got = {'rank_product': rank_product(ones, a, seed, 1.0, 0.5).float(), 'masked_update_': dx.float()[:, columns],
+           'rank_grad': rank_grad(torch.ones(rows, 16, device=device, dtype=torch.bfloat16), ones, seed, 0.5)}
+    if not torch.equal(got['rank_grad'][0], want.sum(0)):
+        return "rank_grad's mask differs from keep_mask's"
+    for name in ('rank_product', 'masked_update_'):
+        if not torch.equal(got[name], want[:, columns]):
+            return f"{name}'s mask differs from keep_mask's"
+    mask = keep_mask(torch.tensor([7], device=device), 512, 1003, 0.5)
     rate = mask.float().mean().item()
-    if abs(rate - 0.75) > 0.01:
-        return f"the keep rate at p=0.25 is {rate:.4f}"
-    if torch.equal(mask, keep_mask(torch.tensor([8], device=device), 512, 1000, 0.25)):
-        return "two seeds drew the same mask"
+    if abs(rate - 0.5) > 0.01:
+        return f"the keep rate at p=0.5 is {rate:.4f}"
+    pairs = {'neighbouring columns': (mask[:, :-1], mask[:, 1:]), 'columns 4 apart': (mask[:, :-4], mask[:, 4:]),
+             "a row's last (partial) group and the next row's first": (mask[:-1, -3:], mask[1:, :3]),  # (1003 % 8)
+             'another seed': (mask, keep_mask(torch.tensor([8], device=device), 512, 1003, 0.5))}
+    for name, (left, right) in pairs.items():  # (independent draws agree half the time at p = 0.5)
+        agree = (left == right).float().mean().item()
+        if abs(agree - 0.5) > 0.05:
+            return f"the decisions of {name} agree {agree:.3f} of the time (0.5 expected)"
     return None
 
 

@@ -6,6 +6,10 @@ Philox4x32-10 (`tl.randint4x`; torch's dropout uses the same generator) at count
 under the call's seed gives four 32-bit words, i.e. eight 16-bit values, one for each of the eight columns of that
 group; the element is kept where its value is at least `threshold` (`round(p * 65536)`).
 
+The row count `M` is not specialized on (one compiled kernel for any batch x length); the rest is. A kernel's first
+launch for a new specialization loads a module, which CUDA forbids during a graph capture: the layers' CUDA graphs
+run every signature eagerly (their warmup) before capturing it, and `kernels_ok` runs before training.
+
 Operands are bf16 (passed as int16 views: `BF16`) or fp16; `LOW`: the products run in that dtype on tensor cores
 (GPUs), else in float32 (Triton's interpreter, which has no bf16: the same products, bf16 values being exact in
 float32), accumulated in float32 either way."""
@@ -52,7 +56,7 @@ def _dot(left, right, acc, BF16: tl.constexpr, LOW: tl.constexpr):
         return tl.dot(left, right, acc, input_precision='ieee')
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M'])
 def keep_kernel(SEED, OUT, M, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
     """OUT [M, K] (int8): the keep decisions (what `keep_mask` returns, for the tests and a trainable base)."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -63,7 +67,7 @@ def keep_kernel(SEED, OUT, M, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
     tl.store(OUT + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M'])
 def rank_product_kernel(X, A, U, SEED, M, K, R, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
                         BR: tl.constexpr, STEPS: tl.constexpr, BF16: tl.constexpr, LOW: tl.constexpr):
     """U [M, R] = scale * (keep * X [M, K]) @ A^T (A [R, K]): one pass over X, no mask written. STEPS: ceil(K / BK)
@@ -83,7 +87,7 @@ def rank_product_kernel(X, A, U, SEED, M, K, R, scale, threshold, BM: tl.constex
     store(U + rows[:, None] * R + ranks[None, :], acc * scale, (rows < M)[:, None] & (ranks < R)[None, :], BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M'])
 def masked_update_kernel(DX, GB, A, SEED, M, K, R, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
                          BR: tl.constexpr, BF16: tl.constexpr, LOW: tl.constexpr):
     """DX [M, K] += scale * keep * (GB [M, R] @ A [R, K]), in place: the rank-r product is never written."""
@@ -100,7 +104,7 @@ def masked_update_kernel(DX, GB, A, SEED, M, K, R, scale, threshold, BM: tl.cons
     store(pointers, _load(pointers, inside, BF16) + tl.where(keep, update, 0.), inside, BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M'])
 def rank_grad_kernel(GB, X, PART, SEED, M, K, R, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
                      BR: tl.constexpr, STEPS: tl.constexpr, BF16: tl.constexpr, LOW: tl.constexpr):
     """PART [P, R, K] (float32): partial sums over rows of scale * GB^T @ (keep * X). Program (j, s) takes columns

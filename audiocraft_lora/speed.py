@@ -293,7 +293,8 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
                                       settings.checkpoint_rest))
     if settings.dropout_replay:  # (auto may also turn it on, never off)
         info['dropout_replay'] = set_dropout_replay(model, True)
-    if str(settings.dropout_kernel).lower() != 'false' and settings.fast_path and settings.compile == 'none':
+    if (str(settings.dropout_kernel).lower() != 'false' and settings.fast_path and settings.compile == 'none'
+            and autocast and autocast_dtype in (torch.bfloat16, torch.float16)):
         info['dropout_kernel'] = set_dropout_kernel(model, True)  # (the device's check: dropout_kernels.check)
     if str(settings.keep_merged_weights).lower() == 'true' and settings.fast_path:  # (auto: memory_plan decides)
         info['keep_merged_weights'] = set_keep_merged(model, True)
@@ -369,11 +370,15 @@ def has_fast_dropout(model: nn.Module) -> bool:
 
 def set_dropout_kernel(model: nn.Module, on: bool) -> int:
     """Fast-path LoRA linears of `model` draw their dropout inside the rank-r products (`on`: dropout_kernels, where
-    they apply) or by torch; returns how many have dropout."""
-    linears, with_dropout = _fast_linears_with_dropout(model)
+    their rank allows) or by torch; returns how many with dropout were set on."""
+    from .dropout_kernels import MAX_RANK
+    linears, _ = _fast_linears_with_dropout(model)
+    count = 0
     for module in linears:
-        module.__dict__['_lora_dropout_kernel'] = bool(on)
-    return with_dropout
+        fits = all(lora_a.weight.shape[0] <= MAX_RANK for lora_a in module.lora_A.values())
+        module.__dict__['_lora_dropout_kernel'] = bool(on) and fits
+        count += bool(on) and fits and _has_dropout(module)
+    return count
 
 
 def wants_dropout_kernel(model: nn.Module) -> bool:

@@ -67,12 +67,15 @@ FOREACH_MAX_BLOCKS, FOREACH_CHUNK = 320, 65536
 # Ops the dispatcher sees once that run more than one kernel on CUDA (a zero fill, then the op's own kernel; the
 # partial sums of dropout_kernels' dA, then their sum)
 COMPOSITE_LAUNCHES = {'slice_backward': 2, 'select_backward': 2, 'nll_loss_backward': 2, 'dropout_rank_grad': 2}
-# LoRA dropout drawn inside the rank-r products (audiocraft_lora/dropout_kernels.py): {op: the argument of the input's
-# size}. Each element's decision costs integer work: Philox4x32-10 gives 8 decisions per call (10 rounds of 2
-# IMAD.WIDE + 2 LOP3 + key adds), ~7 instructions an element with the unpacking, at the H100's ~16.7 T integer
-# instructions/s (64 per clock per SM); the in-place update of dx also writes it (its bytes counted twice).
-DROPOUT_KERNELS = {'dropout_rank_product': 0, 'dropout_masked_update': 0, 'dropout_rank_grad': 1, 'dropout_keep': -1}
-RNG_SECONDS_PER_ELEMENT = 7 / 16.7e12
+# Ops that draw dropout decisions: {op: the argument of the drawn tensor's size (-1: the output)}. Each decision costs
+# integer work: LoRA dropout inside the rank-r products (audiocraft_lora/dropout_kernels.py) draws 8 per Philox4x32-10
+# call, ~20 instructions an element with the unpacking, the select and the bf16 packing (the SASS of an offline sm_90
+# compile: 19-30); torch's dropout draws 4 per call (curand's uniform4), charged alike. At the H100's ~16.7 T integer
+# instructions/s (64 per clock per SM), overlapped with the memory traffic (the max of the two); the in-place update of
+# dx also writes it (its bytes counted twice).
+DROPOUT_KERNELS = {'dropout_rank_product': 0, 'dropout_masked_update': 0, 'dropout_rank_grad': 1, 'dropout_keep': -1,
+                   'native_dropout': 0}
+RNG_SECONDS_PER_ELEMENT = 20 / 16.7e12
 
 
 def kernel_launches(name: str, args: tp.Sequence[tp.Any]) -> int:

@@ -21,14 +21,14 @@
 # 15.8 GiB there against 10.1 eager selective and 20.1 full fine-tuning, `step_time.py --count-only`); session 17
 # the LoRA dropout kernels (lora.dropout_kernel, the default on CUDA): cuda_checks' "LoRA dropout kernels on CUDA"
 # line (their check, keep rate, one linear2 timed against torch's dropout) and the recipe row's `_tdrop` cases
-# (torch's dropout, as before): modelled 0.90x their time at small b16 x 30 s eager, est. 10.1 GiB for
+# (torch's dropout, as before): modelled 0.92x their time at small b16 x 30 s eager, est. 10.0 GiB for
 # lora_graphed_sac at 15 s where torch's dropout keeps 15.8.
 set -uo pipefail
 DEADLINE="${DEADLINE:-340}"
 source "$(dirname "$0")/gpu_env.sh"
-echo "== CUDA checks [$((SECONDS-START)) s]"
-timeout $(left 90) python3 benchmarks/cuda_checks.py > "$OUT/cuda_checks.txt" 2>&1; echo "rc=$?"
-quiet < "$OUT/cuda_checks.txt" | tail -30
+echo "== CUDA checks (150 s at most: the Triton kernels compile on a fresh machine) [$((SECONDS-START)) s]"
+timeout $(left 150) python3 benchmarks/cuda_checks.py > "$OUT/cuda_checks.txt" 2>&1; echo "rc=$?"
+quiet < "$OUT/cuda_checks.txt" | tail -45
 echo "== one layer norm, AudioCraft's vs lora.fused_norms (session 14) [$((SECONDS-START)) s]"
 timeout $(left 40) python3 benchmarks/norms.py 2>&1 | quiet
 run_case() {

@@ -27,7 +27,8 @@ import sys
 sys.path.insert(0, 'tests')
 from helpers import debug_lora_lm, lora_step
 
-# 1. each kernel against float32 products with the kernels' own mask; keep rate; seeds (the GPU's check as it is)
+# 1. the GPU's check as it is: each kernel against float32 products with the kernels' own mask (dA's programs over
+# several row blocks), each kernel's mask read back exactly, the keep rate, independence of neighbours and seeds
 assert dk._disagreement(torch.device('cpu')) is None, dk._disagreement(torch.device('cpu'))
 
 # 2. one projection under bf16 autocast against autograd on y = x W^T + b + s ((keep * x / (1 - p)) A^T) B^T
@@ -57,6 +58,9 @@ for name, got, want in (('y', y, ref), ('dx', x.grad, xb.grad), ('dA', A.grad, A
     error = float((got.float() - want).abs().max() / want.abs().max())
     assert error < 1e-2, (name, error)
 assert A.grad.dtype == torch.float32
+with torch.autocast('cpu', dtype=torch.bfloat16):  # each call draws its own seed: another mask
+    again = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
+assert not torch.equal(again, y)
 
 # 3. a debug LM step with the kernels: selective checkpointing and the captures' plan give the plain step bit for
 # bit (the seeds drawn again in the recompute, or kept), with rank_product's output kept (never run in backward),
@@ -159,6 +163,18 @@ def test_setting_marks_the_dropout_projections_and_the_check_sets_them_back_off_
     lm = debug_lora_lm(dropout=0.0)
     apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
     assert dropout_kernels.check(lm, 'cpu') is None  # (no dropout: nothing asks for them)
+    lm = debug_lora_lm(dropout=0.1)  # float32 compute (no autocast): the kernels take bf16/fp16 only
+    assert 'dropout_kernel' not in apply_to_model(lm, SpeedSettings(), False, torch.float32)
+    assert has_fast_dropout(lm)  # (so the memory plan still offers dropout_replay)
+
+
+def test_ranks_beyond_the_kernels_keep_torch_dropout():
+    from audiocraft_lora import base_models
+    from audiocraft_lora.lora import LoRASettings, inject_lora
+    lm = base_models.build_lm(base_models.load_lm_package(base_models.resolve_base('debug')))
+    inject_lora(lm, LoRASettings(rank=dropout_kernels.MAX_RANK + 8, alpha=8, dropout=0.1))
+    assert apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)['dropout_kernel'] == 0
+    assert has_fast_dropout(lm) and dropout_kernels.check(lm, 'cuda') is None
 
 
 def test_kernels_that_fail_their_check_fall_back_with_a_warning(monkeypatch, caplog):
