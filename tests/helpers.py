@@ -5,6 +5,7 @@ import sys
 import typing as tp
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,3 +126,17 @@ def sample_tokens(lm) -> torch.Tensor:
     torch.manual_seed(4)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         return lm.generate(None, conditions, max_gen_len=12, use_sampling=True, top_k=50, cfg_coef=3.0)
+
+
+class OpsSeen(TorchDispatchMode):
+    """Names of the ops dispatched while active (`where`: only those whose tensor output passes it)."""
+
+    def __init__(self, where: tp.Optional[tp.Callable[[torch.Tensor], bool]] = None):
+        super().__init__()
+        self.where, self.names = where, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.where is None or (isinstance(out, torch.Tensor) and self.where(out)):
+            self.names.append(func.overloadpacket.__name__)
+        return out

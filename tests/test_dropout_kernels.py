@@ -19,13 +19,13 @@ from helpers import debug_lora_lm
 
 _INTERPRETED = r'''
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from audiocraft_lora import dropout_kernels as dk, recompute
 from audiocraft_lora.fast_lora import low_rank_linear
 from audiocraft_lora.speed import SpeedSettings, apply_to_model
 import sys
 sys.path.insert(0, 'tests')
-from helpers import debug_lora_lm, lora_step
+from helpers import OpsSeen, debug_lora_lm, lora_step
+import collections
 
 # 1. the GPU's check as it is: each kernel against float32 products with the kernels' own mask (dA's programs over
 # several row blocks), each kernel's mask read back exactly, the keep rate, independence of neighbours and seeds
@@ -65,15 +65,6 @@ assert not torch.equal(again, y)
 # 3. a debug LM step with the kernels: selective checkpointing and the captures' plan give the plain step bit for
 # bit (the seeds drawn again in the recompute, or kept), with rank_product's output kept (never run in backward),
 # and no mask saved; torch's dropout saves masks
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = {}
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
 codes = torch.randint(0, 32, (2, 4, 40), generator=torch.Generator().manual_seed(0))
 results = {}
 
@@ -90,7 +81,7 @@ for plan in ('none', 'selective', 'captured', 'torch'):
     lm = debug_lora_lm(dropout=0.25)
     apply_to_model(lm, SpeedSettings(activation_checkpointing='selective' if plan == 'captured' else plan), True,
                    torch.bfloat16)
-    count = Count()
+    count = OpsSeen()
     with count:
         if plan == 'captured':
             with recompute.captured_plan(lm):
@@ -98,7 +89,7 @@ for plan in ('none', 'selective', 'captured', 'torch'):
         else:
             saves, results[plan] = bool_saves(lm)
     assert saves == undropped, (plan, 'a mask was saved')
-    results[plan + '_calls'] = count.calls
+    results[plan + '_calls'] = collections.Counter(count.names)
 for plan in ('selective', 'captured', 'torch'):
     logits, ce, grads = results[plan]
     assert torch.equal(logits, results['none'][0]) and torch.equal(ce, results['none'][1]), plan

@@ -4,24 +4,13 @@ on fake tensors) or per-codebook slice gradients."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from audiocraft_lora.lora import lora_parameters
 from audiocraft_lora.loss import masked_cross_entropy
 
-from helpers import debug_lora_lm
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: list = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+from helpers import OpsSeen, debug_lora_lm
 
 
 def _step(lm, codes, loss_fn, pad_from: int = 30):
@@ -30,7 +19,7 @@ def _step(lm, codes, loss_fn, pad_from: int = 30):
     out = lm.compute_predictions(codes, [], lm.condition_provider(lm.condition_provider.tokenize(attributes)))
     mask = out.mask.clone()
     mask[0, :, pad_from:] = False  # (a padded clip: the solver masks its tail too)
-    with _Ops() as seen:
+    with OpsSeen() as seen:
         ce, per_codebook = loss_fn(out.logits, codes, mask)
         params = [p for p in lora_parameters(lm).values() if p.requires_grad]
         grads = torch.autograd.grad(ce, params)

@@ -2,11 +2,10 @@
 layout: the same gradients bit for bit, without xformers' stack and the permutation's clone."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from audiocraft_lora import packed_qkv
 
-from helpers import debug_lora_lm, lora_step
+from helpers import OpsSeen, debug_lora_lm, lora_step
 
 
 @pytest.fixture
@@ -18,20 +17,6 @@ def audiocraft_ops():
     transformer.ops = original
 
 
-class _FiveD(TorchDispatchMode):
-    """Names of the ops that make 5-d tensors (the packed [B, H, 3, T, D] q/k/v and its gradient)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.dim() == 5:
-            self.names.append(func.overloadpacket.__name__)
-        return out
-
-
 def test_lm_step_gradients_are_xformers_bit_for_bit_without_its_stack_and_clone(audiocraft_ops):
     codes = torch.randint(0, 32, (2, 4, 40), generator=torch.Generator().manual_seed(0))
     steps, made = [], []
@@ -39,7 +24,7 @@ def test_lm_step_gradients_are_xformers_bit_for_bit_without_its_stack_and_clone(
         packed_qkv.install(ours)
         assert isinstance(audiocraft_ops.ops, packed_qkv._Ops) == ours
         lm = debug_lora_lm()
-        with _FiveD() as seen:
+        with OpsSeen(lambda t: t.dim() == 5) as seen:  # (the packed [B, H, 3, T, D] q/k/v, its gradient)
             steps.append(lora_step(lm, codes, autocast=False))
         made.append(seen.names)
     (_, ce0, grads0), (_, ce1, grads1) = steps
