@@ -54,7 +54,8 @@ The AudioCraft cases run MusicGenSolver's step: `lm.compute_predictions` (delay 
 condition), the cross-entropy (`full`: `MusicGenSolver._compute_cross_entropy`; the LoRA cases: our solver's,
 `audiocraft_lora/loss.py`, the same values without its slices and boolean gathers), backward, grad clipping, AdamW,
 under autocast when `--dtype` is not float32. LoRA is rank 16 on every target (AudioCraft: out_proj, linear1,
-linear2 + fused in_proj of self- and cross-attention; HF: q,k,v,o,fc1,fc2), dropout 0 (`--lora-dropout`). Weights are random: shapes are what matter.
+linear2 + fused in_proj of self- and cross-attention; HF: q,k,v,o,fc1,fc2), dropout 0 (`--lora-dropout`). Weights are
+random: shapes are what matter.
 
 Memory: `saved_MiB` is the bytes of tensors autograd saves for backward in one step (deduplicated by storage,
 parameters excluded), a deterministic proxy for activation memory that works on CPU; `state_MiB` is parameters +
