@@ -37,8 +37,8 @@ from .norm_kernels import _bits, _on
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['MAX_RANK', 'threshold', 'keep_scale', 'applies', 'draw_seed', 'rank_product', 'masked_update_',
-           'rank_grad', 'keep_mask', 'kernels_ok', 'check']
+__all__ = ['MAX_RANK', 'threshold', 'keep_scale', 'applies', 'draw_seed', 'rank_product', 'rank_product_beside',
+           'masked_update_', 'rank_grad', 'keep_mask', 'kernels_ok', 'check']
 
 MAX_RANK = 128
 # Tiles, from an offline sm_90 compile of the kernels (session 17's review: registers and grid, not yet timed):
@@ -95,23 +95,42 @@ def _flags(t: torch.Tensor) -> dict:
     return {'BF16': t.dtype == torch.bfloat16, 'LOW': not _interpreted()}
 
 
-@torch.library.custom_op('audiocraft_lora::dropout_rank_product', mutates_args=())
-def rank_product(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float, p: float) -> torch.Tensor:
-    """`scale * keep_scale(p) * (keep * x) @ a.T`: x [N, in], a [r, in] (same dtype) -> [N, r] in x's dtype."""
+def _rank_product(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float, p: float,
+                  beside: bool) -> torch.Tensor:
     x, a = x.contiguous(), a.contiguous()
-    rows, cols = x.shape
-    out = x.new_empty(rows, a.shape[0])
+    (rows, cols), rank = x.shape, a.shape[0]
+    out = x.new_empty(rows, cols + rank if beside else rank)
     if rows:
         with _on(x.device):
             _kernels().rank_product_kernel[(-(-rows // _BM),)](
-                _bits(x), _bits(a), _bits(out), seed, rows, cols, a.shape[0], scale * keep_scale(p), threshold(p),
-                BM=_BM, BK=_BK, BR=_block_rank(a.shape[0]), STEPS=-(-cols // _BK), num_warps=_WARPS, **_flags(x))
+                _bits(x), _bits(a), _bits(out[:, cols:] if beside else out), _bits(out), seed, rows, cols, rank,
+                out.stride(0), scale * keep_scale(p), threshold(p), BM=_BM, BK=_BK, BR=_block_rank(rank),
+                STEPS=-(-cols // _BK), COPY=beside, num_warps=_WARPS, **_flags(x))
     return out
+
+
+@torch.library.custom_op('audiocraft_lora::dropout_rank_product', mutates_args=())
+def rank_product(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+    """`scale * keep_scale(p) * (keep * x) @ a.T`: x [N, in], a [r, in] (same dtype) -> [N, r] in x's dtype."""
+    return _rank_product(x, a, seed, scale, p, beside=False)
 
 
 @rank_product.register_fake
 def _(x, a, seed, scale, p):
     return x.new_empty(x.shape[0], a.shape[0])
+
+
+@torch.library.custom_op('audiocraft_lora::dropout_rank_product_beside', mutates_args=())
+def rank_product_beside(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float,
+                        p: float) -> torch.Tensor:
+    """`[x | rank_product(x, ...)]` ([N, in + r]) in one pass over x: x copied beside u, so that `[x | u] @ [W | B]^T`
+    is the projection in one GEMM (where the input is narrower than the output, cheaper than adding `u B^T` to it)."""
+    return _rank_product(x, a, seed, scale, p, beside=True)
+
+
+@rank_product_beside.register_fake
+def _(x, a, seed, scale, p):
+    return x.new_empty(x.shape[0], x.shape[1] + a.shape[0])
 
 
 @torch.library.custom_op('audiocraft_lora::dropout_masked_update', mutates_args=('dx',))
@@ -136,8 +155,10 @@ def _(dx, gb, a, seed, p):
 
 @torch.library.custom_op('audiocraft_lora::dropout_rank_grad', mutates_args=())
 def rank_grad(gb: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """`keep_scale(p) * gb.T @ (keep * x)` in float32: gb [N, r], x [N, in] -> [r, in] (the adapter's dA)."""
-    gb, x = gb.contiguous(), x.contiguous()
+    """`keep_scale(p) * gb.T @ (keep * x)` in float32: gb [N, r], x [N, in] (rows may be apart: `[x | u]`'s x) ->
+    [r, in] (the adapter's dA)."""
+    gb = gb.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
     rows, cols = x.shape
     rank = gb.shape[1]
     if not rows:
@@ -148,7 +169,7 @@ def rank_grad(gb: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -
     parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
     with _on(x.device):
         _kernels().rank_grad_kernel[(blocks, parts.shape[0])](
-            _bits(gb), _bits(x), parts, seed, rows, cols, rank, keep_scale(p), threshold(p),
+            _bits(gb), _bits(x), parts, seed, rows, cols, rank, x.stride(0), keep_scale(p), threshold(p),
             BM=_GRAD_BM, BK=_GRAD_BK, BR=_block_rank(rank), STEPS=steps, **_flags(x))
     return parts.sum(0)
 
@@ -233,6 +254,10 @@ def _products_disagree(device: torch.device) -> tp.Optional[str]:
             for name, (got, want) in checks.items():
                 if not _rows_close(got, want, 2e-2):
                     return f"{name} differs from torch's product ({dtype}, {rows}x{cols}, rank {rank})"
+            both = rank_product_beside(x, a, seed, 0.5, p)  # [x | u]: x as it is, u as rank_product's, bit for bit
+            if not (torch.equal(both[:, :cols], x) and torch.equal(both[:, cols:], rank_product(x, a, seed, 0.5, p))
+                    and torch.equal(rank_grad(gb, both[:, :cols], seed, p), rank_grad(gb, x, seed, p))):
+                return f"rank_product_beside differs from x and rank_product ({dtype}, {rows}x{cols}, rank {rank})"
     return None
 
 

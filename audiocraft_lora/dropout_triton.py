@@ -68,10 +68,12 @@ def keep_kernel(SEED, OUT, M, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=['M'])
-def rank_product_kernel(X, A, U, SEED, M, K, R, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
-                        BR: tl.constexpr, STEPS: tl.constexpr, BF16: tl.constexpr, LOW: tl.constexpr):
-    """U [M, R] = scale * (keep * X [M, K]) @ A^T (A [R, K]): one pass over X, no mask written. STEPS: ceil(K / BK)
-    (loop bounds known at compile time: Triton's interpreter can't loop to a runtime bound with numpy 2)."""
+def rank_product_kernel(X, A, U, XC, SEED, M, K, R, stride, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
+                        BR: tl.constexpr, STEPS: tl.constexpr, BF16: tl.constexpr, LOW: tl.constexpr,
+                        COPY: tl.constexpr):
+    """U [M, R] (rows `stride` apart) = scale * (keep * X [M, K]) @ A^T (A [R, K]): one pass over X, no mask written;
+    `COPY`: X itself also written to XC (rows `stride` apart: [X | U] in one buffer). STEPS: ceil(K / BK) (loop bounds
+    known at compile time: Triton's interpreter can't loop to a runtime bound with numpy 2)."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     ranks = tl.arange(0, BR)
     seed = tl.load(SEED)
@@ -80,11 +82,14 @@ def rank_product_kernel(X, A, U, SEED, M, K, R, scale, threshold, BM: tl.constex
     for step in range(STEPS):
         col_start = step * BK
         cols = col_start + tl.arange(0, BK)
-        x = _load(X + rows[:, None] * K + cols[None, :], (rows < M)[:, None] & (cols < K)[None, :], BF16)
+        inside = (rows < M)[:, None] & (cols < K)[None, :]
+        x = _load(X + rows[:, None] * K + cols[None, :], inside, BF16)
+        if COPY:
+            store(XC + rows[:, None] * stride + cols[None, :], x, inside, BF16)  # (exact: x's own values)
         x = tl.where(keep_tile(seed, rows, col_start, groups, threshold, BK), x, 0.)
         a = _load(A + ranks[None, :] * K + cols[:, None], (ranks < R)[None, :] & (cols < K)[:, None], BF16)
         acc = _dot(x, a, acc, BF16, LOW)
-    store(U + rows[:, None] * R + ranks[None, :], acc * scale, (rows < M)[:, None] & (ranks < R)[None, :], BF16)
+    store(U + rows[:, None] * stride + ranks[None, :], acc * scale, (rows < M)[:, None] & (ranks < R)[None, :], BF16)
 
 
 @triton.jit(do_not_specialize=['M'])
@@ -105,10 +110,11 @@ def masked_update_kernel(DX, GB, A, SEED, M, K, R, scale, threshold, BM: tl.cons
 
 
 @triton.jit(do_not_specialize=['M'])
-def rank_grad_kernel(GB, X, PART, SEED, M, K, R, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
+def rank_grad_kernel(GB, X, PART, SEED, M, K, R, stride, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
                      BR: tl.constexpr, STEPS: tl.constexpr, BF16: tl.constexpr, LOW: tl.constexpr):
-    """PART [P, R, K] (float32): partial sums over rows of scale * GB^T @ (keep * X). Program (j, s) takes columns
-    j * BK.. and the STEPS row blocks from s * STEPS * BM on; the sum of the P parts is dA."""
+    """PART [P, R, K] (float32): partial sums over rows of scale * GB^T @ (keep * X) (X's rows `stride` apart).
+    Program (j, s) takes columns j * BK.. and the STEPS row blocks from s * STEPS * BM on; the sum of the P parts is
+    dA."""
     col_start = tl.program_id(0) * BK
     part = tl.program_id(1)
     cols = col_start + tl.arange(0, BK)
@@ -119,7 +125,7 @@ def rank_grad_kernel(GB, X, PART, SEED, M, K, R, scale, threshold, BM: tl.conste
     for step in range(STEPS):
         rows = (part.to(tl.int64) * STEPS + step) * BM + tl.arange(0, BM)
         gbt = _load(GB + rows[None, :] * R + ranks[:, None], (rows < M)[None, :] & (ranks < R)[:, None], BF16)
-        x = _load(X + rows[:, None] * K + cols[None, :], (rows < M)[:, None] & (cols < K)[None, :], BF16)
+        x = _load(X + rows[:, None] * stride + cols[None, :], (rows < M)[:, None] & (cols < K)[None, :], BF16)
         x = tl.where(keep_tile(seed, rows, col_start, groups, threshold, BK), x, 0.)
         acc = _dot(gbt, x, acc, BF16, LOW)
     tl.store(PART + part * R * K + ranks[:, None] * K + cols[None, :], acc * scale,

@@ -110,13 +110,19 @@ class LowRankLinear(torch.autograd.Function):
         else:
             if ctx.kernel:  # the seed rides in the mask's slot: all backward needs to draw the same decisions
                 mask = dropout_kernels.draw_seed(xc.device)
-                u = dropout_kernels.rank_product(_rows(xc), a, mask, scaling, dropout)
+                if _beside_pays(x.shape[-1], w.shape[0]):  # [x | u] from one pass: y = [x | u] [W | B]^T, one GEMM
+                    xu = dropout_kernels.rank_product_beside(_rows(xc), a, mask, scaling, dropout)
+                    xd, u = xu[:, :x.shape[-1]], xu[:, x.shape[-1]:]
+                    xu = xu.view(*x.shape[:-1], -1)
+                else:
+                    u = dropout_kernels.rank_product(_rows(xc), a, mask, scaling, dropout)
             else:
                 if dropout > 0:
                     xd, mask = torch.native_dropout(xc, dropout, True)
                 u = _scaled_mm(_rows(xd), a.t(), scaling)  # s x A^T [N, r]: the scaling in the GEMM, not a pass
             if xu is not None:
-                xu[..., x.shape[-1]:] = u.view(*x.shape[:-1], -1)
+                if not ctx.kernel:  # (the kernel wrote u there itself)
+                    xu[..., x.shape[-1]:] = u.view(*x.shape[:-1], -1)
                 y = F.linear(xu, torch.cat([w, b], dim=1), bias)
             else:
                 y = F.linear(xc, w, bias)
@@ -192,6 +198,13 @@ class LowRankLinear(torch.autograd.Function):
 # GEMMs, more launches): each part is to be measured alone (benchmarks/step_time.py, `lora_fast_concat` case).
 CONCAT_PARTS = ('forward', 'dropout_forward', 'backward')
 CONCAT_RANK_GEMMS: tp.FrozenSet[str] = frozenset()
+
+
+def _beside_pays(in_features: int, out_features: int) -> bool:
+    """With LoRA dropout drawn by dropout_kernels: whether to write x beside u (`[x | u]`, one pass, the rank-r part in
+    the base GEMM: [N, in + r] written) rather than add `u B^T` to the base product (its [N, out] read and written):
+    where the input is narrower than the output (linear1)."""
+    return in_features < out_features
 
 
 def _merge_pays(x: torch.Tensor, out_features: int, need_dx: bool, keep: bool) -> bool:
@@ -341,24 +354,39 @@ class FastLoraLinear(LoraLinear):
                                self.__dict__.get('_lora_dropout_kernel', False))
 
 
-def undropped(linear: nn.Module) -> bool:
-    """Whether `linear` trains on the fast LoRA path (`FastLoraLinear`, one plain adapter) without LoRA dropout."""
+def _fast_dropout(linear: nn.Module, x: torch.Tensor) -> tp.Optional[str]:
+    """How `linear` trains on `x`: None (not on the fast LoRA path: `FastLoraLinear`, one plain adapter), 'none' (no
+    LoRA dropout), 'kernel' (LoRA dropout drawn inside the rank-r products: dropout_kernels) or 'torch'."""
     if not isinstance(linear, FastLoraLinear):
-        return False
+        return None
     name = linear._fast_adapter({})
     if name is None:
-        return False
+        return None
     dropout = linear.lora_dropout[name]
-    return not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0)
+    if not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
+        return 'none'
+    kernel = linear.__dict__.get('_lora_dropout_kernel', False) and dropout_kernels.applies(
+        x, _compute_dtype(x), linear.lora_A[name].weight.shape[0])
+    return 'kernel' if kernel else 'torch'
+
+
+def undropped(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `linear` trains on `x`'s device and dtype on the fast LoRA path (`FastLoraLinear`, one plain adapter)
+    saving its input itself for its LoRA: without LoRA dropout, or with dropout_kernels' (no mask, no dropped-out
+    copy)."""
+    return _fast_dropout(linear, x) in ('none', 'kernel')
 
 
 def one_product(linear: nn.Module, x: torch.Tensor) -> bool:
     """Whether peft LoRA projection `linear`'s training output on `x` is one GEMM's output, nothing added after it:
-    the fast path without LoRA dropout where the merged weight pays (`_merge_pays`; training batches)."""
-    if not undropped(linear):
-        return False
-    out_features = linear.base_layer.weight.shape[0]
-    return _merge_pays(x, out_features, x.requires_grad, linear.__dict__.get('_lora_keep_merged', False))
+    the fast path without LoRA dropout where the merged weight pays (`_merge_pays`; training batches), or with
+    dropout_kernels' LoRA dropout where `[x | u] [W | B]^T` is the projection (`_beside_pays`)."""
+    how = _fast_dropout(linear, x)
+    out_features = linear.base_layer.weight.shape[0] if how is not None else 0
+    if how == 'kernel':
+        return _beside_pays(x.shape[-1], out_features)
+    return how == 'none' and _merge_pays(x, out_features, x.requires_grad,
+                                         linear.__dict__.get('_lora_keep_merged', False))
 
 
 def enable_fast_linear(model: nn.Module) -> int:

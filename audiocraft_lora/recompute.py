@@ -6,11 +6,12 @@ the outputs of large matmuls (contraction > the LoRA rank) and of attention kern
 copies and the rank-r LoRA updates. A plan may mix them: `mode` on `fraction` of the layers (evenly spaced), `rest`
 (`none` or `selective`) on the others. The plan of each layer is an attribute of the layer, so a deepcopy keeps it.
 
-Under `selective`, without LoRA dropout, the feed-forward block's tail, `linear2(gelu(h))`, runs outside the layer's
-checkpoint (`ff_block`): torch's checkpoint recomputes a layer's forward up to the last tensor it saved, so with
-linear2 inside, its output (never read in backward) had to be kept too or its GEMM run again. The tail saves what it
-needs itself and the GELU's output as the recipe to make it again from `h` (kept anyway), and the layer's recompute
-stops at linear1: a `[B, T, d]` tensor per layer less (1.1 GiB at musicgen-small, batch 16 x 30 s), values unchanged.
+Under `selective`, without LoRA dropout or with dropout_kernels' (`_tail_fits`), the feed-forward block's tail,
+`linear2(gelu(h))`, runs outside the layer's checkpoint (`ff_block`): torch's checkpoint recomputes a layer's forward
+up to the last tensor it saved, so with linear2 inside, its output (never read in backward) had to be kept too or its
+GEMM run again. The tail saves what it needs itself and the GELU's output as the recipe to make it again from `h`
+(kept anyway), and the layer's recompute stops at linear1: a `[B, T, d]` tensor per layer less (1.1 GiB at
+musicgen-small, batch 16 x 30 s), values unchanged.
 """
 import contextlib
 import functools
@@ -190,11 +191,12 @@ def _tail_fits(layer: nn.Module, x: torch.Tensor) -> bool:
     recomputed:
     - a pre-norm layer (a post-norm one saves the tail's output in norm2, and the recompute would run it again),
       GELU (saves its input, which the region keeps: ReLU would save its output), no dropout or LayerScale around it;
-    - linear1's output one GEMM's output, which the region keeps anyway (the merged weight's product: no LoRA dropout;
-      with it the region keeps the base product and makes the output again, so holding it would be a tensor more);
-    - linear2 on the fast LoRA path without LoRA dropout: it saves the GELU output itself, which the tail keeps as a
-      recipe (peft's own forward saves a reshape of it, a frozen projection under autocast the cast weight, LoRA
-      dropout its output and mask: kept where the region makes them again)."""
+    - linear1's output one GEMM's output, which the region keeps anyway (the merged weight's product without LoRA
+      dropout, `[x | u] [W | B]^T` with dropout_kernels'; with torch's dropout the region keeps the base product and
+      makes the output again, so holding it would be a tensor more);
+    - linear2 on the fast LoRA path without LoRA dropout or with dropout_kernels': it saves the GELU output itself,
+      which the tail keeps as a recipe (peft's own forward saves a reshape of it, a frozen projection under autocast
+      the cast weight, torch's dropout its output and mask: kept where the region makes them again)."""
     if not (layer.training and getattr(layer, 'norm_first', False) and layer.activation is F.gelu):
         return False
     if not isinstance(layer.layer_scale_2, nn.Identity):  # (it saves the tail's output: the recompute reruns it)
@@ -202,7 +204,7 @@ def _tail_fits(layer: nn.Module, x: torch.Tensor) -> bool:
     if any(float(getattr(layer, name).p) > 0 for name in ('dropout', 'dropout2')):
         return False
     first = layer.linear1
-    return (one_product(first, x) if isinstance(first, LoraLinear) else True) and undropped(layer.linear2)
+    return (one_product(first, x) if isinstance(first, LoraLinear) else True) and undropped(layer.linear2, x)
 
 
 class _Remade:

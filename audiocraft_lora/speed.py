@@ -32,14 +32,14 @@ On CPU inductor skips the graphs (same values).
 Activation checkpointing trades compute for memory. `torch` recomputes a whole layer in backward (every matmul runs
 twice: least memory, ~1.3x the FLOPs). `selective` keeps the outputs of the large matmuls and of attention and
 recomputes only what is cheap: layer norms, GELU, copies and the rank-r LoRA updates (no extra matmul FLOPs beyond
-those updates; roughly 0.6x the activation memory of no checkpointing; without LoRA dropout the feed-forward tail runs
-outside the checkpoint, so linear2's output isn't kept either: recompute.ff_block). To fit a memory budget at the
-least recompute, mix them: `activation_checkpointing: torch` on `checkpoint_fraction` of the layers and
-`checkpoint_rest: selective` on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers whole, the rest
-selective). `auto` (the default) estimates the step's peak memory before training (memory_plan: fake tensors, a few
-seconds, no GPU memory) and takes the first of none, none with LoRA dropout masks replayed (`dropout_replay`, when
-there is dropout), selective, half whole + half selective, whole that fits `memory_budget_gib` (auto: the GPU's free
-memory); off CUDA, with `memory_budget_gib: auto`, it is `none`.
+those updates; roughly 0.6x the activation memory of no checkpointing; without LoRA dropout, or with `dropout_kernel`,
+the feed-forward tail runs outside the checkpoint, so linear2's output isn't kept either: recompute.ff_block). To fit
+a memory budget at the least recompute, mix them: `activation_checkpointing: torch` on `checkpoint_fraction` of the
+layers and `checkpoint_rest: selective` on the others (e.g. musicgen-medium, batch 16 x 30 s: half of the layers
+whole, the rest selective). `auto` (the default) estimates the step's peak memory before training (memory_plan: fake
+tensors, a few seconds, no GPU memory) and takes the first of none, none with LoRA dropout masks replayed
+(`dropout_replay`, when there is dropout), selective, half whole + half selective, whole that fits `memory_budget_gib`
+(auto: the GPU's free memory); off CUDA, with `memory_budget_gib: auto`, it is `none`.
 
 Under autocast the fast path also casts the adapter weights once per optimizer step for the whole model, not at every
 projection (adapter_casts; no setting: the same values, ~400 fewer kernel launches a step at musicgen-small).

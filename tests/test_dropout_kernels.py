@@ -95,8 +95,13 @@ for plan in ('selective', 'captured', 'torch'):
     assert torch.equal(logits, results['none'][0]) and torch.equal(ce, results['none'][1]), plan
     assert all(torch.equal(p, q) for p, q in zip(grads, results['none'][2])), plan
 calls = results['none_calls']
-assert calls['dropout_rank_product'] == calls['dropout_rank_grad'] == calls['dropout_masked_update'] > 0, calls
+layers = len(lm.transformer.layers)
+products = calls['dropout_rank_product'] + calls['dropout_rank_product_beside']
+assert products == calls['dropout_rank_grad'] == calls['dropout_masked_update'] == 4 * layers, calls
+assert calls['dropout_rank_product_beside'] == layers  # (linear1, narrower in than out: [x | u] [W | B]^T)
+# selective keeps the [N, r] products (a matmul's output) and makes [x | u] again (an input's size), after the norm
 assert results['selective_calls']['dropout_rank_product'] == calls['dropout_rank_product'], 'recomputed under selective'
+assert results['selective_calls']['dropout_rank_product_beside'] == 2 * layers
 assert results['torch_calls']['dropout_rank_product'] == 2 * calls['dropout_rank_product']
 assert 'native_dropout' not in calls
 lm = debug_lora_lm(dropout=0.25)
@@ -104,6 +109,16 @@ apply_to_model(lm, SpeedSettings(dropout_kernel='false'), True, torch.bfloat16)
 saves, torch_dropout = bool_saves(lm)
 assert saves > undropped
 assert not torch.equal(torch_dropout[1], results['none'][1])  # (another random stream)
+
+# selective runs the feed-forward tail outside its checkpoint with the kernels' dropout (linear1 one GEMM over
+# [x | u], linear2 saving its input itself), not with torch's
+for kernel, fits in (('auto', True), ('false', False)):
+    lm = debug_lora_lm(dropout=0.25)
+    apply_to_model(lm, SpeedSettings(activation_checkpointing='selective', dropout_kernel=kernel), True,
+                   torch.bfloat16)
+    x = torch.randn(2, 40, lm.dim, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert all(recompute._tail_fits(layer, x) == fits for layer in lm.transformer.layers), kernel
 print('OK')
 '''
 
@@ -187,11 +202,14 @@ def test_estimates_count_no_mask_with_the_kernels_and_the_captures_keep_only_see
     args = SimpleNamespace(scale='xsmall', batch=2, frames=64, card=2048, device='cpu', autocast_dtype=torch.bfloat16,
                            count_only=True, lora_dropout=0.1, text_lengths=None)
     est = {case: step_time.count(case, args)['peak_GiB'] for case in
-           ('lora_fast', 'lora_fast_tdrop', 'lora_sac', 'lora_graphed_sac', 'lora_graphed_sac_tdrop')}
+           ('lora_fast', 'lora_fast_tdrop', 'lora_sac', 'lora_sac_tdrop', 'lora_graphed_sac', 'lora_graphed_sac_tdrop')}
     args.lora_dropout = 0.0
-    undropped = step_time.count('lora_fast', args)['peak_GiB']
+    undropped = {case: step_time.count(case, args)['peak_GiB'] for case in ('lora_fast', 'lora_sac')}
     assert est['lora_fast'] < est['lora_fast_tdrop']
-    assert abs(est['lora_fast'] - undropped) < 0.02 * undropped
+    assert abs(est['lora_fast'] - undropped['lora_fast']) < 0.02 * undropped['lora_fast']
+    # (selective: the feed-forward tail outside the checkpoint with the kernels' dropout as without dropout)
+    assert abs(est['lora_sac'] - undropped['lora_sac']) < 0.01 * undropped['lora_sac']
+    assert est['lora_sac'] < est['lora_sac_tdrop']
     seeds = (est['lora_graphed_sac'] - est['lora_sac']) * 2 ** 30
     assert 0 <= seeds <= 8 * 512  # (an int64 a call, in the allocator's 512-byte blocks)
     assert est['lora_graphed_sac_tdrop'] > est['lora_graphed_sac'] * 1.05

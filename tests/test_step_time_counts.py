@@ -84,4 +84,5 @@ def test_cuda_graph_cases_run_on_cuda_only_and_are_counted_as_captured():
     dropped = counted['0.1']
     assert dropped['lora_graphed_sac_tdrop']['saved_MiB'] > 1.05 * dropped['lora_sac_tdrop']['saved_MiB']
     assert dropped['lora_graphed_sac']['saved_MiB'] - dropped['lora_sac']['saved_MiB'] < 0.01  # (seeds: 8 bytes each)
-    assert dropped['lora_sac']['saved_MiB'] == dropped['lora_sac_tdrop']['saved_MiB']  # (selective draws again)
+    # (selective draws torch's dropout again; with the kernels the feed-forward tail is outside its checkpoint too)
+    assert dropped['lora_sac']['saved_MiB'] < dropped['lora_sac_tdrop']['saved_MiB']
