@@ -38,7 +38,8 @@ from .norm_kernels import _bits, _on
 logger = logging.getLogger(__name__)
 
 __all__ = ['MAX_RANK', 'threshold', 'keep_scale', 'applies', 'draw_seed', 'rank_product', 'rank_product_beside',
-           'masked_update_', 'rank_grad', 'keep_mask', 'kernels_ok', 'check']
+           'masked_update_', 'rank_grad', 'keep_mask', 'kernels_ok', 'check', 'set_dropout_kernel',
+           'wants_dropout_kernel']
 
 MAX_RANK = 128
 # Tiles, from an offline sm_90 compile of the kernels (session 17's review: registers and grid, not yet timed):
@@ -60,13 +61,13 @@ def keep_scale(p: float) -> float:
     return 65536.0 / (65536 - threshold(p))
 
 
-def _interpreted() -> bool:
-    return os.environ.get('TRITON_INTERPRET') == '1'
+# Triton's interpreter (the tests: CPU tensors) is chosen when the kernels are defined, so read once, at import too
+_INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
 
 
 def _on_gpu(t: torch.Tensor) -> bool:
     """Where the kernels run: CUDA tensors (CPU ones under Triton's interpreter, for the tests)."""
-    return t.device.type == 'cuda' or (_interpreted() and t.device.type == 'cpu')
+    return t.device.type == 'cuda' or (_INTERPRETED and t.device.type == 'cpu')
 
 
 def applies(x: torch.Tensor, dtype: torch.dtype, rank: int) -> bool:
@@ -92,7 +93,7 @@ def _block_rank(rank: int) -> int:
 
 
 def _flags(t: torch.Tensor) -> dict:
-    return {'BF16': t.dtype == torch.bfloat16, 'LOW': not _interpreted()}
+    return {'BF16': t.dtype == torch.bfloat16, 'LOW': not _INTERPRETED}
 
 
 def _rank_product(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float, p: float,
@@ -298,16 +299,35 @@ def _rows_close(got: torch.Tensor, ref: torch.Tensor, tolerance: float) -> bool:
     return bool(((got - ref).abs() <= tolerance * scale).all())
 
 
+def set_dropout_kernel(model: torch.nn.Module, on: bool) -> int:
+    """Fast-path LoRA linears of `model` draw their dropout inside the rank-r products (`on`: dropout_kernels, where
+    their rank allows) or by torch; returns how many with dropout were set on."""
+    from .speed import _fast_linears_with_dropout, _has_dropout
+    linears, _ = _fast_linears_with_dropout(model)
+    count = 0
+    for module in linears:
+        fits = all(lora_a.weight.shape[0] <= MAX_RANK for lora_a in module.lora_A.values())
+        module.__dict__['_lora_dropout_kernel'] = bool(on) and fits
+        count += bool(on) and fits and _has_dropout(module)
+    return count
+
+
+def wants_dropout_kernel(model: torch.nn.Module) -> bool:
+    """Whether a fast-path LoRA linear of `model` with dropout is set to draw it inside the rank-r products."""
+    from .speed import _fast_linears_with_dropout, _has_dropout
+    linears, _ = _fast_linears_with_dropout(model)
+    return any(_has_dropout(m) and m.__dict__.get('_lora_dropout_kernel', False) for m in linears)
+
+
 def check(model: torch.nn.Module, device: tp.Union[str, torch.device], required: bool = False) -> tp.Optional[bool]:
     """Before training, with the LM on `device`: whether the kernels serve `model`'s fast-path LoRA dropout there
     (None: nothing asks for them). Where they can't (another device, a failed check), its projections are set back to
     torch's dropout; `required` (`lora.dropout_kernel=true`) raises instead."""
     from .errors import LoRAConfigError
-    from .speed import set_dropout_kernel, wants_dropout_kernel
     if not wants_dropout_kernel(model):
         return None
     device = torch.device(device)
-    ok = kernels_ok(device) if device.type == 'cuda' else (_interpreted() and device.type == 'cpu')
+    ok = kernels_ok(device) if device.type == 'cuda' else (_INTERPRETED and device.type == 'cpu')
     if not ok and required:
         raise LoRAConfigError(f"lora.dropout_kernel=true: the Triton LoRA dropout kernels can't be used on {device} "
                               "(CUDA only, and they must pass their check: see the warning above). Set "

@@ -166,11 +166,11 @@ class LowRankLinear(torch.autograd.Function):
             else:
                 grad_x = torch.mm(g, base)
                 gb = _scaled_mm(g, b, s) if not ctx.merged else None
-            if ctx.kernel:
+            if ctx.kernel or ctx.merged:  # (the rank-r part is in dx already)
                 pass
-            elif not ctx.merged and mask is None:
+            elif mask is None:
                 grad_x = grad_x.addmm_(gb, a)
-            elif not ctx.merged:  # g W + ((s g B) A) * mask / (1 - p): mask, dropout scale and add in one addcmul_
+            else:  # g W + ((s g B) A) * mask / (1 - p): mask, dropout scale and add in one addcmul_
                 grad_x = grad_x.addcmul_(torch.mm(gb, a), mask.reshape(-1, mask.shape[-1]),
                                          value=1.0 / (1.0 - ctx.dropout))
             grad_x = grad_x.view(*grad.shape[:-1], -1)  # (autograd casts it to x's dtype)

@@ -39,18 +39,14 @@ class _Split(torch.autograd.Function):
         return x.unbind(dim)
 
     @staticmethod
-    def backward(ctx, *grads: tp.Optional[torch.Tensor]):  # type: ignore
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore
+        # (an unused part's gradient comes as zeros: autograd materialises them for a Function)
         shape, stride, dtype, device = ctx.layout
         if not ctx.dense:  # (a layout no tensor of its own can take: torch's stack, as torch.unbind's backward)
-            return torch.stack([torch.zeros(shape[:ctx.dim] + shape[ctx.dim + 1:], dtype=dtype, device=device)
-                                if g is None else g for g in grads], ctx.dim), None
+            return torch.stack(grads, ctx.dim), None
         out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         for index, grad in enumerate(grads):
-            part = out.select(ctx.dim, index)
-            if grad is None:
-                part.zero_()
-            else:
-                part.copy_(grad)
+            out.select(ctx.dim, index).copy_(grad)
         return out, None
 
 

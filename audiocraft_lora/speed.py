@@ -295,7 +295,8 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
         info['dropout_replay'] = set_dropout_replay(model, True)
     if (str(settings.dropout_kernel).lower() != 'false' and settings.fast_path and settings.compile == 'none'
             and autocast and autocast_dtype in (torch.bfloat16, torch.float16)):
-        info['dropout_kernel'] = set_dropout_kernel(model, True)  # (the device's check: dropout_kernels.check)
+        from .dropout_kernels import set_dropout_kernel  # (the device's check: dropout_kernels.check)
+        info['dropout_kernel'] = set_dropout_kernel(model, True)
     if str(settings.keep_merged_weights).lower() == 'true' and settings.fast_path:  # (auto: memory_plan decides)
         info['keep_merged_weights'] = set_keep_merged(model, True)
     from .packed_qkv import install as packed_qkv_gradients  # (no setting: the same values, one pass fewer)
@@ -366,25 +367,6 @@ def has_fast_dropout(model: nn.Module) -> bool:
     the `dropout_kernel` ones, which keep no mask)."""
     linears, _ = _fast_linears_with_dropout(model)
     return any(_has_dropout(m) and not m.__dict__.get('_lora_dropout_kernel', False) for m in linears)
-
-
-def set_dropout_kernel(model: nn.Module, on: bool) -> int:
-    """Fast-path LoRA linears of `model` draw their dropout inside the rank-r products (`on`: dropout_kernels, where
-    their rank allows) or by torch; returns how many with dropout were set on."""
-    from .dropout_kernels import MAX_RANK
-    linears, _ = _fast_linears_with_dropout(model)
-    count = 0
-    for module in linears:
-        fits = all(lora_a.weight.shape[0] <= MAX_RANK for lora_a in module.lora_A.values())
-        module.__dict__['_lora_dropout_kernel'] = bool(on) and fits
-        count += bool(on) and fits and _has_dropout(module)
-    return count
-
-
-def wants_dropout_kernel(model: nn.Module) -> bool:
-    """Whether a fast-path LoRA linear of `model` with dropout is set to draw it inside the rank-r products."""
-    linears, _ = _fast_linears_with_dropout(model)
-    return any(_has_dropout(m) and m.__dict__.get('_lora_dropout_kernel', False) for m in linears)
 
 
 def set_dropout_replay(model: nn.Module, replay: bool) -> int:
