@@ -29,43 +29,41 @@ source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA checks (150 s at most: the Triton kernels compile on a fresh machine) [$((SECONDS-START)) s]"
 timeout $(left 150) python3 benchmarks/cuda_checks.py > "$OUT/cuda_checks.txt" 2>&1; echo "rc=$?"
 quiet < "$OUT/cuda_checks.txt" | tail -45
-echo "== one layer norm, AudioCraft's vs lora.fused_norms (session 14) [$((SECONDS-START)) s]"
-timeout $(left 40) python3 benchmarks/norms.py 2>&1 | quiet
 run_case() {
   echo "-- $* [$((SECONDS-START)) s]"  # (LIMIT: its timeout, default 80 s)
   timeout $(left ${LIMIT:-80}) python3 benchmarks/step_time.py --frames 1500 --device cuda --dtype bfloat16 --warmup 3 \
     --iters 5 "$@" 2>&1 | quiet  # (an option given here wins over these defaults)
 }
-for args in "--scale small --batch 4 --cases full,lora_fast_keep,lora_fast_keep_unfused,lora_graphed,lora_graphed_keep,hf_lora --iters 15 \
-             --json $OUT/small_b4.json" \
-            "--scale small --batch 16 --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,lora_graphed_sac,hf_lora \
-             --json $OUT/small_b16.json"; do
-  run_case $args
-done
+# the recipe row first (small b16 x 15 s, LoRA dropout 0.05): the dropout kernels (no `_tdrop`) against torch's dropout
+LIMIT=120 run_case --scale small --batch 16 --frames 750 --lora-dropout 0.05 --iters 10 --json $OUT/recipe.json \
+  --cases full,lora_fast,lora_fast_tdrop,lora_graphed,lora_graphed_tdrop,lora_graphed_sac,lora_graphed_sac_tdrop,hf_lora
+run_case --scale small --batch 16 --json $OUT/small_b16.json \
+  --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,lora_graphed_sac,hf_lora
+echo "== dora run lora_debug on cuda, bf16 autocast, speed defaults (CUDA graphs of the layers) [$((SECONDS-START)) s]"
+dora_on_cuda 40
+run_case --scale small --batch 4 --cases full,lora_fast_keep,lora_fast_keep_unfused,lora_graphed,lora_graphed_keep,hf_lora \
+  --iters 15 --json $OUT/small_b4.json
 # Real batches change text length nearly every step (benchmarks/text_lengths.py: 24 steps of 80 trap clips at b4,
 # 14 lengths): the mean step of the graphs with exact lengths (lora_graphed_exact: 8 captured, the rest eager and
 # recomputed) and padded to multiples of 32 (lora_graphed, the default: 5 signatures), next to eager
 LIMIT=120 run_case --scale small --batch 4 --cases lora_fast_keep,lora_graphed_exact,lora_graphed --iters 24 \
-  --text-lengths 67,84,81,1,62,122,1,160,73,1,80,1,1,1,94,101,64,1,1,91,81,1,64,159 --json $OUT/small_b4_mixed.json
+  --text-lengths 67,84,81,1,62,122,1,160,73,1,80,1,1,1,94,101,64,1,1,91,81,1,64,159
 if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 120000 ]; then
   # (an H200: AudioCraft's full fine-tune of medium at batch 16 x 30 s needs ~130 GiB; an H100 runs none of it)
   # (lora_graphed_concat: every CONCAT_RANK_GEMMS part; the rank-r GEMMs are ~6% of the modelled LoRA step here)
   LIMIT=200 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
     --cases full,lora_fast_keep,lora_graphed_keep,lora_graphed_sac,lora_graphed_mixed,lora_graphed_concat,hf_lora
 fi
-for args in "--scale small --batch 16 --frames 750 --lora-dropout 0.05 --iters 10 \
-             --cases full,lora_fast,lora_fast_tdrop,lora_graphed,lora_graphed_tdrop,lora_graphed_sac,lora_graphed_sac_tdrop,hf_lora" \
-            "--scale medium --batch 4 --cases full,lora_fast_keep,lora_graphed_keep,hf_lora --iters 15 \
-             --json $OUT/medium_b4.json"; do
+for args in "--scale medium --batch 4 --cases full,lora_fast_keep,lora_graphed_keep,hf_lora --iters 15"; do
   run_case $args
 done
-echo "== dora run lora_debug on cuda, bf16 autocast, speed defaults (CUDA graphs of the layers) [$((SECONDS-START)) s]"
-dora_on_cuda 40
-echo "== the same with selective checkpointing inside the graphs (session 15; LoRA dropout: masks kept) [$((SECONDS-START)) s]"
+echo "== the dora run with selective checkpointing inside the graphs (session 15; LoRA dropout: masks kept) [$((SECONDS-START)) s]"
 dora_on_cuda 40 cuda_dora_selective lora.activation_checkpointing=selective
 for args in "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms forward" \
             "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms backward" \
             "--scale small --batch 16 --cases lora_graphed,lora_graphed_concat --concat-rank-gemms forward,backward"; do
   run_case $args
 done
+echo "== one layer norm, AudioCraft's vs lora.fused_norms (session 14) [$((SECONDS-START)) s]"
+timeout $(left 40) python3 benchmarks/norms.py 2>&1 | quiet
 echo "== done [$((SECONDS-START)) s]"
