@@ -422,6 +422,12 @@ def count(case: str, args) -> dict:
 
 
 def measure(case: str, args) -> dict:
+    at_start = 0.0
+    if args.device == 'cuda':  # (what an earlier case left reserved would count in this one's `resv GiB`)
+        gc.collect()
+        torch.cuda.empty_cache()
+        at_start = torch.cuda.memory_reserved() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
     model, loss_fn = make_case(case, args)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -455,6 +461,8 @@ def measure(case: str, args) -> dict:
     for _ in range(max(args.warmup - 2, len(text_lengths(args)) - 1)):  # (every length once: captures untimed)
         step()
     sync()
+    # `resv GiB`: the most reserved from the case's start (its captures included), less what was reserved before it
+    reserved_before_timing = torch.cuda.max_memory_reserved() / 2 ** 30 if args.device == 'cuda' else None
     if args.device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -483,10 +491,12 @@ def measure(case: str, args) -> dict:
               'gflop': flop_counter.get_total_flops() / 1e9, 'launches': launches.count if launches else None,
               'trainable_M': sum(p.numel() for p in params) / 1e6, 'loss': float(loss.detach()),
               'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == 'cuda' else None,
-              'reserved_GiB': torch.cuda.max_memory_reserved() / 2 ** 30 if args.device == 'cuda' else None}
+              'reserved_GiB': (max(reserved_before_timing, torch.cuda.max_memory_reserved() / 2 ** 30) - at_start
+                               if args.device == 'cuda' else None),
+              'reserved_at_start_GiB': at_start if args.device == 'cuda' else None}
     from audiocraft_lora import layer_graphs
     layer_graphs.remove(model)  # (the graphs' pool would stay allocated into the next case)
-    del model, optimizer, params, loss_fn, saved
+    del model, optimizer, params, loss_fn, saved, loss, step
     gc.collect()
     if args.device == 'cuda':
         torch.cuda.empty_cache()
@@ -583,6 +593,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         peak = f"{peak:.2f}" if peak is not None else '-'
         timing = f"{r['step_s']:>9.4f} {r['frames_per_s']:>10.0f}" if r['step_s'] is not None else f"{'-':>9} {'-':>10}"
         est = f"  est. {r['est_GiB']:.2f} GiB" if r.get('est_GiB') else ''
+        if (r.get('reserved_at_start_GiB') or 0) > 0.1:  # (left by an earlier case: not in this one's `resv GiB`)
+            est += f"  ({r['reserved_at_start_GiB']:.2f} GiB reserved before it)"
         launched = r['launches'] if r['launches'] is not None else '-'
         reserved = f"{r['reserved_GiB']:.2f}" if r.get('reserved_GiB') is not None else '-'
         print(f"{case:<14} {timing} {r['gflop']:>9.1f} {peak:>9} "
