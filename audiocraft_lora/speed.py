@@ -70,8 +70,8 @@ the residual adds in front of norm_cross and norm2, as ops that compute the norm
 dtype, which is all their readers take from it, and whose backward reads the bf16 gradient, sums the stream's two
 gradients and writes the branch's bf16 gradient: one Triton kernel each way on CUDA instead of a float32 output, a
 cast, a widened gradient, an add, a sum and a cast (fused_norms.py: ~47 GB a step less at musicgen-small b16,
-modelled 18 of 150 GPU ms). On CUDA its float32 sums run in another order than ATen's; elsewhere it is ATen's
-kernels (bit for bit).
+modelled 18 of 150 GPU ms; measured on an H100: 0.174 -> 0.150 s). On CUDA its float32 sums run in another order
+than ATen's; elsewhere it is ATen's kernels (bit for bit).
 
 `dropout_kernel` (fast path, no `compile`; CUDA, bf16/fp16) draws LoRA dropout inside the rank-r products
 (dropout_kernels.py: Triton kernels, a counter-based generator and a per-call seed): no mask and no dropped-out copy

@@ -7,8 +7,8 @@
 # .whl2 (the largest) for a first device call, .whl for the next (gpu_env.sh installs either into /tmp/site, which a
 # warm machine keeps):
 #   run(command="bash benchmarks/gpu_env.sh", carry=[".whl2"], timeout_s=120)
-#   run(command="DEADLINE=330 OUT=$OUT bash benchmarks/gpu_quick.sh 2>&1 | tee $OUT/log", carry=[".whl"], timeout_s=345)
-# (on an H200, kind="nvidia-h200" in both calls, gpu_quick.sh also runs medium b16: DEADLINE=540, timeout_s=560)
+#   run(command="DEADLINE=520 OUT=$OUT bash benchmarks/gpu_quick.sh 2>&1 | tee $OUT/log", carry=[".whl"], timeout_s=540)
+# (on an H200, kind="nvidia-h200" in both calls: gpu_quick.sh also runs medium b16 full fine-tuning there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${WHL_DIR:-.whl}"
