@@ -73,8 +73,8 @@ COMPOSITE_LAUNCHES = {'slice_backward': 2, 'select_backward': 2, 'nll_loss_backw
 # compile: 19-30); torch's dropout draws 4 per call (curand's uniform4), charged alike. At the H100's ~16.7 T integer
 # instructions/s (64 per clock per SM), overlapped with the memory traffic (the max of the two); the in-place update of
 # dx also writes it (its bytes counted twice).
-DROPOUT_KERNELS = {'dropout_rank_product': 0, 'dropout_masked_update': 0, 'dropout_rank_grad': 1, 'dropout_keep': -1,
-                   'native_dropout': 0}
+DROPOUT_KERNELS = {'dropout_rank_product': 0, 'dropout_rank_product_beside': 0, 'dropout_masked_update': 0,
+                   'dropout_rank_grad': 1, 'dropout_keep': -1, 'native_dropout': 0}
 RNG_SECONDS_PER_ELEMENT = 20 / 16.7e12
 
 

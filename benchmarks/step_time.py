@@ -283,6 +283,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
                               compile_mode='reduce-overhead' if case == 'lora_compile_ro' and device == 'cuda'
                               else 'default', dropout_kernel='false' if torch_dropout else 'auto')
         info = apply_to_model(lm, speed, autocast=dtype is not None, autocast_dtype=dtype or torch.float32)
+        if case == 'lora_plain':  # (as it is: xformers' stack of the q/k/v gradients, AudioCraft's loss below)
+            packed_qkv.install(False)
         if device == 'cuda' or not getattr(args, 'count_only', False):  # (as the solver; --count-only: as on a GPU)
             dropout_kernels.check(lm, device)
         if info.get('fused_norms') and device == 'cuda':  # (as the solver: checked before any capture)
@@ -302,10 +304,10 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     with real_tensors():  # tokenizing reads lengths (`.item()`), which fake tensors can't
         tokenized = lm.condition_provider.tokenize(attributes)
 
-    # AudioCraft's full fine-tune: its cross-entropy (--count-only: at positions known without data, as a boolean
-    # mask's size needs data); LoRA: the solver's (loss.py: no boolean mask)
+    # AudioCraft's full fine-tune and lora_plain: its cross-entropy (--count-only: at positions known without data, as
+    # a boolean mask's size needs data); the other LoRA cases: the solver's (loss.py: no boolean mask)
     valid = valid_positions(lm, args.batch, args.frames) if getattr(args, 'count_only', False) else None
-    audiocraft_ce = case == 'full'
+    audiocraft_ce = case in ('full', 'lora_plain')
 
     lengths = itertools.cycle(text_lengths(args) or [None])
 

@@ -31,36 +31,39 @@ import collections
 # several row blocks), each kernel's mask read back exactly, the keep rate, independence of neighbours and seeds
 assert dk._disagreement(torch.device('cpu')) is None, dk._disagreement(torch.device('cpu'))
 
-# 2. one projection under bf16 autocast against autograd on y = x W^T + b + s ((keep * x / (1 - p)) A^T) B^T
-torch.manual_seed(0)
-N, IN, OUT, R, p, s = 50, 40, 24, 8, 0.25, 0.7
-x = torch.randn(3, N, IN, requires_grad=True)
-w, bias = torch.randn(OUT, IN), torch.randn(OUT)
-A, B = torch.randn(R, IN, requires_grad=True), torch.randn(OUT, R, requires_grad=True)
-g = torch.randn(3, N, OUT)
-saved = []
-torch.manual_seed(1)
-with torch.autocast('cpu', dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t) or t, lambda t: t):
-    y = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
-y.backward(g)
-assert not any(t.dtype == torch.bool for t in saved), 'a mask was saved'
-assert sum(t.numel() for t in saved if t.shape[-1] == IN and t.numel() >= 3 * N * IN) == 3 * N * IN, \
-    'more than x saved at its size'
-torch.manual_seed(1)
-keep = dk.keep_mask(dk.draw_seed(torch.device('cpu')), 3 * N, IN, p).view(3, N, IN) * dk.keep_scale(p)
-assert 0 < (keep == 0).float().mean() < 0.5
-low = lambda t: t.detach().bfloat16().float().requires_grad_()
-xb, Ab, Bb = low(x), low(A), low(B)
-ref = xb @ low(w).t() + low(bias) + s * ((xb * keep) @ Ab.t()) @ Bb.t()
-ref.backward(g.bfloat16().float())
-for name, got, want in (('y', y, ref), ('dx', x.grad, xb.grad), ('dA', A.grad, Ab.grad), ('dB', B.grad, Bb.grad)):
-    error = float((got.float() - want).abs().max() / want.abs().max())
-    assert error < 1e-2, (name, error)
-assert A.grad.dtype == torch.float32
-with torch.autocast('cpu', dtype=torch.bfloat16):  # each call draws its own seed: another mask
-    again = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
-assert not torch.equal(again, y)
+# 2. one projection under bf16 autocast against autograd on y = x W^T + b + s ((keep * x / (1 - p)) A^T) B^T: an
+# input wider than the output (u B^T added to x W^T) and narrower ([x | u] [W | B]^T in one GEMM, as linear1)
+from audiocraft_lora.fast_lora import _beside_pays
+for N, IN, OUT, R, p, s in ((50, 40, 24, 8, 0.25, 0.7), (50, 24, 40, 8, 0.25, 0.7)):
+    torch.manual_seed(0)
+    x = torch.randn(3, N, IN, requires_grad=True)
+    w, bias = torch.randn(OUT, IN), torch.randn(OUT)
+    A, B = torch.randn(R, IN, requires_grad=True), torch.randn(OUT, R, requires_grad=True)
+    g = torch.randn(3, N, OUT)
+    saved = []
+    torch.manual_seed(1)
+    with OpsSeen() as seen, torch.autocast('cpu', dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        y = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
+    assert ('dropout_rank_product_beside' in seen.names) == _beside_pays(IN, OUT) == (IN < OUT), seen.names
+    y.backward(g)
+    assert not any(t.dtype == torch.bool for t in saved), 'a mask was saved'
+    assert sum(t.numel() for t in saved if t.shape[-1] == IN and t.numel() >= 3 * N * IN) == 3 * N * IN, \
+        'more than x saved at its size'
+    torch.manual_seed(1)
+    keep = dk.keep_mask(dk.draw_seed(torch.device('cpu')), 3 * N, IN, p).view(3, N, IN) * dk.keep_scale(p)
+    assert 0 < (keep == 0).float().mean() < 0.5
+    low = lambda t: t.detach().bfloat16().float().requires_grad_()
+    xb, Ab, Bb = low(x), low(A), low(B)
+    ref = xb @ low(w).t() + low(bias) + s * ((xb * keep) @ Ab.t()) @ Bb.t()
+    ref.backward(g.bfloat16().float())
+    for name, got, want in (('y', y, ref), ('dx', x.grad, xb.grad), ('dA', A.grad, Ab.grad), ('dB', B.grad, Bb.grad)):
+        error = float((got.float() - want).abs().max() / want.abs().max())
+        assert error < 1e-2, (IN, OUT, name, error)
+    assert A.grad.dtype == torch.float32
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # each call draws its own seed: another mask
+        again = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
+    assert not torch.equal(again, y)
 
 # 3. a debug LM step with the kernels: selective checkpointing and the captures' plan give the plain step bit for
 # bit (the seeds drawn again in the recompute, or kept), with rank_product's output kept (never run in backward),

@@ -66,3 +66,16 @@ def test_runs_on_fake_tensors_and_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r'\[B, K, T, card\]'):
         masked_cross_entropy(torch.randn(2, 4, 10, 8), torch.zeros(2, 3, 10, dtype=torch.long),
                              torch.ones(2, 3, 10, dtype=torch.bool))
+
+
+def test_under_bf16_autocast_as_the_solver_computes_it():
+    """The solver computes the loss inside autocast (the logits bf16, cross_entropy in float32): the same loss and
+    adapter gradients as AudioCraft's there too (cuda_checks.py's `loss` check is this on a GPU)."""
+    codes = torch.randint(0, 32, (2, 4, 40), generator=torch.Generator().manual_seed(1))
+    lm = debug_lora_lm()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ours = _step(lm, codes, masked_cross_entropy)
+        theirs = _step(lm, codes, lambda *a: MusicGenSolver._compute_cross_entropy(None, *a))
+    assert ours[0].dtype == torch.float32 and _close(ours[0], theirs[0])
+    assert all(torch.equal(a, b) for a, b in zip(ours[2], theirs[2]))
+    assert all(bool(g.isfinite().all()) for g in ours[2]) and any(bool(g.abs().sum() > 0) for g in ours[2])
