@@ -11,7 +11,8 @@ needed, and three Triton kernels fold it into the products (dropout_triton.py):
 - `rank_product`: `u = s / (1 - p) * (keep * x) A^T` in one pass over x (forward);
 - `masked_update_`: `dx += keep * (g_B A) / (1 - p)` in place, with `g_B = s g B` ([N, r]): one read and one write
   of dx (backward);
-- `rank_grad`: `dA = (g_B)^T (keep * x) / (1 - p)`, float32, over x (backward).
+- `rank_grad`: `dA = (g_B)^T (keep * x) / (1 - p)`, float32, over x (backward);
+- `masked_backward_`: the last two in one kernel, each decision drawn once (`FUSED_BACKWARD`, off until timed).
 
 Backward keeps x (which dA reads anyway) and the seed, no mask: LoRA dropout then costs the memory of no dropout,
 and activation checkpointing and the layers' CUDA graphs keep nothing for it but the seed (a capture replays its
@@ -38,8 +39,8 @@ from .norm_kernels import _bits, _on
 logger = logging.getLogger(__name__)
 
 __all__ = ['MAX_RANK', 'threshold', 'keep_scale', 'applies', 'draw_seed', 'rank_product', 'rank_product_beside',
-           'masked_update_', 'rank_grad', 'keep_mask', 'kernels_ok', 'check', 'set_dropout_kernel',
-           'wants_dropout_kernel']
+           'masked_update_', 'rank_grad', 'masked_backward_', 'keep_mask', 'kernels_ok', 'check', 'set_dropout_kernel',
+           'wants_dropout_kernel', 'FUSED_BACKWARD']
 
 MAX_RANK = 128
 # Tiles, from an offline sm_90 compile of the kernels (session 17's review: registers and grid, not yet timed):
@@ -49,6 +50,12 @@ MAX_RANK = 128
 _BM, _BK, _WARPS = 64, 64, 8
 _UPDATE_BM, _UPDATE_BK = 64, 64
 _GRAD_BM, _GRAD_BK, _GRAD_PROGRAMS = 64, 64, 1024
+# Backward by `masked_backward_` (one kernel: each decision drawn once, the rank-r gradient read once) instead of
+# `masked_update_` then `rank_grad` (each drawing them): off until timed on a GPU (benchmarks/cuda_checks.py's
+# dropout line, step_time.py --fused-dropout-backward). The draws are integer work the kernels are bound by
+# (~20 instructions an element, three draws an element a step; session 18 on an H100: linear2 of small b16 forward +
+# backward 1.85 ms with the kernels, 1.71 with torch's dropout, 1.22 without dropout).
+FUSED_BACKWARD = False
 
 
 def threshold(p: float) -> int:
@@ -165,8 +172,7 @@ def rank_grad(gb: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -
     if not rows:
         return x.new_zeros(rank, cols, dtype=torch.float32)
     blocks, row_blocks = -(-cols // _GRAD_BK), -(-rows // _GRAD_BM)
-    # row blocks per program: a power of two (few compiled variants) giving at least _GRAD_PROGRAMS programs
-    steps = 1 << max(0, (row_blocks * blocks // _GRAD_PROGRAMS).bit_length() - 1)
+    steps = _grad_steps(rows, cols)
     parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
     with _on(x.device):
         _kernels().rank_grad_kernel[(blocks, parts.shape[0])](
@@ -177,6 +183,39 @@ def rank_grad(gb: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -
 
 @rank_grad.register_fake
 def _(gb, x, seed, p):
+    return x.new_empty(gb.shape[1], x.shape[1], dtype=torch.float32)
+
+
+def _grad_steps(rows: int, cols: int) -> int:
+    """dA's row blocks per program: a power of two (few compiled variants) giving at least _GRAD_PROGRAMS programs."""
+    blocks, row_blocks = -(-cols // _GRAD_BK), -(-rows // _GRAD_BM)
+    return 1 << max(0, (row_blocks * blocks // _GRAD_PROGRAMS).bit_length() - 1)
+
+
+@torch.library.custom_op('audiocraft_lora::dropout_masked_backward', mutates_args=('dx',))
+def masked_backward_(dx: torch.Tensor, gb: torch.Tensor, a: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
+                     p: float) -> torch.Tensor:
+    """`masked_update_(dx, gb, a, seed, p)` and `rank_grad(gb, x, seed, p)` (returned) in one kernel that draws each
+    decision once (`FUSED_BACKWARD`): the same values, dA's sums in rank_grad's order."""
+    if not dx.is_contiguous():
+        raise ValueError("masked_backward_ writes dx in place: it must be contiguous")
+    gb, a = gb.contiguous(), a.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rows, cols = x.shape
+    rank = gb.shape[1]
+    if not rows:
+        return x.new_zeros(rank, cols, dtype=torch.float32)
+    row_blocks, steps = -(-rows // _GRAD_BM), _grad_steps(rows, cols)
+    parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
+    with _on(x.device):
+        _kernels().masked_backward_kernel[(-(-cols // _GRAD_BK), parts.shape[0])](
+            _bits(dx), _bits(gb), _bits(a), _bits(x), parts, seed, rows, cols, rank, x.stride(0), keep_scale(p),
+            threshold(p), BM=_GRAD_BM, BK=_GRAD_BK, BR=_block_rank(rank), STEPS=steps, **_flags(x))
+    return parts.sum(0)
+
+
+@masked_backward_.register_fake
+def _(dx, gb, a, x, seed, p):
     return x.new_empty(gb.shape[1], x.shape[1], dtype=torch.float32)
 
 
@@ -196,7 +235,7 @@ def _(seed, rows, cols, p):
     return torch.empty(rows, cols, dtype=torch.bool, device=seed.device)
 
 
-_CHECKED: tp.Dict[torch.device, bool] = {}
+_CHECKED: tp.Dict[tp.Tuple[torch.device, bool], bool] = {}  # (device, FUSED_BACKWARD): the check's verdict
 
 
 def kernels_ok(device: tp.Union[str, torch.device]) -> bool:
@@ -206,8 +245,9 @@ def kernels_ok(device: tp.Union[str, torch.device]) -> bool:
     device = torch.device(device)
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
-    if device in _CHECKED:
-        return _CHECKED[device]
+    key = (device, FUSED_BACKWARD)
+    if key in _CHECKED:
+        return _CHECKED[key]
     if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
         return False
     try:
@@ -217,7 +257,7 @@ def kernels_ok(device: tp.Union[str, torch.device]) -> bool:
     if error:
         logger.warning("lora.dropout_kernel: the Triton LoRA dropout kernels can't be used on %s (%s); LoRA dropout "
                        "runs torch's dropout there (its mask kept for backward).", device, error)
-    _CHECKED[device] = not error
+    _CHECKED[key] = not error
     return not error
 
 
@@ -250,6 +290,10 @@ def _products_disagree(device: torch.device) -> tp.Optional[str]:
                 'rank_grad': (rank_grad(gb, x, seed, p), gb.float().t() @ (x.float() * kept)),
             }
             ref = dx.float() + kept * (gb.float() @ a.float())
+            if FUSED_BACKWARD:
+                fused = dx.clone()
+                checks['masked_backward_ (dA)'] = (masked_backward_(fused, gb, a, x, seed, p), checks['rank_grad'][1])
+                checks['masked_backward_ (dx)'] = (fused.float(), ref)
             masked_update_(dx, gb, a, seed, p)
             checks['masked_update_'] = (dx.float(), ref)
             for name, (got, want) in checks.items():
@@ -275,6 +319,12 @@ def _masks_disagree(device: torch.device) -> tp.Optional[str]:
     masked_update_(dx, torch.ones(rows, 16, device=device, dtype=torch.bfloat16), a, seed, 0.5)
     got = {'rank_product': rank_product(ones, a, seed, 1.0, 0.5).float(), 'masked_update_': dx.float()[:, columns],
            'rank_grad': rank_grad(torch.ones(rows, 16, device=device, dtype=torch.bfloat16), ones, seed, 0.5)}
+    if FUSED_BACKWARD:
+        fused = torch.zeros(rows, cols, device=device, dtype=torch.bfloat16)
+        fused_grad = masked_backward_(fused, torch.ones(rows, 16, device=device, dtype=torch.bfloat16), a, ones, seed,
+                                      0.5)
+        if not (torch.equal(fused.float()[:, columns], want[:, columns]) and torch.equal(fused_grad[0], want.sum(0))):
+            return "masked_backward_'s mask differs from keep_mask's"
     if not torch.equal(got['rank_grad'][0], want.sum(0)):
         return "rank_grad's mask differs from keep_mask's"
     for name in ('rank_product', 'masked_update_'):

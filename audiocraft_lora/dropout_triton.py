@@ -18,7 +18,8 @@ import triton.language as tl
 
 from .norm_triton import store
 
-__all__ = ['triton', 'keep_kernel', 'rank_product_kernel', 'masked_update_kernel', 'rank_grad_kernel']
+__all__ = ['triton', 'keep_kernel', 'rank_product_kernel', 'masked_update_kernel', 'rank_grad_kernel',
+           'masked_backward_kernel']
 
 
 @triton.jit
@@ -109,16 +110,20 @@ def masked_update_kernel(DX, GB, A, SEED, M, K, R, scale, threshold, BM: tl.cons
     store(pointers, _load(pointers, inside, BF16) + tl.where(keep, update, 0.), inside, BF16)
 
 
+@triton.jit
+def _column_part(BK: tl.constexpr, BR: tl.constexpr):
+    """dA's programs (j, s): columns j * BK.. (their first, all of them) and part s; the ranks 0..BR."""
+    col_start = tl.program_id(0) * BK
+    return col_start, tl.program_id(1), col_start + tl.arange(0, BK), tl.arange(0, BR)
+
+
 @triton.jit(do_not_specialize=['M'])
 def rank_grad_kernel(GB, X, PART, SEED, M, K, R, stride, scale, threshold, BM: tl.constexpr, BK: tl.constexpr,
                      BR: tl.constexpr, STEPS: tl.constexpr, BF16: tl.constexpr, LOW: tl.constexpr):
     """PART [P, R, K] (float32): partial sums over rows of scale * GB^T @ (keep * X) (X's rows `stride` apart).
     Program (j, s) takes columns j * BK.. and the STEPS row blocks from s * STEPS * BM on; the sum of the P parts is
     dA."""
-    col_start = tl.program_id(0) * BK
-    part = tl.program_id(1)
-    cols = col_start + tl.arange(0, BK)
-    ranks = tl.arange(0, BR)
+    col_start, part, cols, ranks = _column_part(BK, BR)
     seed = tl.load(SEED)
     groups = (K + 7) // 8
     acc = tl.zeros((BR, BK), dtype=tl.float32)
@@ -128,5 +133,32 @@ def rank_grad_kernel(GB, X, PART, SEED, M, K, R, stride, scale, threshold, BM: t
         x = _load(X + rows[:, None] * stride + cols[None, :], (rows < M)[:, None] & (cols < K)[None, :], BF16)
         x = tl.where(keep_tile(seed, rows, col_start, groups, threshold, BK), x, 0.)
         acc = _dot(gbt, x, acc, BF16, LOW)
+    tl.store(PART + part * R * K + ranks[:, None] * K + cols[None, :], acc * scale,
+             mask=(ranks < R)[:, None] & (cols < K)[None, :])
+
+
+@triton.jit(do_not_specialize=['M'])
+def masked_backward_kernel(DX, GB, A, X, PART, SEED, M, K, R, stride, scale, threshold, BM: tl.constexpr,
+                           BK: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr, BF16: tl.constexpr,
+                           LOW: tl.constexpr):
+    """`masked_update_kernel` and `rank_grad_kernel` in one pass, the decisions drawn once: DX [M, K] += scale * keep
+    * (GB [M, R] @ A [R, K]) in place, and PART [P, R, K] (float32) the partial sums over rows of scale * GB^T @
+    (keep * X) (X's rows `stride` apart), program (j, s) taking columns j * BK.. and the STEPS row blocks from
+    s * STEPS * BM on (rank_grad_kernel's tiling: the same sums in the same order)."""
+    col_start, part, cols, ranks = _column_part(BK, BR)
+    seed = tl.load(SEED)
+    groups = (K + 7) // 8
+    a = _load(A + ranks[:, None] * K + cols[None, :], (ranks < R)[:, None] & (cols < K)[None, :], BF16)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    for step in range(STEPS):
+        rows = (part.to(tl.int64) * STEPS + step) * BM + tl.arange(0, BM)
+        inside = (rows < M)[:, None] & (cols < K)[None, :]
+        gb = _load(GB + rows[:, None] * R + ranks[None, :], (rows < M)[:, None] & (ranks < R)[None, :], BF16)
+        keep = keep_tile(seed, rows, col_start, groups, threshold, BK)
+        update = _dot(gb, a, tl.zeros((BM, BK), dtype=tl.float32), BF16, LOW) * scale
+        pointers = DX + rows[:, None] * K + cols[None, :]
+        store(pointers, _load(pointers, inside, BF16) + tl.where(keep, update, 0.), inside, BF16)
+        x = tl.where(keep, _load(X + rows[:, None] * stride + cols[None, :], inside, BF16), 0.)
+        acc = _dot(tl.trans(gb), x, acc, BF16, LOW)
     tl.store(PART + part * R * K + ranks[:, None] * K + cols[None, :], acc * scale,
              mask=(ranks < R)[:, None] & (cols < K)[None, :])

@@ -157,7 +157,10 @@ class LowRankLinear(torch.autograd.Function):
             if ctx.kernel:  # g W, then + (s g B) A * keep / (1 - p) in place: the rank-r product never written
                 grad_x = torch.mm(g, base)
                 gb = _scaled_mm(g, b, s)
-                dropout_kernels.masked_update_(grad_x, gb, a, mask, ctx.dropout)
+                if need_a and dropout_kernels.FUSED_BACKWARD:  # (and dA from the same pass, the draws once)
+                    grad_a = dropout_kernels.masked_backward_(grad_x, gb, a, _rows(xd), mask, ctx.dropout)
+                else:
+                    dropout_kernels.masked_update_(grad_x, gb, a, mask, ctx.dropout)
             elif 'backward' in CONCAT_RANK_GEMMS and (need_a or not ctx.merged):
                 # g W and s g B ([N, r], for dA and the unmerged dx) from one GEMM over [W | s B]: one pass over g
                 in_features = w.shape[1]
@@ -180,10 +183,9 @@ class LowRankLinear(torch.autograd.Function):
             grad_w = _grad_mm(g.t(), _recompute_input(xd, mask, ctx.dropout), ctx.w_dtype)
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
-        if need_a and ctx.kernel:  # (float32: the adapter's dtype, or autograd casts it)
-            grad_a = dropout_kernels.rank_grad(gb, _rows(xd), mask, ctx.dropout)
-        elif need_a:
-            grad_a = _grad_mm(gb.t(), _rows(xd), ctx.a_dtype)
+        if need_a and grad_a is None:  # (the kernel's in float32: the adapter's dtype, or autograd casts it)
+            grad_a = (dropout_kernels.rank_grad(gb, _rows(xd), mask, ctx.dropout) if ctx.kernel
+                      else _grad_mm(gb.t(), _rows(xd), ctx.a_dtype))
         if need_b:
             grad_b = _grad_mm(g.t(), u, ctx.b_dtype)  # u = s x A^T: dB = s g^T x A^T
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None, None

@@ -196,15 +196,34 @@ def checkpointing_on_cuda(pkg, codes, dropout: float = 0.0, kernel: bool = False
               f"worst relative grad difference {worst:.2e}")
 
 
+def _median_ms(fn, reset=lambda: None, runs: int = 20) -> float:
+    """Median CUDA-event time of `fn()` (ms) over `runs` after 5 untimed, `reset()` between runs (untimed)."""
+    spans = []
+    for i in range(runs + 5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        reset()
+        if i >= 5:
+            spans.append(start.elapsed_time(end))
+    return sorted(spans)[len(spans) // 2]
+
+
 def dropout_kernels_on_cuda():
     """lora.dropout_kernel: the kernels' check on this GPU, the keep rate of a p=0.05 mask, and one musicgen-small
-    feed-forward projection at batch 16 x 30 s (x [24016, 4096] -> 1024, rank 16) forward + backward: kernels vs
-    torch's dropout vs no dropout (ms, CUDA events, median of 20)."""
-    from audiocraft_lora import dropout_kernels
+    feed-forward projection at batch 16 x 30 s (x [24016, 4096] -> 1024, rank 16) forward + backward: kernels
+    (backward in two kernels, and in one: dropout_kernels.FUSED_BACKWARD) vs torch's dropout vs no dropout (ms, CUDA
+    events, median of 20); then each kernel alone next to the same product without dropout (what the draws cost)."""
+    from audiocraft_lora import dropout_kernels as dk
     from audiocraft_lora.fast_lora import low_rank_linear
-    ok = dropout_kernels.kernels_ok('cuda')
-    seed = dropout_kernels.draw_seed(torch.device('cuda'))
-    rate = float(dropout_kernels.keep_mask(seed, 24016, 4096, 0.05).float().mean())
+    ok = dk.kernels_ok('cuda')
+    dk.FUSED_BACKWARD = True
+    fused_ok = dk.kernels_ok('cuda')  # (its own check: masked_backward_ too)
+    dk.FUSED_BACKWARD = False
+    seed = dk.draw_seed(torch.device('cuda'))
+    rate = float(dk.keep_mask(seed, 24016, 4096, 0.05).float().mean())
     gen = torch.Generator('cuda').manual_seed(0)
     x = torch.randn(24016, 4096, device='cuda', generator=gen, dtype=torch.bfloat16).requires_grad_()
     w = torch.randn(1024, 4096, device='cuda', generator=gen, dtype=torch.bfloat16) * 0.02
@@ -212,26 +231,43 @@ def dropout_kernels_on_cuda():
     b = (torch.randn(1024, 16, device='cuda', generator=gen) * 0.02).requires_grad_()
     g = torch.randn(24016, 1024, device='cuda', generator=gen, dtype=torch.bfloat16)
     times, by_torch = {}, "torch's dropout"
-    for name, p, kernel in (('no dropout', 0.0, False), (by_torch, 0.05, False), ('kernels', 0.05, True)):
-        if kernel and not ok:
+
+    def clear():
+        x.grad = a.grad = b.grad = None
+    for name, p, kernel, fused in (('no dropout', 0.0, False, False), (by_torch, 0.05, False, False),
+                                   ('kernels', 0.05, True, False), ('kernels, fused backward', 0.05, True, True)):
+        if kernel and not (fused_ok if fused else ok):
             continue
-        spans = []
-        for i in range(25):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        dk.FUSED_BACKWARD = fused
+
+        def step():
             with torch.autocast('cuda', dtype=torch.bfloat16):
                 y = low_rank_linear(x, w, None, a, b, 2.0, p, kernel=kernel)
             torch.autograd.backward(y, g)
-            end.record()
-            torch.cuda.synchronize()
-            x.grad = a.grad = b.grad = None
-            if i >= 5:
-                spans.append(start.elapsed_time(end))
-        times[name] = sorted(spans)[len(spans) // 2]
-    print(f"LoRA dropout kernels on CUDA: check passed {ok}; keep rate at p=0.05 {rate:.5f} (expected "
-          f"{1 - dropout_kernels.threshold(0.05) / 65536:.5f}); linear2 of small b16 forward+backward "
+        times[name] = _median_ms(step, clear)
+        dk.FUSED_BACKWARD = False
+    print(f"LoRA dropout kernels on CUDA: check passed {ok} (fused backward {fused_ok}); keep rate at p=0.05 "
+          f"{rate:.5f} (expected {1 - dk.threshold(0.05) / 65536:.5f}); linear2 of small b16 forward+backward "
           + ', '.join(f'{k} {v:.2f} ms' for k, v in times.items())
           + (f"; kernels / torch's {times['kernels'] / times[by_torch]:.2f}x" if 'kernels' in times else ''))
+    if not ok:
+        return
+    xd, a16 = x.detach(), a.detach().bfloat16()
+    gb = (g @ b.detach().bfloat16()).contiguous()
+    dx = torch.zeros_like(xd)
+    grad_mm = lambda: torch.mm(gb.t(), xd, out_dtype=torch.float32)  # (the fast path's dA without dropout)
+    alone = {
+        'rank_product': (lambda: dk.rank_product(xd, a16, seed, 2.0, 0.05), lambda: xd @ a16.t()),
+        'masked_update_': (lambda: dk.masked_update_(dx, gb, a16, seed, 0.05), lambda: dx.addmm_(gb, a16)),
+        'rank_grad': (lambda: dk.rank_grad(gb, xd, seed, 0.05), grad_mm),
+    }
+    if fused_ok:
+        alone['masked_backward_'] = (lambda: dk.masked_backward_(dx, gb, a16, xd, seed, 0.05),
+                                     lambda: (dx.addmm_(gb, a16), grad_mm()))
+    copy_ms = _median_ms(lambda: xd.clone())
+    print("  the kernels alone at linear2 of small b16 (ms; without dropout: the same product by torch; x.clone() "
+          f"{copy_ms:.3f}, what one read + write of x takes): "
+          + ', '.join(f'{k} {_median_ms(mine):.3f} vs {_median_ms(plain):.3f}' for k, (mine, plain) in alone.items()))
 
 
 def adapter_casts_on_cuda(pkg, codes):

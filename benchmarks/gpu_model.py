@@ -74,7 +74,7 @@ COMPOSITE_LAUNCHES = {'slice_backward': 2, 'select_backward': 2, 'nll_loss_backw
 # instructions/s (64 per clock per SM), overlapped with the memory traffic (the max of the two); the in-place update of
 # dx also writes it (its bytes counted twice).
 DROPOUT_KERNELS = {'dropout_rank_product': 0, 'dropout_rank_product_beside': 0, 'dropout_masked_update': 0,
-                   'dropout_rank_grad': 1, 'dropout_keep': -1, 'native_dropout': 0}
+                   'dropout_rank_grad': 1, 'dropout_masked_backward': 0, 'dropout_keep': -1, 'native_dropout': 0}
 RNG_SECONDS_PER_ELEMENT = 20 / 16.7e12
 
 
@@ -154,7 +154,7 @@ class KernelCosts(TorchDispatchMode):
         moved = _nbytes(tree_leaves((args, kwargs))) + _nbytes(tree_leaves(out))
         kind = category(name)
         accumulate = bool(kwargs.get('accumulate', args[3] if len(args) > 3 and name in SLOW else False))
-        if name == 'dropout_masked_update':
+        if name in ('dropout_masked_update', 'dropout_masked_backward'):
             moved += _nbytes([args[0]])
         seconds = self.cost(name, flops, moved, accumulate)
         if name in DROPOUT_KERNELS:

@@ -30,8 +30,9 @@ else  # (an H100: the LoRA plans alone; est. 37.3 GiB with the margin for the mi
   LIMIT=100 run_case --scale medium --batch 16 --json $OUT/medium_b16.json --cases lora_graphed_mixed,lora_graphed_sac
 fi
 # the recipe row (small b16 x 15 s, LoRA dropout 0.05): the dropout kernels (no `_tdrop`) against torch's dropout
-LIMIT=120 run_case --scale small --batch 16 --frames 750 --lora-dropout 0.05 --iters 10 --json $OUT/recipe.json \
-  --cases full,lora_fast,lora_fast_tdrop,lora_graphed,lora_graphed_tdrop,lora_graphed_sac,lora_graphed_sac_tdrop,hf_lora
+# (and `_fdrop`: their backward in one kernel, dropout_kernels.FUSED_BACKWARD, off until this says it pays)
+LIMIT=150 run_case --scale small --batch 16 --frames 750 --lora-dropout 0.05 --iters 10 --json $OUT/recipe.json \
+  --cases full,lora_fast,lora_fast_tdrop,lora_graphed,lora_graphed_tdrop,lora_graphed_fdrop,lora_graphed_sac,lora_graphed_sac_tdrop,lora_graphed_sac_fdrop,hf_lora
 run_case --scale small --batch 16 --json $OUT/small_b16.json \
   --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,lora_graphed_sac,hf_lora
 echo "== dora run lora_debug on cuda, bf16 autocast, speed defaults (CUDA graphs of the layers) [$((SECONDS-START)) s]"

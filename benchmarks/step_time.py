@@ -44,6 +44,8 @@ Cases (`--cases`, comma separated):
               torch (lora.dropout_kernel=false: mask and dropped-out input kept, or replayed) instead of inside the
               rank-r products (dropout_kernels.py, the default on CUDA; --count-only counts every other case as on a
               GPU, with the kernels); compare with --lora-dropout > 0
+  lora_fast_fdrop, lora_sac_fdrop, lora_graphed_fdrop, lora_graphed_sac_fdrop: the case with the dropout kernels'
+              backward in one kernel (dropout_kernels.FUSED_BACKWARD: masked_backward_, each decision drawn once)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
   encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
@@ -102,11 +104,13 @@ CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'l
          'lora_compile', 'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat',
          'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'lora_graphed_sac',
          'lora_graphed_mixed', 'lora_fast_tdrop', 'lora_sac_tdrop', 'lora_graphed_tdrop', 'lora_graphed_sac_tdrop',
-         'hf_lora', 'hf_full', 'encode')
+         'lora_fast_fdrop', 'lora_sac_fdrop', 'lora_graphed_fdrop', 'lora_graphed_sac_fdrop', 'hf_lora', 'hf_full',
+         'encode')
 CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
              'lora_graphed_keep_unfused', 'lora_graphed_sac', 'lora_graphed_mixed', 'lora_graphed_tdrop',
-             'lora_graphed_sac_tdrop')
+             'lora_graphed_sac_tdrop', 'lora_graphed_fdrop', 'lora_graphed_sac_fdrop')
 TORCH_DROPOUT = '_tdrop'  # a case's suffix: LoRA dropout by torch (lora.dropout_kernel=false), the rest as the case
+FUSED_DROPOUT_BACKWARD = '_fdrop'  # a case's suffix: dropout_kernels.FUSED_BACKWARD, the rest as the case
 RANK = 16
 TEXT_TOKENS = 16  # text conditioning length of the HF cases (a short description through T5)
 
@@ -232,6 +236,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
     from audiocraft_lora import dropout_kernels, fast_lora, packed_qkv
     torch_dropout = case.endswith(TORCH_DROPOUT)
     case = case[:-len(TORCH_DROPOUT)] if torch_dropout else case
+    dropout_kernels.FUSED_BACKWARD = case.endswith(FUSED_DROPOUT_BACKWARD)  # (read in backward: for the whole case)
+    case = case[:-len(FUSED_DROPOUT_BACKWARD)] if dropout_kernels.FUSED_BACKWARD else case
     fast_lora.CONCAT_RANK_GEMMS = frozenset(  # (read in forward and backward: set for the whole case)
         getattr(args, 'concat_rank_gemms', ','.join(fast_lora.CONCAT_PARTS)).split(',') if case.endswith('_concat')
         else ())
@@ -519,7 +525,8 @@ def ratios(results: tp.Dict[str, dict]) -> tp.Dict[str, float]:
                  'lora_fast_concat', 'lora_ckpt', 'lora_ckpt_half', 'lora_sac', 'lora_mixed', 'lora_compile',
                  'lora_compile_ro', 'lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact',
                  'lora_graphed_unfused', 'lora_graphed_sac', 'lora_graphed_mixed', 'lora_fast_tdrop', 'lora_sac_tdrop',
-                 'lora_graphed_tdrop', 'lora_graphed_sac_tdrop'):
+                 'lora_graphed_tdrop', 'lora_graphed_sac_tdrop', 'lora_fast_fdrop', 'lora_sac_fdrop',
+                 'lora_graphed_fdrop', 'lora_graphed_sac_fdrop'):
         for ref in ('full', 'lora_plain', 'hf_lora', 'hf_full', 'lora_fast', 'lora_graphed', 'lora_fast_keep',
                     'lora_graphed_keep', 'lora_sac', 'lora_graphed_sac'):
             if case in results and ref in results and case != ref:

@@ -28,8 +28,11 @@ from helpers import OpsSeen, debug_lora_lm, lora_step
 import collections
 
 # 1. the GPU's check as it is: each kernel against float32 products with the kernels' own mask (dA's programs over
-# several row blocks), each kernel's mask read back exactly, the keep rate, independence of neighbours and seeds
+# several row blocks), each kernel's mask read back exactly, the keep rate, independence of neighbours and seeds;
+# with FUSED_BACKWARD, whose check adds masked_backward_'s to the rest
+dk.FUSED_BACKWARD = True
 assert dk._disagreement(torch.device('cpu')) is None, dk._disagreement(torch.device('cpu'))
+dk.FUSED_BACKWARD = False
 
 # 2. one projection under bf16 autocast against autograd on y = x W^T + b + s ((keep * x / (1 - p)) A^T) B^T: an
 # input wider than the output (u B^T added to x W^T) and narrower ([x | u] [W | B]^T in one GEMM, as linear1)
@@ -64,6 +67,16 @@ for N, IN, OUT, R, p, s in ((50, 40, 24, 8, 0.25, 0.7), (50, 24, 40, 8, 0.25, 0.
     with torch.autocast('cpu', dtype=torch.bfloat16):  # each call draws its own seed: another mask
         again = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
     assert not torch.equal(again, y)
+    # masked_backward_ (FUSED_BACKWARD): dx and dA of masked_update_ and rank_grad, bit for bit
+    grads = x.grad, A.grad, B.grad
+    x.grad = A.grad = B.grad = None
+    dk.FUSED_BACKWARD = True
+    torch.manual_seed(1)
+    with OpsSeen() as seen, torch.autocast('cpu', dtype=torch.bfloat16):
+        low_rank_linear(x, w, bias, A, B, s, p, kernel=True).backward(g)
+    dk.FUSED_BACKWARD = False
+    assert 'dropout_masked_backward' in seen.names and 'dropout_rank_grad' not in seen.names, seen.names
+    assert all(torch.equal(a, b) for a, b in zip((x.grad, A.grad, B.grad), grads)), IN
 
 # 3. a debug LM step with the kernels: selective checkpointing and the captures' plan give the plain step bit for
 # bit (the seeds drawn again in the recompute, or kept), with rank_product's output kept (never run in backward),
