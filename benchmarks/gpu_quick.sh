@@ -4,9 +4,9 @@
 # the layers' CUDA graphs vs eager, the solver with every default), medium b16 (#7's 40 GB plan, half whole + half
 # selective, and `selective`, both inside the graphs; on an H200 also AudioCraft's full fine-tune and HF + peft,
 # which an H100 can't hold), the recipe row (small b16 x 15 s, LoRA dropout 0.05: the dropout kernels against torch's
-# dropout, `_tdrop`), small b16 (#7's table), a CUDA `dora run` with the defaults, small b4, the mixed text lengths,
-# medium b4, a `dora run` with `selective`, the backward parts of fast_lora.CONCAT_RANK_GEMMS (forward: 1.11x
-# slower, session 18), the layer norms alone.
+# dropout, `_tdrop`; their backward in one kernel, `_fdrop`), small b16 (#7's table), EnCodec's encode, a CUDA
+# `dora run` with the defaults, small b4, the mixed text lengths, medium b4, a `dora run` with `selective`, the
+# backward parts of fast_lora.CONCAT_RANK_GEMMS (forward: 1.11x slower, session 18), the layer norms alone.
 # Each shape's cases run in one process; `resv GiB` (torch.cuda.max_memory_reserved, the graphs' pool included) is
 # each case's own (step_time.py empties the cache before a case and subtracts what was still reserved).
 # gpu_memory.sh is the short follow-up (one process per case). Session 18's results: benchmarks/README.md.
@@ -35,6 +35,9 @@ LIMIT=150 run_case --scale small --batch 16 --frames 750 --lora-dropout 0.05 --i
   --cases full,lora_fast,lora_fast_tdrop,lora_graphed,lora_graphed_tdrop,lora_graphed_fdrop,lora_graphed_sac,lora_graphed_sac_tdrop,lora_graphed_sac_fdrop,hf_lora
 run_case --scale small --batch 16 --json $OUT/small_b16.json \
   --cases full,lora_fast_keep,lora_graphed,lora_graphed_keep,lora_graphed_unfused,lora_graphed_sac,hf_lora
+# EnCodec's encode of the batch, which every step without a token cache adds: float32 as the solver runs it, with
+# cudnn.benchmark, under bf16 autocast (other tokens: a probe); session 6 timed it under autocast only
+LIMIT=60 run_case --scale small --batch 16 --cases encode,encode_bench,encode_bf16
 echo "== dora run lora_debug on cuda, bf16 autocast, speed defaults (CUDA graphs of the layers) [$((SECONDS-START)) s]"
 dora_on_cuda 40
 run_case --scale small --batch 4 --cases full,lora_fast_keep,lora_fast_keep_unfused,lora_graphed,lora_graphed_keep,hf_lora \

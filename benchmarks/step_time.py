@@ -48,9 +48,10 @@ Cases (`--cases`, comma separated):
               backward in one kernel (dropout_kernels.FUSED_BACKWARD: masked_backward_, each decision drawn once)
   hf_lora     HF transformers MusicgenForCausalLM (same dims, random weights) + peft LoRA on q,k,v,o,fc1,fc2
   hf_full     the same HF decoder, full fine-tune
-  encode      EnCodec's encoder on the batch's audio (no grad): what every AudioCraft solver step adds, and what a
-              token cache (`cache.path`) removes from ours; ratios `X/(full+encode)` compare a cached LoRA step with
-              AudioCraft's whole step
+  encode      EnCodec's encoder on the batch's audio (no grad, float32 as the solver runs it; encode_bench: with
+              cudnn.benchmark; encode_bf16: under autocast, other tokens): what every AudioCraft solver step adds, and
+              what a token cache (`cache.path`) removes from ours; ratios `X/(full+encode)` compare a cached LoRA
+              step with AudioCraft's whole step
 
 The AudioCraft cases run MusicGenSolver's step: `lm.compute_predictions` (delay pattern, cross-attention on the text
 condition), the cross-entropy (`full`: `MusicGenSolver._compute_cross_entropy`; the LoRA cases: our solver's,
@@ -105,7 +106,7 @@ CASES = ('full', 'lora_plain', 'lora_fast', 'lora_fast_ac', 'lora_fast_keep', 'l
          'lora_graphed_exact', 'lora_graphed_unfused', 'lora_graphed_keep_unfused', 'lora_graphed_sac',
          'lora_graphed_mixed', 'lora_fast_tdrop', 'lora_sac_tdrop', 'lora_graphed_tdrop', 'lora_graphed_sac_tdrop',
          'lora_fast_fdrop', 'lora_sac_fdrop', 'lora_graphed_fdrop', 'lora_graphed_sac_fdrop', 'hf_lora', 'hf_full',
-         'encode')
+         'encode', 'encode_bench', 'encode_bf16')
 CUDA_ONLY = ('lora_graphed', 'lora_graphed_keep', 'lora_graphed_concat', 'lora_graphed_exact', 'lora_graphed_unfused',
              'lora_graphed_keep_unfused', 'lora_graphed_sac', 'lora_graphed_mixed', 'lora_graphed_tdrop',
              'lora_graphed_sac_tdrop', 'lora_graphed_fdrop', 'lora_graphed_sac_fdrop')
@@ -130,11 +131,15 @@ def build_ac_lm(scale: str, card: int, device: str):
     return lm
 
 
-def build_encoder(args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torch.Tensor]]:
-    """The `encode` case: MusicGen's EnCodec 32 kHz encoder (SEANet, 64 filters, ratios 8-5-4-4, 2 LSTM layers; random
-    weights; the 4-codebook quantizer, ~1% of its FLOPs, left out) on the batch's audio, frozen, under autocast. An
-    AudioCraft solver runs it at every training step; with a token cache (`cache.path`) ours does not."""
+def build_encoder(args, variant: str = 'encode') -> tp.Tuple[torch.nn.Module, tp.Callable[[], torch.Tensor]]:
+    """The `encode` cases: MusicGen's EnCodec 32 kHz encoder (SEANet, 64 filters, ratios 8-5-4-4, 2 LSTM layers;
+    random weights; the 4-codebook quantizer, ~1% of its FLOPs, left out) on the batch's audio, frozen. An AudioCraft
+    solver runs it at every training step (with a token cache, `cache.path`, ours does not): `encode` as the solver
+    runs it (float32 outside autocast, torch's default TF32 for convolutions, `lora.encode_chunk` = 4 items at a
+    time); `encode_bench` the same with cudnn.benchmark (cuDNN times its algorithms for these shapes once);
+    `encode_bf16` under the step's autocast (other tokens: a speed probe only)."""
     from audiocraft.modules import SEANetEncoder
+    from audiocraft_lora.speed import SpeedSettings
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # weight_norm deprecation
@@ -143,12 +148,18 @@ def build_encoder(args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torch.Tenso
                                 compress=2).to(args.device).eval()
     encoder.requires_grad_(False)
     audio = torch.randn(args.batch, 1, args.frames * 640, device=args.device)  # 640 samples per frame at 32 kHz
-    dtype = args.autocast_dtype
+    dtype = args.autocast_dtype if variant == 'encode_bf16' else None
+    chunk = SpeedSettings().encode_chunk or args.batch
 
     def encode():
-        with torch.no_grad(), torch.autocast(device_type=args.device, dtype=dtype or torch.float32,
-                                             enabled=dtype is not None):
-            return encoder(audio).float().mean()
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = variant == 'encode_bench'
+        try:
+            with torch.no_grad(), torch.autocast(device_type=args.device, dtype=dtype or torch.float32,
+                                                 enabled=dtype is not None):
+                return sum(encoder(part).float().mean() for part in audio.split(chunk))
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
     return encoder, encode
 
 
@@ -243,8 +254,8 @@ def make_case(case: str, args) -> tp.Tuple[torch.nn.Module, tp.Callable[[], torc
         else ())
     device, dtype = args.device, args.autocast_dtype
     torch.manual_seed(0)
-    if case == 'encode':
-        return build_encoder(args)
+    if case.startswith('encode'):
+        return build_encoder(args, case)
     codes = torch.randint(0, args.card, (args.batch, 4, args.frames), device=device)
     if case.startswith('hf_'):
         model = build_hf_lm(args.scale, args.card, device)
@@ -486,7 +497,7 @@ def measure(case: str, args) -> dict:
     # --text-lengths (steps of several lengths, some beyond the graphs: what a run of them costs)
     step_s = mean_s if text_lengths(args) else times[len(times) // 2] if args.device == 'cuda' else times[0]
     estimate = None
-    if getattr(args, 'estimate', False) and not case.startswith('hf_') and case != 'encode':
+    if getattr(args, 'estimate', False) and not case.startswith(('hf_', 'encode')):
         # what `lora.activation_checkpointing=auto` would plan with, for this very model (compare with peak_GiB)
         from audiocraft_lora.memory_estimate import StepShape, estimate_step
         try:
