@@ -40,6 +40,7 @@ from audiocraft.solvers.musicgen import MusicGenSolver
 from . import adapters, base_models
 from . import checkpointing, dropout_kernels, faults, fused_norms, layer_graphs, memory_plan
 from .guards import NonFiniteGuard
+from .data_wait import DataWait
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
 from .errors import BaseModelError, LoRAConfigError, OutOfMemory
 from .lora import AdapterParameters, LoRASettings, inject_lora
@@ -92,6 +93,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self.generation_params['top_k'] = min(int(self.generation_params['top_k']), int(cfg.transformer_lm.card))
         self.nonfinite_guard = NonFiniteGuard.from_config(cfg.get('nonfinite'))
         self.stateful.register('nonfinite', self.nonfinite_guard)  # running count of skipped steps
+        self.data_wait = DataWait()  # (train epochs' `data_wait`: the share of time spent waiting for batches)
 
     # ---------------------------------------------------------------- configuration from the base checkpoint
     def _adopt_base_config(self, cfg: omegaconf.DictConfig) -> None:
@@ -253,10 +255,13 @@ class LoRAMusicGenSolver(MusicGenSolver):
         if not self.is_training:
             return super().run_step(idx, batch, metrics)
         faults.kill_point('train_step', epoch=self.epoch, step=idx, rank=flashy.distrib.rank())
+        self.data_wait.step_begins()
         try:
             faults.maybe_out_of_memory(epoch=self.epoch, step=idx, rank=flashy.distrib.rank())
-            return self.nonfinite_guard.run_step(
+            metrics = self.nonfinite_guard.run_step(
                 self, lambda: super(LoRAMusicGenSolver, self).run_step(idx, batch, metrics), metrics, self.epoch, idx)
+            self.data_wait.step_ends(self.device)
+            return metrics
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(out_of_memory_advice(
                 self.speed_settings, int(self.cfg.dataset.batch_size) * flashy.distrib.world_size(),  # per rank here
@@ -276,9 +281,16 @@ class LoRAMusicGenSolver(MusicGenSolver):
         return ce, ce_per_codebook
 
     def train(self) -> dict:
-        """AudioCraft's train stage, plus `skipped_steps` (this epoch) and `skipped_steps_total`."""
+        """AudioCraft's train stage, plus `skipped_steps` (this epoch), `skipped_steps_total` and `data_wait` (the
+        share of the epoch's step time spent waiting for batches; a warning above data_wait.WARN_SHARE)."""
         self.nonfinite_guard.start_epoch()
+        self.data_wait.start_epoch()
         metrics = self.nonfinite_guard.epoch_metrics(super().train())
+        if self.data_wait.share() is not None:
+            metrics['data_wait'] = self.data_wait.share()
+        advice = self.data_wait.advice(int(self.cfg.dataset.num_workers), self.epoch)
+        if advice:
+            self.logger.warning(advice)
         graphs = layer_graphs.installed(self.model)
         if graphs is not None:
             self.logger.info("CUDA graphs (lora.graph_layers): %s", graphs.summary())
