@@ -7,7 +7,7 @@ step: on one core a 15 s clip already at the model's rate and channels takes 5-9
 (WAV or MP3; resampling is most of it; `benchmarks/data_loading.py`). A batch of 16 such clips is ~0.7 s of one
 worker, so AudioCraft's default 4 workers fall behind a step of less than ~0.17 s and the step waits. From the second step of an epoch on, the time from
 the end of one step (its GPU work done) to the start of the next is the wait for the next batch; `data_wait` is its
-share of the epoch's step time. Above `WARN_SHARE` the solver says once what to change.
+share of the epoch's step time (the mean over ranks). Above `WARN_SHARE` the solver says once what to change.
 """
 import os
 import time
@@ -57,16 +57,19 @@ class DataWait:
             return None
         return self.waited / (self.waited + self.busy)
 
-    def advice(self, num_workers: int, epoch: int) -> tp.Optional[str]:
-        """The warning to log once per run when the share is above WARN_SHARE, else None."""
+    def advice(self, num_workers: int, epoch: int, cached: bool = False) -> tp.Optional[str]:
+        """The warning to log once per run when the share is above WARN_SHARE, else None (`cached`: the batches come
+        from a token cache, `cache.path`: no audio to convert)."""
         share = self.share()
         if share is None or share <= WARN_SHARE or self.warned:
             return None
         self.warned = True
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        fix = (f"Raise dataset.num_workers (this machine has {cpus} CPUs)" + (
+            " (the batches come from the token cache, cache.path)." if cached else
+            ", or convert the audio once to the model's sample rate and channels (`audiocraft-lora prepare ... "
+            "--convert`): a worker resamples a 15 s 44.1 kHz clip in ~40 ms, and reads one already at 32 kHz mono "
+            "in 5-9 ms (benchmarks/data_loading.py times your files)."))
         return (f"Training waited for its batches {share:.0%} of epoch {epoch} ({self.waited:.1f} s of "
                 f"{self.waited + self.busy:.1f} s, {self.steps} steps): the data loader ({num_workers} workers) is "
-                f"slower than the training step. Raise dataset.num_workers (this machine has {cpus} CPUs), or "
-                "convert the audio once to the model's sample rate and channels (`audiocraft-lora prepare ... "
-                "--convert`): a worker resamples a 15 s 44.1 kHz clip in ~40 ms, and reads one already at 32 kHz "
-                "mono in 5-9 ms (benchmarks/data_loading.py times your files).")
+                f"slower than the training step. {fix}")

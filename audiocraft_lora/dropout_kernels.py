@@ -254,7 +254,10 @@ def kernels_ok(device: tp.Union[str, torch.device]) -> bool:
         error = _disagreement(device)
     except Exception as exc:
         error = f'{type(exc).__name__}: {exc}'
-    if error:
+    if error and FUSED_BACKWARD:  # (`check` then tries the two-kernel backward)
+        logger.warning("lora.dropout_kernel: the fused backward kernel (FUSED_BACKWARD) can't be used on %s (%s).",
+                       device, error)
+    elif error:
         logger.warning("lora.dropout_kernel: the Triton LoRA dropout kernels can't be used on %s (%s); LoRA dropout "
                        "runs torch's dropout there (its mask kept for backward).", device, error)
     _CHECKED[key] = not error
@@ -290,14 +293,18 @@ def _products_disagree(device: torch.device) -> tp.Optional[str]:
                 'rank_grad': (rank_grad(gb, x, seed, p), gb.float().t() @ (x.float() * kept)),
             }
             ref = dx.float() + kept * (gb.float() @ a.float())
-            if FUSED_BACKWARD:
-                fused = dx.clone()
-                checks['masked_backward_ (dA)'] = (masked_backward_(fused, gb, a, x, seed, p), checks['rank_grad'][1])
-                checks['masked_backward_ (dx)'] = (fused.float(), ref)
+            fused = dx.clone() if FUSED_BACKWARD else None
             masked_update_(dx, gb, a, seed, p)
             checks['masked_update_'] = (dx.float(), ref)
+            if fused is not None:  # the two kernels' values (up to the products' rounding), on x and on [x | u]'s x
+                beside = rank_product_beside(x, a, seed, 0.5, p)[:, :cols]
+                for name, xs in (('x', x), ('[x | u]', beside)):
+                    out = fused.clone()
+                    grad = masked_backward_(out, gb, a, xs, seed, p)
+                    checks[f'masked_backward_ dA on {name}'] = (grad, rank_grad(gb, x, seed, p))
+                    checks[f'masked_backward_ dx on {name}'] = (out.float(), dx.float())
             for name, (got, want) in checks.items():
-                if not _rows_close(got, want, 2e-2):
+                if not _rows_close(got, want, 1e-3 if name.startswith('masked_backward_') else 2e-2):
                     return f"{name} differs from torch's product ({dtype}, {rows}x{cols}, rank {rank})"
             both = rank_product_beside(x, a, seed, 0.5, p)  # [x | u]: x as it is, u as rank_product's, bit for bit
             if not (torch.equal(both[:, :cols], x) and torch.equal(both[:, cols:], rank_product(x, a, seed, 0.5, p))
@@ -376,7 +383,12 @@ def check(model: torch.nn.Module, device: tp.Union[str, torch.device], required:
     from .errors import LoRAConfigError
     if not wants_dropout_kernel(model):
         return None
+    global FUSED_BACKWARD
     device = torch.device(device)
+    if FUSED_BACKWARD and device.type == 'cuda' and not kernels_ok(device):
+        logger.warning("dropout_kernels.FUSED_BACKWARD: the fused backward kernel failed its check on %s; backward "
+                       "runs masked_update_ and rank_grad instead.", device)
+        FUSED_BACKWARD = False
     ok = kernels_ok(device) if device.type == 'cuda' else (_INTERPRETED and device.type == 'cpu')
     if not ok and required:
         raise LoRAConfigError(f"lora.dropout_kernel=true: the Triton LoRA dropout kernels can't be used on {device} "

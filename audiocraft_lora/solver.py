@@ -286,9 +286,10 @@ class LoRAMusicGenSolver(MusicGenSolver):
         self.nonfinite_guard.start_epoch()
         self.data_wait.start_epoch()
         metrics = self.nonfinite_guard.epoch_metrics(super().train())
-        if self.data_wait.share() is not None:
-            metrics['data_wait'] = self.data_wait.share()
-        advice = self.data_wait.advice(int(self.cfg.dataset.num_workers), self.epoch)
+        if self.data_wait.share() is not None:  # (every rank runs as many steps: each has a share, or none has)
+            metrics['data_wait'] = flashy.distrib.average_metrics({'data_wait': self.data_wait.share()})['data_wait']
+        advice = self.data_wait.advice(int(self.cfg.dataset.num_workers), self.epoch,
+                                       cached=getattr(self, '_cached_batch_loader', None) is not None)
         if advice:
             self.logger.warning(advice)
         graphs = layer_graphs.installed(self.model)

@@ -265,6 +265,12 @@ def dropout_kernels_on_cuda():
     if fused_ok:
         alone['masked_backward_'] = (lambda: dk.masked_backward_(dx, gb, a16, xd, seed, 0.05),
                                      lambda: (dx.addmm_(gb, a16), grad_mm()))
+    if fused_ok:  # (bit for bit under the interpreter; here the products' tiles may round otherwise)
+        dx1, dx2 = torch.zeros_like(xd), torch.zeros_like(xd)
+        dk.masked_update_(dx1, gb, a16, seed, 0.05)
+        same = (torch.equal(dk.masked_backward_(dx2, gb, a16, xd, seed, 0.05), dk.rank_grad(gb, xd, seed, 0.05))
+                and torch.equal(dx1, dx2))
+        print(f"  masked_backward_ bit-equal to masked_update_ + rank_grad on CUDA: {same}")
     copy_ms = _median_ms(lambda: xd.clone())
     print("  the kernels alone at linear2 of small b16 (ms; without dropout: the same product by torch; x.clone() "
           f"{copy_ms:.3f}, what one read + write of x takes): "

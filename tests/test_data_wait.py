@@ -45,6 +45,10 @@ def test_advice_names_the_fixes_once_per_run_and_only_above_the_threshold():
     assert advice is not None and '67% of epoch 2' in advice and '(4 workers)' in advice
     assert 'dataset.num_workers' in advice and 'prepare ... --convert' in advice
     assert watch.advice(num_workers=4, epoch=2) is None  # (once per run)
+    cached = DataWait(clock)
+    _epoch(cached, clock, steps=8, wait=0.2, busy=0.1)
+    advice = cached.advice(num_workers=2, epoch=1, cached=True)
+    assert 'dataset.num_workers' in advice and 'cache.path' in advice and '--convert' not in advice
 
 
 class SlowLoader:
