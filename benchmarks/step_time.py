@@ -51,7 +51,7 @@ Cases (`--cases`, comma separated):
   encode      EnCodec's encoder on the batch's audio (no grad, float32 as the solver runs it; encode_bench: with
               cudnn.benchmark; encode_bf16: under autocast, other tokens): what every AudioCraft solver step adds, and
               what a token cache (`cache.path`) removes from ours; ratios `X/(full+encode)` compare a cached LoRA
-              step with AudioCraft's whole step
+              step with AudioCraft's whole step (whose encode takes the batch at once, not 4 items at a time)
 
 The AudioCraft cases run MusicGenSolver's step: `lm.compute_predictions` (delay pattern, cross-attention on the text
 condition), the cross-entropy (`full`: `MusicGenSolver._compute_cross_entropy`; the LoRA cases: our solver's,
