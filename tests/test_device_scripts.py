@@ -65,3 +65,15 @@ def test_the_device_wheel_list_pins_what_the_tests_run_with():
 def test_make_wheels_parses():
     proc = subprocess.run(['bash', '-n', str(BENCHMARKS / 'make_wheels.sh')], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize('script', [s for s in SCRIPTS if s.name != 'gpu_env.sh'], ids=lambda p: p.name)
+def test_every_step_time_case_a_device_script_names_exists(script):
+    """A misspelt case would only show on the GPU, as one "failed" row of its table (step_time.py goes on)."""
+    import sys
+    sys.path.insert(0, str(BENCHMARKS))
+    from step_time import CASES
+    text = script.read_text().replace('\\\n', ' ')
+    named = [case for listed in re.findall(r'--cases[ =]([\w,$]+)', text) if '$' not in listed
+             for case in listed.split(',')]
+    assert all(case in CASES for case in named), sorted(set(named) - set(CASES))
