@@ -52,9 +52,10 @@ _UPDATE_BM, _UPDATE_BK = 64, 64
 _GRAD_BM, _GRAD_BK, _GRAD_PROGRAMS = 64, 64, 1024
 # Backward by `masked_backward_` (one kernel: each decision drawn once, the rank-r gradient read once) instead of
 # `masked_update_` then `rank_grad` (each drawing them): off until timed on a GPU (benchmarks/cuda_checks.py's
-# dropout line, step_time.py --fused-dropout-backward). The draws are integer work the kernels are bound by
-# (~20 instructions an element, three draws an element a step; session 18 on an H100: linear2 of small b16 forward +
-# backward 1.85 ms with the kernels, 1.71 with torch's dropout, 1.22 without dropout).
+# dropout line, step_time.py's `_fdrop` cases). The kernels are bound by instructions more than bytes (session 18 on
+# an H100: linear2 of small b16 forward + backward 1.85 ms with the kernels, 1.71 with torch's dropout, 1.22 without);
+# compiled for sm_90a (benchmarks/sm90_stats.py) the two take ~59 instructions an element, 42-49% of them the draw,
+# the fused one ~44, at 211 registers (8 warps an SM).
 FUSED_BACKWARD = False
 
 
