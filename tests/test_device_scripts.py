@@ -77,3 +77,14 @@ def test_every_step_time_case_a_device_script_names_exists(script):
     named = [case for listed in re.findall(r'--cases[ =]([\w,$]+)', text) if '$' not in listed
              for case in listed.split(',')]
     assert all(case in CASES for case in named), sorted(set(named) - set(CASES))
+
+
+@pytest.mark.parametrize('script', [s for s in SCRIPTS if s.name != 'gpu_env.sh'], ids=lambda p: p.name)
+def test_every_cuda_check_a_device_script_names_exists(script):
+    """`cuda_checks.py NAME,...` runs the checks named: a misspelt one stops it on the GPU, before any check."""
+    source = (BENCHMARKS / 'cuda_checks.py').read_text()
+    start = source.index('checks = {')
+    known = set(re.findall(r"^\s+'(\w+)': ", source[start:source.index('\n    }\n', start)], flags=re.M))
+    named = [name for listed in re.findall(r'cuda_checks\.py ([\w,]+)', script.read_text())
+             for name in listed.split(',')]
+    assert 'loss' in known and all(name in known for name in named), sorted(set(named) - known)
