@@ -10,7 +10,9 @@ sync (so fake tensors can run it: the memory estimate uses it as is).
 
 The delay pattern's invalid steps have NaN logits (AudioCraft's special token). Ignored rows add nothing to the loss;
 their NaN gradient goes to the special-token column the pattern's revert appends, whose gradient is dropped, so no NaN
-reaches the LM. On CPU in float32 the gradients equal AudioCraft's bit for bit and the losses up to the order of the
+reaches the LM. In float16 (autocast on GPUs without bf16) a padded row's logits may also overflow to inf, whose NaN
+gradient would reach the LM (a skipped step): there the ignored rows' logits are zeroed first (one pass over the
+logits, which bf16 and float32, with float32's range, don't need). On CPU in float32 the gradients equal AudioCraft's bit for bit and the losses up to the order of the
 mean's sum (an ulp; tests/test_loss.py); on CUDA too, the means' float32 sums run in another order.
 """
 import typing as tp
@@ -32,6 +34,8 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
         raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and mask "
                          f"{tuple(mask.shape)} don't match: [B, K, T, card], [B, K, T], [B, K, T]")
     ignored = targets.masked_fill(~mask, _IGNORED)
+    if logits.dtype == torch.float16:  # (an ignored row whose fp16 logits overflowed would give a NaN gradient)
+        logits = logits.masked_fill(~mask.unsqueeze(-1), 0.)
     ce = torch.zeros([], device=targets.device)
     per_codebook: tp.List[torch.Tensor] = []
     for k, logits_k in enumerate(logits.unbind(1)):

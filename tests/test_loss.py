@@ -79,3 +79,23 @@ def test_under_bf16_autocast_as_the_solver_computes_it():
     assert ours[0].dtype == torch.float32 and _close(ours[0], theirs[0])
     assert all(torch.equal(a, b) for a, b in zip(ours[2], theirs[2]))
     assert all(bool(g.isfinite().all()) for g in ours[2]) and any(bool(g.abs().sum() > 0) for g in ours[2])
+
+
+def test_float16_logits_overflowing_in_ignored_rows_leave_the_gradient_finite():
+    """Under float16 autocast an ignored (padded) row's logits may overflow: its gradient stays finite (zero), and
+    the loss and the other rows' gradients are AudioCraft's."""
+    torch.manual_seed(0)
+    B, K, T, card = 2, 4, 9, 16
+    targets = torch.randint(0, card, (B, K, T))
+    mask = torch.ones(B, K, T, dtype=torch.bool)
+    mask[0, :, -3:] = False
+    base = torch.randn(B, K, T, card).half()
+    base[0, :, -1, 3] = float('inf')  # (a padded row, overflowed)
+    ours, theirs = base.clone().requires_grad_(), base.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.float16):
+        ce, _ = masked_cross_entropy(ours, targets, mask)
+        ref, _ = MusicGenSolver._compute_cross_entropy(None, theirs, targets, mask)
+    ce.backward()
+    ref.backward()
+    assert torch.isfinite(ce) and _close(ce, ref) and bool(ours.grad.isfinite().all())
+    assert torch.equal(ours.grad[mask], theirs.grad[mask]) and not bool(ours.grad[~mask].any())
