@@ -10,7 +10,9 @@ backward is a view: one pass (~2.7 ms of a ~140 ms step at 2.6 TB/s). The same v
 
 `install` points AudioCraft's transformer module at an `ops` whose `unbind` is this split (xformers' other functions
 unchanged), for every model in the process. Under torch.compile it is `torch.unbind`, which dynamo traces (xformers'
-Function it can't): the compiled layers stay one graph each.
+Function it can't): the compiled layers stay one graph each. Where the attention's backward already wrote the three
+gradients into one buffer in the packed layout (PyTorch's memory-efficient attention does when q/k/v are views of one
+tensor), the split's backward returns a view of it: no pass at all.
 """
 import typing as tp
 
@@ -29,6 +31,21 @@ def _dense(x: torch.Tensor) -> bool:
     return True
 
 
+def _packed_view(grads: tp.Sequence[torch.Tensor], dim: int, shape: torch.Size, stride: tp.Sequence[int],
+                 dtype: torch.dtype) -> tp.Optional[torch.Tensor]:
+    """The gradients as one tensor of the packed layout, where they already are its parts in one buffer (the
+    memory-efficient attention's backward allocates its q/k/v gradients packed when q/k/v are so): a view, no copy.
+    None otherwise."""
+    first = grads[0]
+    part_stride = tuple(st for index, st in enumerate(stride) if index != dim)
+    for index, grad in enumerate(grads):
+        if (grad.dtype != dtype or grad.stride() != part_stride
+                or grad.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or grad.storage_offset() != first.storage_offset() + index * stride[dim]):
+            return None
+    return first.as_strided(shape, stride, first.storage_offset())
+
+
 class _Split(torch.autograd.Function):
     """`x.unbind(dim)`, whose backward writes the gradients into a tensor laid out as `x` is."""
 
@@ -44,6 +61,9 @@ class _Split(torch.autograd.Function):
         shape, stride, dtype, device = ctx.layout
         if not ctx.dense:  # (a layout no tensor of its own can take: torch's stack, as torch.unbind's backward)
             return torch.stack(grads, ctx.dim), None
+        packed = _packed_view(grads, ctx.dim, shape, stride, dtype)
+        if packed is not None:  # (the attention's backward wrote them packed already: nothing to copy)
+            return packed, None
         out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         for index, grad in enumerate(grads):
             out.select(ctx.dim, index).copy_(grad)

@@ -57,6 +57,7 @@ def main():
     checks = {
         'fast_vs_plain': lambda: fast_vs_plain(pkg, codes),
         'loss': lambda: loss_on_cuda(lm, codes),
+        'packed_qkv': lambda: packed_qkv_on_cuda(pkg, codes),
         'fused_norms': lambda: fused_norms_on_cuda(pkg, codes),
         'adapter_casts': lambda: adapter_casts_on_cuda(pkg, codes),
         'checkpointing': lambda: checkpointing_on_cuda(pkg, codes),
@@ -355,6 +356,33 @@ def fast_vs_plain(pkg, codes):
         worst = max(float((grads[1][k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads[0].items())
         print(f"fast vs plain ({'bf16 autocast' if autocast else 'fp32'}): loss {losses[1]:.6f} vs {losses[0]:.6f}, "
               f"worst relative grad difference {worst:.2e}")
+
+
+def packed_qkv_on_cuda(pkg, codes):
+    """Whether the attention's backward on CUDA hands packed_qkv's split its q/k/v gradients packed in one buffer
+    (then returned as a view: no copy) or separately (copied into one), in float32 and under bf16 autocast."""
+    from audiocraft_lora import packed_qkv
+    from audiocraft_lora.speed import SpeedSettings, apply_to_model
+    original, seen = packed_qkv._packed_view, []
+
+    def counting(*args, **kwargs):
+        view = original(*args, **kwargs)
+        seen.append(view is not None)
+        return view
+    packed_qkv._packed_view = counting
+    try:
+        for autocast in (False, True):
+            seen.clear()
+            lm = base_models.build_lm(pkg)
+            inject_lora(lm, LoRASettings(rank=8, alpha=16, init='random', dropout=0.0))
+            apply_to_model(lm, SpeedSettings(), autocast, torch.bfloat16)
+            lm = lm.cuda().train()
+            out = logits(lm, codes, autocast)
+            MusicGenSolver._compute_cross_entropy(None, out.logits, codes, out.mask)[0].backward()
+            print(f"packed_qkv on CUDA ({'bf16 autocast' if autocast else 'fp32'}): {sum(seen)} of {len(seen)} "
+                  "splits got their gradients packed (a view, no copy)")
+    finally:
+        packed_qkv._packed_view = original
 
 
 def fit_one_batch(overrides: tp.Sequence[str], steps: int = 20,

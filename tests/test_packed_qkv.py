@@ -60,3 +60,19 @@ def test_install_is_idempotent_and_undone(audiocraft_ops):
     assert wrapped.memory_efficient_attention is original.memory_efficient_attention  # (xformers' other functions)
     packed_qkv.install(False)
     assert audiocraft_ops.ops is original
+
+
+def test_gradients_already_packed_are_returned_as_a_view_without_a_copy():
+    """An attention backward that writes q/k/v's gradients packed (views of one buffer in x's layout): the split's
+    backward returns that buffer as x's gradient, no copy; separate gradients are copied into one."""
+    packed = torch.randn(2, 5, 3, 4, 6)  # ([B, T, 3, H, D]: the projection's output)
+    x = packed.permute(0, 3, 2, 1, 4)  # ([B, H, 3, T, D]: AudioCraft's view, split on dim 2)
+    grad_buffer = torch.randn(2, 5, 3, 4, 6)
+    grads = grad_buffer.permute(0, 3, 2, 1, 4).unbind(2)  # (the parts of one packed buffer)
+    for given, copied in ((grads, False), ([g.clone() for g in grads], True)):
+        leaf = x.detach().requires_grad_()
+        q, k, v = packed_qkv.unbind(leaf, 2)
+        with OpsSeen() as seen:
+            torch.autograd.backward((q, k, v), given)
+        assert torch.equal(leaf.grad, grad_buffer.permute(0, 3, 2, 1, 4))
+        assert ('copy_' in seen.names) == copied, seen.names
