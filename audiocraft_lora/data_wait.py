@@ -5,14 +5,16 @@ The layers' CUDA graphs make a training step short (musicgen-small, batch 16 x 1
 EnCodec's encode). AudioCraft's dataset reads, resamples and down-mixes every clip in the loader's workers at every
 step: on one core a 15 s clip already at the model's rate and channels takes 5-9 ms, a 44.1 kHz stereo one ~40 ms
 (WAV or MP3; resampling is most of it; `benchmarks/data_loading.py`). A batch of 16 such clips is ~0.7 s of one
-worker, so AudioCraft's default 4 workers fall behind a step of less than ~0.17 s and the step waits. From the second step of an epoch on, the time from
-the end of one step (its GPU work done) to the start of the next is the wait for the next batch; `data_wait` is its
-share of the epoch's step time (the mean over ranks). Above `WARN_SHARE` the solver says once what to change.
+worker, so AudioCraft's default 4 workers fall behind a step of less than ~0.17 s and the step waits. From the second
+step of an epoch on, the time from the end of one step (its GPU work done) to the start of the next is the wait for
+the next batch; `data_wait` is its share of the epoch's step time (the mean over ranks). Above `WARN_SHARE` the solver
+says once what to change.
 """
 import os
 import time
 import typing as tp
 
+import flashy
 import torch
 
 __all__ = ['DataWait', 'WARN_SHARE']
@@ -73,3 +75,14 @@ class DataWait:
         return (f"Training waited for its batches {share:.0%} of epoch {epoch} ({self.waited:.1f} s of "
                 f"{self.waited + self.busy:.1f} s, {self.steps} steps): the data loader ({num_workers} workers) is "
                 f"slower than the training step. {fix}")
+
+    def epoch_metrics(self, metrics: dict, num_workers: int, epoch: int, logger: tp.Any, cached: bool = False) -> dict:
+        """After a train epoch: `metrics` with `data_wait` (the mean over ranks: every rank runs as many steps, so
+        each has a share or none has), and the advice logged once per run when it is due."""
+        share = self.share()
+        if share is not None:
+            metrics['data_wait'] = flashy.distrib.average_metrics({'data_wait': share})['data_wait']
+        advice = self.advice(num_workers, epoch, cached=cached)
+        if advice:
+            logger.warning(advice)
+        return metrics

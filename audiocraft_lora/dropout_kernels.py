@@ -168,18 +168,9 @@ def rank_grad(gb: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -
     [r, in] (the adapter's dA)."""
     gb = gb.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
-    rows, cols = x.shape
-    rank = gb.shape[1]
-    if not rows:
-        return x.new_zeros(rank, cols, dtype=torch.float32)
-    blocks, row_blocks = -(-cols // _GRAD_BK), -(-rows // _GRAD_BM)
-    steps = _grad_steps(rows, cols)
-    parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
-    with _on(x.device):
-        _kernels().rank_grad_kernel[(blocks, parts.shape[0])](
-            _bits(gb), _bits(x), parts, seed, rows, cols, rank, x.stride(0), keep_scale(p), threshold(p),
-            BM=_GRAD_BM, BK=_GRAD_BK, BR=_block_rank(rank), STEPS=steps, **_flags(x))
-    return parts.sum(0)
+    return _grad_parts(lambda grid, parts, **tiles: _kernels().rank_grad_kernel[grid](
+        _bits(gb), _bits(x), parts, seed, x.shape[0], x.shape[1], gb.shape[1], x.stride(0), keep_scale(p),
+        threshold(p), **tiles), gb, x)
 
 
 @rank_grad.register_fake
@@ -187,10 +178,20 @@ def _(gb, x, seed, p):
     return x.new_empty(gb.shape[1], x.shape[1], dtype=torch.float32)
 
 
-def _grad_steps(rows: int, cols: int) -> int:
-    """dA's row blocks per program: a power of two (few compiled variants) giving at least _GRAD_PROGRAMS programs."""
+def _grad_parts(launch: tp.Callable[..., None], gb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dA (float32 [r, in]) from a kernel writing partial sums over row blocks: `launch(grid, parts, **tiles)` on gb
+    [N, r] (contiguous) and x [N, in] (unit column stride; rows may be apart), its row blocks per program a power of
+    two (few compiled variants) giving at least _GRAD_PROGRAMS programs."""
+    (rows, cols), rank = x.shape, gb.shape[1]
+    if not rows:
+        return x.new_zeros(rank, cols, dtype=torch.float32)
     blocks, row_blocks = -(-cols // _GRAD_BK), -(-rows // _GRAD_BM)
-    return 1 << max(0, (row_blocks * blocks // _GRAD_PROGRAMS).bit_length() - 1)
+    steps = 1 << max(0, (row_blocks * blocks // _GRAD_PROGRAMS).bit_length() - 1)
+    parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
+    with _on(x.device):
+        launch((blocks, parts.shape[0]), parts, BM=_GRAD_BM, BK=_GRAD_BK, BR=_block_rank(rank), STEPS=steps,
+               **_flags(x))
+    return parts.sum(0)
 
 
 @torch.library.custom_op('audiocraft_lora::dropout_masked_backward', mutates_args=('dx',))
@@ -202,17 +203,9 @@ def masked_backward_(dx: torch.Tensor, gb: torch.Tensor, a: torch.Tensor, x: tor
         raise ValueError("masked_backward_ writes dx in place: it must be contiguous")
     gb, a = gb.contiguous(), a.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
-    rows, cols = x.shape
-    rank = gb.shape[1]
-    if not rows:
-        return x.new_zeros(rank, cols, dtype=torch.float32)
-    row_blocks, steps = -(-rows // _GRAD_BM), _grad_steps(rows, cols)
-    parts = torch.empty(-(-row_blocks // steps), rank, cols, dtype=torch.float32, device=x.device)
-    with _on(x.device):
-        _kernels().masked_backward_kernel[(-(-cols // _GRAD_BK), parts.shape[0])](
-            _bits(dx), _bits(gb), _bits(a), _bits(x), parts, seed, rows, cols, rank, x.stride(0), keep_scale(p),
-            threshold(p), BM=_GRAD_BM, BK=_GRAD_BK, BR=_block_rank(rank), STEPS=steps, **_flags(x))
-    return parts.sum(0)
+    return _grad_parts(lambda grid, parts, **tiles: _kernels().masked_backward_kernel[grid](
+        _bits(dx), _bits(gb), _bits(a), _bits(x), parts, seed, x.shape[0], x.shape[1], gb.shape[1], x.stride(0),
+        keep_scale(p), threshold(p), **tiles), gb, x)
 
 
 @masked_backward_.register_fake
@@ -297,17 +290,16 @@ def _products_disagree(device: torch.device) -> tp.Optional[str]:
             fused = dx.clone() if FUSED_BACKWARD else None
             masked_update_(dx, gb, a, seed, p)
             checks['masked_update_'] = (dx.float(), ref)
+            both = rank_product_beside(x, a, seed, 0.5, p)  # [x | u]: x as it is, u as rank_product's, bit for bit
             if fused is not None:  # the two kernels' values (up to the products' rounding), on x and on [x | u]'s x
-                beside = rank_product_beside(x, a, seed, 0.5, p)[:, :cols]
-                for name, xs in (('x', x), ('[x | u]', beside)):
+                for name, xs in (('x', x), ('[x | u]', both[:, :cols])):
                     out = fused.clone()
                     grad = masked_backward_(out, gb, a, xs, seed, p)
-                    checks[f'masked_backward_ dA on {name}'] = (grad, rank_grad(gb, x, seed, p))
+                    checks[f'masked_backward_ dA on {name}'] = (grad, checks['rank_grad'][0])
                     checks[f'masked_backward_ dx on {name}'] = (out.float(), dx.float())
             for name, (got, want) in checks.items():
                 if not _rows_close(got, want, 1e-3 if name.startswith('masked_backward_') else 2e-2):
                     return f"{name} differs from torch's product ({dtype}, {rows}x{cols}, rank {rank})"
-            both = rank_product_beside(x, a, seed, 0.5, p)  # [x | u]: x as it is, u as rank_product's, bit for bit
             if not (torch.equal(both[:, :cols], x) and torch.equal(both[:, cols:], rank_product(x, a, seed, 0.5, p))
                     and torch.equal(rank_grad(gb, both[:, :cols], seed, p), rank_grad(gb, x, seed, p))):
                 return f"rank_product_beside differs from x and rank_product ({dtype}, {rows}x{cols}, rank {rank})"

@@ -12,8 +12,9 @@ The delay pattern's invalid steps have NaN logits (AudioCraft's special token). 
 their NaN gradient goes to the special-token column the pattern's revert appends, whose gradient is dropped, so no NaN
 reaches the LM. In float16 (autocast on GPUs without bf16) a padded row's logits may also overflow to inf, whose NaN
 gradient would reach the LM (a skipped step): there the ignored rows' logits are zeroed first (one pass over the
-logits, which bf16 and float32, with float32's range, don't need). On CPU in float32 the gradients equal AudioCraft's bit for bit and the losses up to the order of the
-mean's sum (an ulp; tests/test_loss.py); on CUDA too, the means' float32 sums run in another order.
+logits, which bf16 and float32, with float32's range, don't need). On CPU in float32 the gradients equal
+AudioCraft's bit for bit and the losses up to the order of the mean's sum (an ulp; tests/test_loss.py); on CUDA too,
+the means' float32 sums run in another order.
 """
 import typing as tp
 

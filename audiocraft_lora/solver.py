@@ -285,13 +285,9 @@ class LoRAMusicGenSolver(MusicGenSolver):
         share of the epoch's step time spent waiting for batches; a warning above data_wait.WARN_SHARE)."""
         self.nonfinite_guard.start_epoch()
         self.data_wait.start_epoch()
-        metrics = self.nonfinite_guard.epoch_metrics(super().train())
-        if self.data_wait.share() is not None:  # (every rank runs as many steps: each has a share, or none has)
-            metrics['data_wait'] = flashy.distrib.average_metrics({'data_wait': self.data_wait.share()})['data_wait']
-        advice = self.data_wait.advice(int(self.cfg.dataset.num_workers), self.epoch,
-                                       cached=getattr(self, '_cached_batch_loader', None) is not None)
-        if advice:
-            self.logger.warning(advice)
+        metrics = self.data_wait.epoch_metrics(
+            self.nonfinite_guard.epoch_metrics(super().train()), int(self.cfg.dataset.num_workers), self.epoch,
+            self.logger, cached=getattr(self, '_cached_batch_loader', None) is not None)
         graphs = layer_graphs.installed(self.model)
         if graphs is not None:
             self.logger.info("CUDA graphs (lora.graph_layers): %s", graphs.summary())
