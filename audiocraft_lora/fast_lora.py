@@ -110,7 +110,7 @@ class LowRankLinear(torch.autograd.Function):
         else:
             if ctx.kernel:  # the seed rides in the mask's slot: all backward needs to draw the same decisions
                 mask = dropout_kernels.draw_seed(xc.device)
-                if _beside_pays(x.shape[-1], w.shape[0]):  # [x | u] from one pass: y = [x | u] [W | B]^T, one GEMM
+                if _beside_pays(x.shape[-1], w.shape[0], a.shape[0]):  # [x | u] from one pass: y = [x | u] [W | B]^T, one GEMM
                     xu = dropout_kernels.rank_product_beside(_rows(xc), a, mask, scaling, dropout)
                     xd, u = xu[:, :x.shape[-1]], xu[:, x.shape[-1]:]
                     xu = xu.view(*x.shape[:-1], -1)
@@ -202,11 +202,13 @@ CONCAT_PARTS = ('forward', 'dropout_forward', 'backward')
 CONCAT_RANK_GEMMS: tp.FrozenSet[str] = frozenset()
 
 
-def _beside_pays(in_features: int, out_features: int) -> bool:
+def _beside_pays(in_features: int, out_features: int, rank: int) -> bool:
     """With LoRA dropout drawn by dropout_kernels: whether to write x beside u (`[x | u]`, one pass, the rank-r part in
     the base GEMM: [N, in + r] written) rather than add `u B^T` to the base product (its [N, out] read and written):
-    where the input is narrower than the output (linear1)."""
-    return in_features < out_features
+    where the input is narrower than the output (linear1), and `[x | u]`'s and `[W | B]`'s rows (in + r elements
+    apart) stay 16-byte aligned in 16-bit floats, as cuBLAS's fastest GEMMs want (a rank that is a multiple of 8;
+    MusicGen's widths are)."""
+    return in_features < out_features and (in_features + rank) % 8 == 0
 
 
 def _merge_pays(x: torch.Tensor, out_features: int, need_dx: bool, keep: bool) -> bool:
@@ -386,7 +388,7 @@ def one_product(linear: nn.Module, x: torch.Tensor) -> bool:
     how = _fast_dropout(linear, x)
     out_features = linear.base_layer.weight.shape[0] if how is not None else 0
     if how == 'kernel':
-        return _beside_pays(x.shape[-1], out_features)
+        return _beside_pays(x.shape[-1], out_features, linear.lora_A[linear._fast_adapter({})].weight.shape[0])
     return how == 'none' and _merge_pays(x, out_features, x.requires_grad,
                                          linear.__dict__.get('_lora_keep_merged', False))
 

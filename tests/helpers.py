@@ -93,13 +93,13 @@ def write_tiny_htdemucs(torch_home: Path) -> Path:
     return path
 
 
-def debug_lora_lm(dropout: float = 0.0):
-    """The debug base's LM with a random rank-4 LoRA (fast path), in training mode, seeded."""
+def debug_lora_lm(dropout: float = 0.0, rank: int = 4):
+    """The debug base's LM with a random LoRA (fast path; rank 4 unless said), in training mode, seeded."""
     from audiocraft_lora import base_models
     from audiocraft_lora.lora import LoRASettings, inject_lora
     torch.manual_seed(0)
     lm = base_models.build_lm(base_models.load_lm_package(base_models.resolve_base('debug')))
-    inject_lora(lm, LoRASettings(rank=4, alpha=8, init='random', dropout=dropout))
+    inject_lora(lm, LoRASettings(rank=rank, alpha=2 * rank, init='random', dropout=dropout))
     return lm.train()
 
 

@@ -48,7 +48,7 @@ for N, IN, OUT, R, p, s in ((50, 40, 24, 8, 0.25, 0.7), (50, 24, 40, 8, 0.25, 0.
     with OpsSeen() as seen, torch.autocast('cpu', dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(t) or t, lambda t: t):
         y = low_rank_linear(x, w, bias, A, B, s, p, kernel=True)
-    assert ('dropout_rank_product_beside' in seen.names) == _beside_pays(IN, OUT) == (IN < OUT), seen.names
+    assert ('dropout_rank_product_beside' in seen.names) == _beside_pays(IN, OUT, R) == (IN < OUT), seen.names
     y.backward(g)
     assert not any(t.dtype == torch.bool for t in saved), 'a mask was saved'
     assert sum(t.numel() for t in saved if t.shape[-1] == IN and t.numel() >= 3 * N * IN) == 3 * N * IN, \
@@ -94,7 +94,7 @@ lm = debug_lora_lm(dropout=0.0)
 apply_to_model(lm, SpeedSettings(), True, torch.bfloat16)
 undropped = bool_saves(lm)[0]  # (the loss's and attention's own)
 for plan in ('none', 'selective', 'captured', 'torch'):
-    lm = debug_lora_lm(dropout=0.25)
+    lm = debug_lora_lm(dropout=0.25, rank=8)  # (rank 8: [x | u]'s rows stay aligned, _beside_pays)
     apply_to_model(lm, SpeedSettings(activation_checkpointing='selective' if plan == 'captured' else plan), True,
                    torch.bfloat16)
     count = OpsSeen()
@@ -120,7 +120,7 @@ assert results['selective_calls']['dropout_rank_product'] == calls['dropout_rank
 assert results['selective_calls']['dropout_rank_product_beside'] == 2 * layers
 assert results['torch_calls']['dropout_rank_product'] == 2 * calls['dropout_rank_product']
 assert 'native_dropout' not in calls
-lm = debug_lora_lm(dropout=0.25)
+lm = debug_lora_lm(dropout=0.25, rank=8)
 apply_to_model(lm, SpeedSettings(dropout_kernel='false'), True, torch.bfloat16)
 saves, torch_dropout = bool_saves(lm)
 assert saves > undropped
@@ -129,7 +129,7 @@ assert not torch.equal(torch_dropout[1], results['none'][1])  # (another random 
 # selective runs the feed-forward tail outside its checkpoint with the kernels' dropout (linear1 one GEMM over
 # [x | u], linear2 saving its input itself), not with torch's
 for kernel, fits in (('auto', True), ('false', False)):
-    lm = debug_lora_lm(dropout=0.25)
+    lm = debug_lora_lm(dropout=0.25, rank=8)
     apply_to_model(lm, SpeedSettings(activation_checkpointing='selective', dropout_kernel=kernel), True,
                    torch.bfloat16)
     x = torch.randn(2, 40, lm.dim, dtype=torch.bfloat16, requires_grad=True)
@@ -151,6 +151,15 @@ def test_threshold_and_scale_keep_the_expectation():
     assert dropout_kernels.keep_scale(0.05) == 65536 / (65536 - 3277)
     assert dropout_kernels.keep_scale(0.0) == 1.0
     assert dropout_kernels.threshold(0.999999) == 65535
+
+
+def test_x_beside_u_only_where_its_rows_stay_aligned():
+    """`[x | u] [W | B]^T` (linear1 with the kernels' dropout) only where rows in + r apart stay 16-byte aligned in
+    bf16: a rank that is not a multiple of 8 adds `u B^T` to the base product instead (same values, another path)."""
+    from audiocraft_lora.fast_lora import _beside_pays
+    assert _beside_pays(1024, 4096, 16) and _beside_pays(1024, 4096, 8)
+    assert not _beside_pays(1024, 4096, 12) and not _beside_pays(1024, 4096, 1)
+    assert not _beside_pays(4096, 1024, 16)  # (linear2: input wider than the output)
 
 
 def test_off_the_gpu_the_kernel_flag_is_torch_dropout_bit_for_bit():
