@@ -30,7 +30,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:  # (float32: the mean's su
     return bool(torch.allclose(a, b, rtol=4e-7, atol=0))
 
 
-def test_lm_loss_is_audiocrafts_and_adapter_gradients_bit_for_bit():
+@pytest.mark.parametrize('smallest_chunks', [False, True])
+def test_lm_loss_is_audiocrafts_and_adapter_gradients_bit_for_bit(monkeypatch, smallest_chunks):
+    from audiocraft_lora import loss
+    if smallest_chunks:  # (the log-softmax's chunks: one codebook of one clip each)
+        monkeypatch.setattr(loss, '_CHUNK_BYTES', 1)
     codes = torch.randint(0, 32, (2, 4, 40), generator=torch.Generator().manual_seed(0))
     lm = debug_lora_lm()
     ours = _step(lm, codes, masked_cross_entropy)
@@ -99,3 +103,44 @@ def test_float16_logits_overflowing_in_ignored_rows_leave_the_gradient_finite():
     ref.backward()
     assert torch.isfinite(ce) and _close(ce, ref) and bool(ours.grad.isfinite().all())
     assert torch.equal(ours.grad[mask], theirs.grad[mask]) and not bool(ours.grad[~mask].any())
+
+
+@pytest.mark.parametrize('chunk_blocks', [None, 1, 3, 4])
+def test_keeps_no_float32_log_softmax_from_forward_to_backward(monkeypatch, chunk_blocks):
+    """Under bf16 autocast the float32 log-softmax runs a row chunk at a time and is made again in backward, not
+    kept: after the forward the loss holds far less than one codebook's float32 logits, and the gradient is the one
+    of torch's cross-entropy per codebook, bit for bit, whatever the chunks. The logits are a permuted view, as the
+    LM's reverted ones: no contiguous copy of them is kept either."""
+    from audiocraft_lora import loss
+    from audiocraft_lora.memory_estimate import PeakTracker
+    torch.manual_seed(0)
+    B, K, T, card = 5, 4, 50, 64
+    if chunk_blocks:  # ([T, card] blocks of one clip's codebook a chunk: 3 (the last chunk of a clip shorter), 4
+        monkeypatch.setattr(loss, '_CHUNK_BYTES', chunk_blocks * T * card * 4)  # (a clip), 1; None: the batch)
+        assert {len(range(4)[k]) for _, k in loss._chunks(torch.empty(B, K, T, card))} == \
+            ({4} if chunk_blocks == 4 else {chunk_blocks, 4 % chunk_blocks} - {0})
+    base = torch.randn(B, card, K, T).bfloat16().permute(0, 2, 3, 1)  # ([B, K, T, card] with card outermost)
+    targets = torch.randint(0, card, (B, K, T))
+    mask = torch.rand(B, K, T) > 0.2
+    base[~mask & (torch.rand(B, K, T) > 0.5)] = float('nan')  # (the delay pattern's invalid steps)
+    one_codebook_fp32 = B * T * card * 4
+    results = []
+    for chunked in (True, False):
+        logits = base.clone().requires_grad_()
+        with PeakTracker() as tracker, torch.autocast('cpu', dtype=torch.bfloat16):
+            if chunked:
+                ce, per = masked_cross_entropy(logits, targets, mask)
+            else:  # (the same ops, unchunked and kept for backward: AudioCraft's and torch's way)
+                ignored = targets.masked_fill(~mask, -100)
+                per = [torch.nn.functional.cross_entropy(logits[:, k].reshape(-1, card), ignored[:, k].reshape(-1),
+                                                         ignore_index=-100) for k in range(K)]
+                ce = sum(per) / K
+            held = tracker.current
+        ce.backward()
+        results.append((ce.detach(), torch.stack([p.detach() for p in per]), logits.grad, held))
+    (ce, per, grad, held), (ref, ref_per, ref_grad, ref_held) = results
+    assert held < one_codebook_fp32 / 4, (held, one_codebook_fp32)
+    assert ref_held >= K * one_codebook_fp32  # (what the chunks save)
+    assert _close(ce, ref) and _close(per, ref_per) and ce.isfinite()
+    assert torch.equal(grad.isnan(), ref_grad.isnan()) and bool(grad[mask].isfinite().all())
+    assert torch.equal(torch.nan_to_num(grad), torch.nan_to_num(ref_grad))

@@ -62,3 +62,20 @@ def test_the_memory_estimate_runs_through_the_index_select_pattern():
     assert abs(fast.step - plain.step) <= 0.05 * plain.step  # same tensors but for the backward's scatter
     assert 'revert_pattern_logits' in IndexSelectPattern.__dict__  # the estimate's patch was taken off again
     assert IndexSelectPattern.revert_pattern_logits.__module__ == 'audiocraft_lora.patterns'
+
+
+def test_revert_makes_no_copy_of_the_logits_beside_the_reverted_ones():
+    """AudioCraft appends the special-token column with a cat (a third logits-sized tensor at the forward's peak);
+    the revert here creates only the reverted logits, with the special token (NaN) where the pattern has no step."""
+    from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
+    pattern = DelayedPatternProvider(n_q=4).get_pattern(30)
+    fast = IndexSelectPattern(pattern.layout, timesteps=pattern.timesteps, n_q=pattern.n_q)
+    logits = torch.randn(2, 64, 4, 31, requires_grad=True)  # [B, card, K, S]
+    with memory_estimate.PeakTracker() as tracker:
+        values, _, mask = fast.revert_pattern_logits(logits, float('nan'), keep_only_valid_steps=True)
+    ref, _, ref_mask = pattern.revert_pattern_logits(logits, float('nan'), keep_only_valid_steps=True)
+    assert torch.equal(mask, ref_mask) and not bool(mask.all())
+    assert torch.allclose(values, ref, equal_nan=True, rtol=0, atol=0) and bool(values[..., ~mask].isnan().all())
+    assert tracker.peak < values.numel() * values.element_size() * 1.1, (tracker.peak, values.numel() * 4)
+    grad = torch.randn_like(values)
+    assert torch.equal(torch.autograd.grad(values, logits, grad)[0], torch.autograd.grad(ref, logits, grad)[0])
