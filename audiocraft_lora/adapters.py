@@ -68,11 +68,9 @@ def load_adapter(folder: tp.Union[str, Path]) -> Adapter:
     Raises:
         UserError: if the folder or one of its files is missing or isn't an audiocraft-lora adapter.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"Adapter folder {folder} does not exist. Point to the `adapter` folder of a trained XP "
-                        "(outputs/xps/<sig>/adapter) or to a folder written by `audiocraft-lora export`.")
+    folder = resolve_adapter_folder(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.exists():
@@ -87,8 +85,44 @@ def load_adapter(folder: tp.Union[str, Path]) -> Adapter:
         raise UserError(f"{config_path} is not an audiocraft-lora adapter config "
                         f"(format={config.get('format')!r}).{hint}")
     settings = LoRASettings.from_config(config.get('lora', {}))
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{weights_path} can't be read as safetensors ({exc}): the file is truncated or damaged. "
+                        "Copy it again, or export the adapter again from its XP "
+                        "(the XP's checkpoint.th holds it: `dora run ... continue_from=` or train again).") from exc
     return Adapter(state=state, settings=settings, config=config)
+
+
+def resolve_adapter_folder(given: tp.Union[str, Path]) -> Path:
+    """The adapter folder `given` names: a folder, or an XP's signature (`9a366928`), or `outputs/xps/<sig>/adapter`
+    as the README writes it when `outputs/` is not under the current folder but the training runs' folder (dora's,
+    `<checkout>/outputs` unless AUDIOCRAFT_LORA_DORA_DIR says otherwise).
+
+    Raises:
+        UserError: naming where XPs are, when none of these exists."""
+    from .checkout import dora_dir
+    folder = Path(given)
+    if folder.is_dir():
+        return folder
+    runs = dora_dir()
+    parts = folder.parts
+    candidates = []
+    if len(parts) == 1:  # an XP signature
+        candidates.append(runs / 'xps' / parts[0] / 'adapter')
+    if 'xps' in parts:  # .../xps/<sig>/adapter written relative to another folder
+        candidates.append(runs / Path(*parts[parts.index('xps'):]))
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    xps = runs / 'xps'
+    trained = sorted(p.parent.name for p in xps.glob('*/adapter')) if xps.is_dir() else []
+    listing = (f" XPs with an adapter there: {', '.join(trained[-10:])}." if trained
+               else " No XP there has an adapter yet (a run writes it when it ends; `execute_only=export` writes it "
+               "from an unfinished XP's checkpoint).")
+    raise UserError(f"Adapter folder {folder} does not exist. Training runs are in {xps} (not under the current "
+                    f"folder): give `--adapter {xps}/<sig>/adapter`, or just the XP's signature `<sig>`, or a folder "
+                    f"written by `audiocraft-lora export`.{listing}")
 
 
 def check_base_matches(adapter: Adapter, base_name: str, base_fingerprint: str) -> None:

@@ -99,6 +99,8 @@ def build_musicgen(pair: BaseAndAdapter, device: tp.Optional[str] = None, merge:
     """`load_musicgen` from an already loaded base (and adapter); `pair.lm_pkg` is left untouched."""
     from audiocraft.models import MusicGen
     device = device or default_device()
+    from .config_checks import check_device
+    check_device(device, option='--device')
     resolved, lm_pkg, loaded = pair.base, pair.lm_pkg, pair.adapter
     info: tp.Dict[str, tp.Any] = {'base_model': resolved.name, 'base_kind': resolved.kind,
                                   'base_fingerprint': pair.fingerprint, 'adapter': None, 'merged': False}

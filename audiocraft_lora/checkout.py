@@ -18,3 +18,8 @@ def dora_run() -> str:
     """The `dora run` prefix that works from the current folder."""
     here = Path(os.getcwd()).resolve()
     return 'dora run' if here == ROOT else 'dora -P audiocraft_lora run'
+
+
+def dora_dir() -> Path:
+    """Where `dora run` keeps its XPs (`<dir>/xps/<sig>`): AUDIOCRAFT_LORA_DORA_DIR, else `<checkout>/outputs`."""
+    return Path(os.environ.get('AUDIOCRAFT_LORA_DORA_DIR') or (ROOT / 'outputs'))

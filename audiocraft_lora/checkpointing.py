@@ -39,7 +39,7 @@ import torch
 from audiocraft.utils import checkpoint as ac_checkpoint
 
 from . import checkpoint_io, faults
-from .errors import BaseModelError, UserError
+from .errors import BaseModelError, LoRAConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -295,3 +295,53 @@ class RandomState:
             torch.cuda.set_rng_state(state['cuda_device'])  # onto torch.cuda.current_device(): this rank's
         elif 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state['cuda'])  # (checkpoints written before: every device of rank 0)
+
+
+def export_state(cfg) -> str:
+    """`export_state` (best | last): which adapter a run exports."""
+    value = str(cfg.get('export_state', 'best'))
+    if value not in ('best', 'last'):
+        raise LoRAConfigError(f"export_state={value!r}: use best (the epoch with the lowest valid CE) or last.")
+    return value
+
+
+def exported_epoch(history: tp.Sequence[dict], metric: tp.Optional[str], best: bool) -> dict:
+    """What adapter_config.json records about the exported state: `epoch` (1-based; the last epoch whose `valid`
+    stage reached the lowest `metric`, as AudioCraft's best_state keeps the latest of equal scores), `last_epoch`,
+    `selected_by`."""
+    last = len(history)
+    scores = [(entry.get('valid') or {}).get(metric) for entry in history] if metric else []
+    if best and any(score is not None for score in scores):
+        low = min(score for score in scores if score is not None)
+        epoch = max(i + 1 for i, score in enumerate(scores) if score == low)
+        return {'epoch': epoch, 'last_epoch': last, 'selected_by': f'lowest valid {metric} ({low:.4f})'}
+    return {'epoch': last, 'last_epoch': last, 'selected_by': 'last epoch'}
+
+
+def check_restorable(state: dict, base: BaseFingerprint, adapter: torch.nn.Module) -> None:
+    """Before any tensor is loaded: the checkpoint's base (fingerprint) and adapter shapes are this run's, or a
+    UserError says which differ and what to do (AudioCraft would stop on the first tensor with a size mismatch)."""
+    if state.get('base'):
+        base.load_state_dict(state['base'])
+    expected = {name: tuple(t.shape) for name, t in adapter.state_dict().items()}
+    for where, tensors in (('model', state.get('model')), ('best_state', (state.get('best_state') or {}).get('model'))):
+        for name, tensor in (tensors or {}).items():
+            if name in expected and tuple(tensor.shape) != expected[name]:
+                raise UserError(
+                    f"The checkpoint's adapter doesn't fit this run: {where} {name} is {tuple(tensor.shape)}, this "
+                    f"run's is {expected[name]}. It was trained with other LoRA settings (lora.rank, lora.targets) "
+                    "or on a base of other dimensions. Resume with the settings and base it was trained with, or "
+                    "start a new XP (without continue_from, or with another signature).")
+
+
+@contextlib.contextmanager
+def continue_from_named(continue_from: tp.Optional[str]) -> tp.Iterator[None]:
+    """AudioCraft's RuntimeError for a continue_from that resolves to no checkpoint, as a UserError with the forms."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not str(exc).startswith('Could not resolve continue_from'):
+            raise
+        raise UserError(f"continue_from={continue_from}: no checkpoint there. Give `//sig/<sig>` (an XP in the runs' "
+                        "folder, `<checkout>/outputs/xps/<sig>` by default), an XP folder, or a checkpoint.th "
+                        "path.") from exc

@@ -50,6 +50,13 @@ def _try_import(module_name: str):
         raise
 
 
+def _check_out(out: tp.Optional[str]) -> None:
+    """Every command's --out is a folder it creates or fills: an existing file there is refused up front."""
+    from pathlib import Path
+    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise UserError(f"--out {out} is a file; give a folder (it is created if missing).")
+
+
 def main(argv: tp.Optional[tp.List[str]] = None) -> int:
     from .quiet import quiet_dependency_notices
     quiet_dependency_notices()
@@ -63,6 +70,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
         return 2
     module = importlib.import_module(args._module)
     try:
+        _check_out(getattr(args, 'out', None))
         return int(module.run(args) or 0)
     except UserError as exc:
         print(f"audiocraft-lora {args.command}: error: {exc}", file=sys.stderr)

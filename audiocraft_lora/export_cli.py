@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         if export.hf_source_folder(pair.base) is None:
             print(f"merged-hf skipped: the base {pair.base.describe()} is not a Hugging Face folder.", file=sys.stderr)
             formats = tuple(f for f in formats if f != 'merged-hf')
+    if args.format == 'all':  # the merges first: they apply the adapter to the base (shapes checked), so an
+        formats = tuple(sorted(formats, key=lambda f: f == 'peft'))  # adapter that doesn't fit writes nothing
     for fmt in formats:
         target = out / fmt if args.format == 'all' else out
         writers[fmt](args.adapter, target, base=args.base, force=args.force_base_mismatch)

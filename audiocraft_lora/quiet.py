@@ -5,10 +5,13 @@
   wheel was built for another torch: those kernels are never called (`efficient_attention_backend=torch`, our
   default: AudioCraft's attention runs on torch's SDPA and uses only xformers' pure-Python `ops.unbind` and
   `LowerTriangularMask`), and the advice sends users after a problem they don't have.
+  DataLoader workers started by forkserver (AudioCraft's `mp_start_method`) import xformers afresh, so the forkserver
+  preloads `audiocraft_lora.quiet_workers` (the filter, then xformers): workers inherit both and print nothing.
 - Hydra's notices that dora's `version_base='1.1'` behaviour (the run works in its XP folder, as AudioCraft's do)
   changes in Hydra 1.4, printed again at every config composition.
 """
 import logging
+import multiprocessing
 import warnings
 
 
@@ -24,3 +27,8 @@ def quiet_dependency_notices() -> None:
         xformers_logger.addFilter(_DropXformersBuildNotice())
     warnings.filterwarnings('ignore', message=r'\s*version_base="1\.1" selects Hydra 1\.1 compatibility')
     warnings.filterwarnings('ignore', message=r'\s*Future Hydra versions will no longer change working directory')
+
+
+def quiet_worker_processes() -> None:
+    """Have forkserver's processes (DataLoader workers) start with the filters installed and xformers imported."""
+    multiprocessing.set_forkserver_preload(['audiocraft_lora.quiet_workers'])

@@ -38,7 +38,7 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from . import checkpointing, dropout_kernels, faults, fused_norms, layer_graphs, memory_plan
+from . import checkpointing, config_checks, dropout_kernels, faults, fused_norms, layer_graphs, memory_plan
 from .guards import NonFiniteGuard
 from .data_wait import DataWait
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
@@ -77,6 +77,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
 
     def __init__(self, cfg: omegaconf.DictConfig):
         self.lora_settings = LoRASettings.from_config(cfg.get('lora'))
+        config_checks.check_training(cfg, self.lora_settings.scaling)
         _check_generate_samples(cfg)
         self.base = base_models.resolve_base(cfg.get('base_model'))
         logger.info("Base model: %s", self.base.describe())
@@ -128,7 +129,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
             logger.warning("Dataset validation is not available in this version; skipping it.")
             return
         from dora import git_save
-        splits = {k: v for k, v in cfg.datasource.items() if isinstance(v, str)}
+        only = cfg.get('validate_splits')  # (valid_ce: the valid split alone, whatever train is)
+        splits = {k: v for k, v in cfg.datasource.items() if isinstance(v, str) and (not only or k in only)}
         report = validate_datasource(
             splits, sample_rate=cfg.sample_rate, channels=cfg.channels,
             segment_duration=cfg.dataset.segment_duration, min_segment_ratio=cfg.dataset.min_segment_ratio,
@@ -294,17 +296,21 @@ class LoRAMusicGenSolver(MusicGenSolver):
         return metrics
 
     # ---------------------------------------------------------------- export
-    def export_adapter(self, folder: tp.Optional[tp.Union[str, Path]] = None, use_best: bool = True) -> Path:
-        """Write the (best) adapter to `folder` (default `<xp folder>/adapter`)."""
+    def export_adapter(self, folder: tp.Optional[tp.Union[str, Path]] = None,
+                       use_best: tp.Optional[bool] = None) -> Path:
+        """Write the best-valid (or, `export_state: last`, the last) adapter to `folder` (default `<xp>/adapter`);
+        its config names the epoch it is from."""
         folder = Path(folder) if folder is not None else self.folder / 'adapter'
-        if use_best and 'model' in self.best_state.states and self.best_state.states['model']:
-            state = self.best_state.states['model']
-        else:
-            state = self.adapter.state_dict()
+        if use_best is None:
+            use_best = checkpointing.export_state(self.cfg) == 'best'
+        has_best = 'model' in self.best_state.states and bool(self.best_state.states['model'])
+        state = self.best_state.states['model'] if use_best and has_best else self.adapter.state_dict()
+        chosen = checkpointing.exported_epoch(self.history, self.best_metric_name, use_best and has_best)
         adapters.save_adapter(
             folder, state, self.lora_settings, self.lora_targets, base_model=self.base.name,
             base_fingerprint=self.base_fingerprint, base_kind=self.base.kind,
-            extra={'xp_sig': self.xp.sig, 'epoch': self.epoch - 1, 'sample_rate': int(self.cfg.sample_rate)})
+            extra={'xp_sig': self.xp.sig, 'sample_rate': int(self.cfg.sample_rate), **chosen})
+        self.logger.info("Adapter exported to %s: epoch %s of %s (%s).", folder, *chosen.values())
         return folder
 
     # ---------------------------------------------------------------- diagnostics of generated samples
@@ -382,18 +388,18 @@ class LoRAMusicGenSolver(MusicGenSolver):
         optimizer = getattr(self, 'optimizer', None)
         kernels = [{key: group[key] for key in OPTIMIZER_KERNEL_FLAGS if key in group}
                    for group in optimizer.param_groups] if optimizer is not None else []
+        checkpointing.check_restorable(state, self.stateful.sources['base'], self.adapter)
         super().load_state_dict(state)
         for group, flags in zip(optimizer.param_groups if optimizer is not None else [], kernels):
             group.update(flags)
 
     def restore(self, load_best: bool = False, replay_metrics: bool = False,
                 ignore_state_keys: tp.List[str] = []) -> bool:
-        """AudioCraft's (which logs the model hash)."""
-        with checkpointing.model_hash_reads_16_bit():
+        """AudioCraft's (which logs the model hash); a continue_from that names nothing is a UserError."""
+        with checkpointing.model_hash_reads_16_bit(), checkpointing.continue_from_named(self.cfg.continue_from):
             return super().restore(load_best, replay_metrics, ignore_state_keys)
 
     def run(self):
         super().run()
         if flashy.distrib.is_rank_zero():
-            folder = self.export_adapter()
-            self.logger.info("Adapter exported to %s", folder)
+            self.export_adapter()

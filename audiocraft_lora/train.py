@@ -8,12 +8,11 @@ import getpass
 import logging
 import multiprocessing
 import os
-from pathlib import Path
 import sys
 import typing as tp
 
-from .checkout import CONFIG_DIR, ROOT
-from .quiet import quiet_dependency_notices
+from .checkout import CONFIG_DIR, dora_dir
+from .quiet import quiet_dependency_notices, quiet_worker_processes
 
 
 def setup_environment() -> None:
@@ -27,8 +26,6 @@ def setup_environment() -> None:
     os.environ.setdefault('AUDIOCRAFT_TEAM', 'default')
 
 
-def dora_dir() -> Path:
-    return Path(os.environ.get('AUDIOCRAFT_LORA_DORA_DIR') or (ROOT / 'outputs'))
 
 
 setup_environment()
@@ -84,6 +81,7 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
     import torch
     from audiocraft.modules.transformer import set_efficient_attention_backend
     multiprocessing.set_start_method(cfg.mp_start_method, force=True)
+    quiet_worker_processes()  # (forkserver's DataLoader workers import our dependencies afresh)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -92,7 +92,7 @@ def valid_cross_entropy(base: str, adapters: tp.Mapping[str, Adapter], dataset_o
             settings = adapters[labels[0]].settings if labels else LoRASettings()
             recipe = [] if any(o.startswith('solver=') for o in dataset_overrides) else ['solver=musicgen/lora_default']
             argv = (recipe + [f'base_model={base}', f'device={device}', 'dataset.num_workers=0',
-                     'logging.log_tensorboard=false', 'logging.log_wandb=false']
+                     'logging.log_tensorboard=false', 'logging.log_wandb=false', f'+validate_splits=[{SPLIT}]']
                     + autocast + lora_overrides(settings) + list(dataset_overrides))
             try:
                 xp = train.main.get_xp(argv)

@@ -23,3 +23,14 @@ def test_unavailable_subcommand_says_so(capsys, monkeypatch):
     monkeypatch.setitem(cli.SUBCOMMANDS, 'compare', ('audiocraft_lora.not_a_module_xyz', 'x'))
     assert cli.main(['compare']) == 2
     assert 'not available' in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    from audiocraft_lora import cli
+    taken = tmp_path / 'taken.wav'
+    taken.write_bytes(b'x')
+    for command in (['generate', '--prompts', 'trap', '--duration', '1'], ['merge', '--adapter', 'nowhere'],
+                    ['export', '--adapter', 'nowhere']):
+        assert cli.main(command + ['--out', str(taken)]) == 2, command
+        assert f'--out {taken} is a file; give a folder' in capsys.readouterr().err, command
+    assert taken.read_bytes() == b'x'

@@ -41,3 +41,15 @@ def test_valid_ce_of_a_dataset_that_is_gone_says_how_to_give_the_data(dora_dir):
     from audiocraft_lora.valid_ce import valid_cross_entropy
     with pytest.raises(UserError, match=r"Could not find 'dset/audio/moved_away'.*--valid dset=audio/<name>"):
         valid_cross_entropy('debug', {}, ['dset=audio/moved_away'])
+
+
+def test_valid_ce_of_a_manifest_folder_checks_only_the_valid_split(dora_dir):
+    """`--valid <manifest folder>` points every split at the folder (AudioCraft builds them all); only the valid split
+    is checked, so the same files in 'train' are not a train/valid leak, and the CE is measured."""
+    from helpers import ROOT
+    from audiocraft_lora.valid_ce import valid_cross_entropy
+    overrides = valid_overrides([str(ROOT / 'egs' / 'example' / 'valid')]) + [
+        'dataset.segment_duration=1', 'dataset.batch_size=2', 'dataset.valid.num_samples=2']
+    results = valid_cross_entropy('debug', {}, overrides)
+    assert results['base']['num_batches'] == 1 and len(results['base']['per_codebook']) == 4
+    assert all(0 < ce < 20 for ce in results['base']['per_codebook'])

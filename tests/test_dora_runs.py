@@ -43,6 +43,10 @@ def test_lora_debug_end_to_end_exports_an_adapter_that_reloads(tmp_path):
     from audiocraft_lora import adapters, base_models
     from audiocraft_lora.lora import inject_lora, AdapterParameters
     adapter = adapters.load_adapter(adapter_dir)
+    scores = [entry['valid']['ce'] for entry in history]
+    best = max(i + 1 for i, score in enumerate(scores) if score == min(scores))
+    assert (adapter.config['epoch'], adapter.config['last_epoch']) == (best, 2)
+    assert adapter.config['selected_by'].startswith('lowest valid ce')
     base = base_models.resolve_base('debug')
     pkg = base_models.load_lm_package(base)
     adapters.check_base_matches(adapter, 'debug', base_models.fingerprint_state(pkg['best_state']))
@@ -105,6 +109,15 @@ def test_execute_only_export_rewrites_the_adapter_of_the_same_finished_xp(tmp_pa
     assert _xp_folder(dora_dir) == folder  # execute_* are not in the signature: the same XP, not a new one
     assert (folder / 'adapter' / 'adapter_model.safetensors').read_bytes() == original
     assert len(_history(folder)) == 2  # nothing retrained
+    # the last epoch's adapter instead of the best-valid one: the same XP, the checkpoint's current adapter
+    proc = run_dora(args + ['execute_only=export', 'execute_inplace=true', 'export_state=last'], dora_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _xp_folder(dora_dir) == folder
+    from audiocraft_lora import adapters
+    last = adapters.load_adapter(folder / 'adapter')
+    assert (last.config['epoch'], last.config['selected_by']) == (2, 'last epoch')
+    current = torch.load(folder / 'checkpoint.th', weights_only=True)['model']
+    assert set(last.state) and all(torch.equal(last.state[k], current[k].float()) for k in last.state)
 
 
 def test_fused_adamw_under_bf16_autocast_trains_like_the_foreach_one(tmp_path):

@@ -146,7 +146,11 @@ def test_export_and_merge_cli(hf_text_dir, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {'peft', 'merged-audiocraft', 'merged-hf'}
     peft_cfg = json.loads((out / 'peft' / 'adapter_config.json').read_text())
     assert 'fc2' in peft_cfg['target_modules'] and 'fc1' not in peft_cfg['target_modules']
+    capsys.readouterr()
     assert main(['merge', '--adapter', str(adapter), '--out', str(tmp_path / 'merged')]) == 0
+    # (an HF base: its T5 travels in the merged folder, and stock AudioCraft needs it registered on each machine)
+    assert (tmp_path / 'merged' / 'hf_import.json').exists()
+    assert f"run `audiocraft-lora import-hf {tmp_path / 'merged'}` once" in capsys.readouterr().out
     merged = torch.load(tmp_path / 'merged' / 'state_dict.bin', weights_only=True)['best_state']
     key = 'transformer.layers.0.linear2.weight'
     assert not torch.equal(merged[key], pkg['best_state'][key])
