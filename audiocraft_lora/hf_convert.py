@@ -67,6 +67,11 @@ def read_hf_config(hf_dir: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
     if model_type not in ('musicgen', 'musicgen_melody'):
         raise BaseModelError(f"{path} has model_type={model_type!r}; expected 'musicgen' or 'musicgen_melody' "
                              "(a MusicGen saved with transformers' save_pretrained).")
+    missing = [key for key in ('decoder', 'audio_encoder', 'text_encoder') if not isinstance(raw.get(key), dict)]
+    if missing:
+        raise BaseModelError(f"{path} has no {', '.join(missing)} section(s): it is incomplete, not the config.json "
+                             "that save_pretrained writes for a MusicGen. Copy the model folder again (config.json "
+                             "with its weights).")
     return raw
 
 
@@ -78,8 +83,12 @@ def load_hf_musicgen(hf_dir: tp.Union[str, Path]) -> HFMusicGen:
         from transformers import MusicgenMelodyForConditionalGeneration as cls
     else:
         from transformers import MusicgenForConditionalGeneration as cls  # type: ignore[no-redef]
+    from safetensors import SafetensorError
     try:
         model = cls.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
+    except SafetensorError as exc:
+        raise BaseModelError(f"The weights in {hf_dir} can't be read ({exc}): a safetensors file there is truncated "
+                             "or damaged. Copy the model folder again.") from exc
     except (OSError, ValueError, RuntimeError) as exc:
         raise BaseModelError(f"transformers can't load {hf_dir} as {cls.__name__}: {exc}") from exc
     return HFMusicGen(model.eval(), raw, melody)

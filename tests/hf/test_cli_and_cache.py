@@ -60,6 +60,23 @@ def test_import_hf_cli_refuses_non_musicgen(tmp_path, capsys, content):
     assert not (tmp_path / 'out').exists()
 
 
+def test_import_hf_names_an_incomplete_config_and_damaged_weights(hf_text_dir, tmp_path, capsys):
+    import shutil
+    from audiocraft_lora.cli import main
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    (bare / 'config.json').write_text(json.dumps({'model_type': 'musicgen'}))
+    assert main(['import-hf', str(bare), '--out', str(tmp_path / 'out1')]) == 2
+    assert 'has no decoder, audio_encoder, text_encoder section(s): it is incomplete' in capsys.readouterr().err
+    damaged = tmp_path / 'damaged'
+    shutil.copytree(hf_text_dir, damaged)
+    (weights,) = damaged.glob('*.safetensors')
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(['import-hf', str(damaged), '--out', str(tmp_path / 'out2')]) == 2
+    assert f'The weights in {damaged} can\'t be read' in capsys.readouterr().err
+    assert not (tmp_path / 'out1').exists() and not (tmp_path / 'out2').exists()
+
+
 def test_import_hf_refuses_foreign_out_folder(hf_text_dir, tmp_path, capsys):
     from audiocraft_lora.cli import main
     out = tmp_path / 'busy'
