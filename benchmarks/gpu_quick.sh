@@ -26,7 +26,7 @@ if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head
   # (an H200: AudioCraft's full fine-tune of medium at batch 16 x 30 s needs ~130 GiB)
   LIMIT=200 run_case --scale medium --batch 16 --json $OUT/medium_b16.json \
     --cases full,lora_graphed_keep,lora_graphed_sac,lora_graphed_mixed,hf_lora
-else  # (an H100: the LoRA plans alone; est. 37.3 GiB with the margin for the mixed plan at rank 32, memory_plan.py)
+else  # (an H100: the LoRA plans alone; est. 36.9 GiB with the margin for the mixed plan at rank 32, memory_plan.py, session 19)
   LIMIT=100 run_case --scale medium --batch 16 --json $OUT/medium_b16.json --cases lora_graphed_mixed,lora_graphed_sac
 fi
 # the recipe row (small b16 x 15 s, LoRA dropout 0.05): the dropout kernels (no `_tdrop`) against torch's dropout
