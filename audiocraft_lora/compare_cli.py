@@ -168,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
         'samples': [{k: s[k] for k in ('prompt', 'seed', 'model', 'wav', 'diagnostics')} for s in samples],
         'skipped': skipped, 'reference_metrics': reference_metrics,
         'history': {label: h for label, folder in labelled.items() if (h := _history(folder))},
+        # (the epoch each adapter was exported from, as its config says: best valid, or the last with export_state)
+        'exported_epoch': {label: loaded[label].config['epoch'] for label, folder in labelled.items()
+                           if 'epoch' in loaded[label].config and _history(folder)},
         'extra': {'models': model_info, 'environment': environment(),
                   'tokens_sha256': {f"{s['model']}|{s['name']}|seed{s['seed']}": s['tokens_sha256'] for s in samples},
                   'clap_per_sample': {f"{s['model']}|{s['name']}|seed{s['seed']}": s['clap']

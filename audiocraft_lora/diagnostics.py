@@ -18,7 +18,10 @@ Conventions:
       would drop the quiet blocks and hide exactly the fade we are looking for.
     - `spectral_flatness` is librosa's (power spectrum, n_fft 2048, hop 512), averaged over frames that are above
       the silence threshold only (a silent frame has flatness 1.0 and would look like noise). White noise gives
-      ~0.56, a pure tone ~0, music typically 0.01-0.2. No audible frame at all gives 0.0.
+      ~0.56, a pure tone ~0, music typically 0.01-0.2. No audible frame at all gives 0.0. Pink noise reads only
+      ~0.14 there, so `detrended_flatness` measures it again after removing each frame's power-law tilt: noise of
+      any colour ~0.56, music low.
+    - Flags and their thresholds live in `diagnostic_flags` (re-exported here).
 """
 import dataclasses
 import math
@@ -28,7 +31,18 @@ import librosa
 import numpy as np
 import pyloudnorm
 
+from . import diagnostic_flags
 from .errors import UserError
+
+# Flags and their thresholds (defined in `diagnostic_flags`; kept here, where they have always been importable).
+FlagThresholds = diagnostic_flags.FlagThresholds
+FLAG_NAMES = diagnostic_flags.FLAG_NAMES
+PAIR_FLAG_NAMES = diagnostic_flags.PAIR_FLAG_NAMES
+FADE_FLAG_DB = diagnostic_flags.FADE_FLAG_DB
+MOSTLY_SILENT_FRACTION = diagnostic_flags.MOSTLY_SILENT_FRACTION
+NOISE_FLATNESS = diagnostic_flags.NOISE_FLATNESS
+NOISE_DETRENDED_FLATNESS = diagnostic_flags.NOISE_DETRENDED_FLATNESS
+CLIPPING_FRACTION = diagnostic_flags.CLIPPING_FRACTION
 
 # Every dB value (LUFS, dBFS, fade ratio terms) is floored here so that silence stays finite.
 DB_FLOOR = -100.0
@@ -46,28 +60,16 @@ FLATNESS_HOP = 512
 # pyloudnorm's channel gains cover at most 5 channels (L, R, C, Ls, Rs).
 MAX_CHANNELS = 5
 
-# Flag thresholds (see `flags`).
-FADE_FLAG_DB = -10.0  # 'fades': last third is more than 10 dB quieter than the first third.
-MOSTLY_SILENT_FRACTION = 0.5  # 'mostly_silent': more than half of the windows are silent.
-NOISE_FLATNESS = 0.3  # 'noise_like': mean spectral flatness above 0.3 (white noise ~0.56, music ~0.01-0.2).
-CLIPPING_FRACTION = 0.01  # 'clipping': more than 1% of the samples at full scale.
-FLAG_NAMES = ('fades', 'mostly_silent', 'noise_like', 'clipping')
+# Detrended flatness: the power-law tilt of each frame is fitted between these frequencies.
+DETREND_MIN_HZ = 50.0
+DETREND_MAX_NYQUIST_FRACTION = 0.9
 
 # Scalar metrics of one sample, in display order; `aggregate` and `compare_to_base` work on these.
-SCALAR_METRICS = ('integrated_lufs', 'fade_ratio_db', 'silence_fraction', 'spectral_flatness', 'clipping_fraction',
-                  'tail_silence_s', 'peak_dbfs', 'duration_s')
+SCALAR_METRICS = ('integrated_lufs', 'fade_ratio_db', 'silence_fraction', 'spectral_flatness', 'detrended_flatness',
+                  'clipping_fraction', 'tail_silence_s', 'peak_dbfs', 'duration_s')
 
 AnyWav = tp.Union[np.ndarray, 'torch.Tensor']  # noqa: F821
 DiagLike = tp.Union['AudioDiagnostics', tp.Mapping[str, tp.Any]]
-
-
-@dataclasses.dataclass
-class FlagThresholds:
-    """Thresholds of `flags`; the defaults are the module constants."""
-    fade_db: float = FADE_FLAG_DB
-    mostly_silent_fraction: float = MOSTLY_SILENT_FRACTION
-    noise_flatness: float = NOISE_FLATNESS
-    clipping_fraction: float = CLIPPING_FRACTION
 
 
 @dataclasses.dataclass
@@ -87,6 +89,8 @@ class AudioDiagnostics:
         fade_ratio_db (float): ungated RMS dB of the last third minus the first third.
         silence_fraction (float): fraction of windows with RMS below `silence_threshold_dbfs`.
         spectral_flatness (float): mean librosa flatness over audible frames (0 = tonal, ~0.56 = white noise).
+        detrended_flatness (float): the same after removing each frame's power-law tilt (~0.56 = noise of any
+            colour: white, pink, brown; music stays low), see `detrended_flatness`.
         clipping_fraction (float): fraction of samples (all channels) with |x| >= `clip_threshold`.
         tail_silence_s (float): seconds of trailing silence (10 ms resolution).
         peak_dbfs (float): sample peak, dBFS.
@@ -105,6 +109,7 @@ class AudioDiagnostics:
     fade_ratio_db: float
     silence_fraction: float
     spectral_flatness: float
+    detrended_flatness: float
     clipping_fraction: float
     tail_silence_s: float
     peak_dbfs: float
@@ -212,13 +217,14 @@ def audio_diagnostics(wav: AnyWav, sample_rate: int, window_s: float = 0.5,
     fade_ratio_db = float(_to_db(power[length - third:].mean()) - _to_db(power[:third].mean()))
     silence_fraction = float(np.mean(rms_curve < silence_threshold_dbfs))
     peak_dbfs = float(20.0 * np.log10(max(np.max(np.abs(audio)), 10.0 ** (DB_FLOOR / 20.0))))
+    flatness, detrended = _audible_flatness(audio, sample_rate, silence_threshold_dbfs)
 
     return AudioDiagnostics(
         sample_rate=sample_rate, num_channels=channels, duration_s=duration_s, window_s=float(window_s),
         loudness_unit=loudness_unit, window_times_s=window_times.tolist(),
         loudness_curve=[float(v) for v in loudness_curve], rms_curve_dbfs=[float(v) for v in rms_curve],
         integrated_lufs=integrated, fade_ratio_db=fade_ratio_db, silence_fraction=silence_fraction,
-        spectral_flatness=_audible_spectral_flatness(audio, silence_threshold_dbfs),
+        spectral_flatness=flatness, detrended_flatness=detrended,
         clipping_fraction=float(np.mean(np.abs(audio) >= clip_threshold)),
         tail_silence_s=_tail_silence_s(power, sample_rate, silence_threshold_dbfs), peak_dbfs=peak_dbfs,
         silence_threshold_dbfs=float(silence_threshold_dbfs), clip_threshold=float(clip_threshold))
@@ -262,8 +268,9 @@ def _windowed_lufs(samples_last: np.ndarray, sample_rate: int, window_s: float, 
     return np.where(np.isfinite(blocks), np.maximum(blocks, DB_FLOOR), DB_FLOOR)
 
 
-def _audible_spectral_flatness(audio: np.ndarray, silence_threshold_dbfs: float) -> float:
-    """Mean librosa spectral flatness over frames above the silence threshold, all channels. 0.0 if none.
+def _audible_flatness(audio: np.ndarray, sample_rate: int, silence_threshold_dbfs: float) -> tp.Tuple[float, float]:
+    """Mean librosa spectral flatness and mean detrended flatness over frames above the silence threshold, all
+    channels. (0.0, 0.0) if no frame is audible.
 
     Args:
         audio (np.ndarray): [C, T].
@@ -271,15 +278,50 @@ def _audible_spectral_flatness(audio: np.ndarray, silence_threshold_dbfs: float)
     length = audio.shape[1]
     n_fft = min(FLATNESS_N_FFT, 2 ** int(math.floor(math.log2(length))))
     hop = min(FLATNESS_HOP, n_fft // 4)
-    values = []
+    plain, detrended = [], []
     for channel in audio:
         flatness = librosa.feature.spectral_flatness(y=channel, n_fft=n_fft, hop_length=hop)[0]
+        power = np.abs(librosa.stft(channel, n_fft=n_fft, hop_length=hop)) ** 2
+        untilted = detrended_flatness(power, librosa.fft_frequencies(sr=sample_rate, n_fft=n_fft))
         rms = librosa.feature.rms(y=channel, frame_length=n_fft, hop_length=hop, dtype=np.float64)[0]
-        frames = min(flatness.shape[0], rms.shape[0])
+        frames = min(flatness.shape[0], untilted.shape[0], rms.shape[0])
         audible = 20.0 * np.log10(np.maximum(rms[:frames], 1e-12)) >= silence_threshold_dbfs
-        values.append(flatness[:frames][audible])
-    audible_values = np.concatenate(values)
-    return float(audible_values.mean()) if audible_values.size else 0.0
+        plain.append(flatness[:frames][audible])
+        detrended.append(untilted[:frames][audible])
+    plain_values, detrended_values = np.concatenate(plain), np.concatenate(detrended)
+    if not plain_values.size:
+        return 0.0, 0.0
+    return float(plain_values.mean()), float(detrended_values.mean())
+
+
+def detrended_flatness(power: np.ndarray, frequencies: np.ndarray, amin: float = 1e-10) -> np.ndarray:
+    """Spectral flatness of each frame after removing its power-law tilt.
+
+    A straight line is fitted (least squares) to log power against log frequency between `DETREND_MIN_HZ` and
+    `DETREND_MAX_NYQUIST_FRACTION` of Nyquist; flatness (geometric / arithmetic mean) is measured on the power
+    divided by that line. Noise whose spectrum is a power law (white, pink, brown) reads ~0.56 (e^-gamma, the ratio
+    for exponentially distributed periodogram bins) whatever its colour; tonal and percussive music stays low
+    because its spectrum is not a straight line in log-log. Band-limited noise (nothing above some frequency) is
+    not detected by this measure.
+
+    Args:
+        power (np.ndarray): [F, N] power spectrogram (|STFT|^2).
+        frequencies (np.ndarray): [F] bin frequencies, Hz.
+        amin (float): power floor before the log (librosa's flatness uses the same).
+    Returns:
+        np.ndarray: [N] flatness in [0, 1].
+    """
+    band = (frequencies >= DETREND_MIN_HZ) & (frequencies <= DETREND_MAX_NYQUIST_FRACTION * frequencies[-1])
+    if band.sum() < 3:
+        raise UserError(f'detrended_flatness: only {int(band.sum())} bins between {DETREND_MIN_HZ} Hz and '
+                        f'{DETREND_MAX_NYQUIST_FRACTION} x Nyquist; use a longer FFT or a higher sample rate.')
+    log_power = np.log(np.maximum(power[band].astype(np.float64), amin))  # [F', N]
+    design = np.stack([np.log(frequencies[band]), np.ones(int(band.sum()))], axis=1)  # [F', 2]
+    coefficients, *_ = np.linalg.lstsq(design, log_power, rcond=None)  # [2, N]
+    residual = log_power - design @ coefficients
+    residual -= residual.max(axis=0, keepdims=True)  # flatness is scale-free; keeps exp() finite
+    ratio = np.exp(residual)
+    return np.exp(np.mean(residual, axis=0)) / np.maximum(np.mean(ratio, axis=0), 1e-300)
 
 
 def _tail_silence_s(power: np.ndarray, sample_rate: int, silence_threshold_dbfs: float) -> float:
@@ -312,24 +354,20 @@ def _as_dict(diag: DiagLike) -> tp.Mapping[str, tp.Any]:
 
 
 def flags(diag: DiagLike, thresholds: tp.Optional[FlagThresholds] = None) -> tp.List[str]:
-    """Named problems of one sample, in `FLAG_NAMES` order.
-
-    'fades': fade_ratio_db < fade_db; 'mostly_silent': silence_fraction > mostly_silent_fraction;
-    'noise_like': spectral_flatness > noise_flatness; 'clipping': clipping_fraction > clipping_fraction.
+    """Named problems of one sample, in `FLAG_NAMES` order (definitions: `audiocraft_lora.diagnostic_flags`).
 
     Args:
         diag (AudioDiagnostics or dict): one sample's diagnostics.
         thresholds (FlagThresholds, optional): defaults to the module constants.
     """
-    values = _as_dict(diag)
-    limits = thresholds or FlagThresholds()
-    raised = {
-        'fades': values['fade_ratio_db'] < limits.fade_db,
-        'mostly_silent': values['silence_fraction'] > limits.mostly_silent_fraction,
-        'noise_like': values['spectral_flatness'] > limits.noise_flatness,
-        'clipping': values['clipping_fraction'] > limits.clipping_fraction,
-    }
-    return [name for name in FLAG_NAMES if raised[name]]
+    return diagnostic_flags.sample_flags(_as_dict(diag), thresholds)
+
+
+def flags_vs_base(diag: DiagLike, base_diag: DiagLike,
+                  thresholds: tp.Optional[FlagThresholds] = None) -> tp.List[str]:
+    """Named problems of a sample against the base model's sample for the same prompt and seed, in
+    `PAIR_FLAG_NAMES` order ('quieter_than_base', 'noisier_than_base'; see `audiocraft_lora.diagnostic_flags`)."""
+    return diagnostic_flags.flags_vs_base(_as_dict(diag), _as_dict(base_diag), thresholds)
 
 
 def aggregate(diags: tp.Sequence[DiagLike], thresholds: tp.Optional[FlagThresholds] = None) -> tp.Dict[str, tp.Any]:

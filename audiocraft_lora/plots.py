@@ -3,6 +3,7 @@
 Figures are drawn with matplotlib's object-oriented API on an Agg canvas (`matplotlib.figure.Figure`), never
 through `pyplot`: no global backend switch, no figure left open, safe in a training process or a headless box.
 Each function writes its PNG atomically (temporary file in the same folder, fsync, replace) and returns the path.
+Legends sit outside the axes (right), so they never hide a curve.
 """
 import io
 import math
@@ -17,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .checkpoint_io import write_bytes_atomic  # noqa: F401 (also used by report.py)
-from .diagnostics import DB_FLOOR, AnyWav, as_channels_first
+from .diagnostics import DB_FLOOR, FADE_FLAG_DB, AnyWav, as_channels_first
 from .errors import UserError
 
 DPI = 100
@@ -28,6 +29,11 @@ SPECTROGRAM_N_MELS = 128
 SPECTROGRAM_N_FFT = 2048
 SPECTROGRAM_HOP = 512
 
+# sample_fade.png: the y range always holds 0 dB and the fade warning, with this margin (dB), and grows with the data.
+FADE_PLOT_MARGIN_DB = 5.0
+# Series of sample_fade.png: metric in the history's generate stage -> legend label.
+FADE_SERIES = {'gen_fade_ratio_db': 'unprompted samples', 'gen_cont_fade_ratio_db': 'continuations'}
+
 PathLike = tp.Union[str, os.PathLike]
 
 
@@ -35,6 +41,11 @@ def _new_figure(width: float = 8.0, height: float = 3.5) -> Figure:
     figure = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(figure)
     return figure
+
+
+def _legend_outside(axes) -> None:
+    """Legend to the right of the axes (tight_layout makes room for it), so it never covers a curve."""
+    axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize='small')
 
 
 def _save(figure: Figure, path: PathLike) -> Path:
@@ -59,6 +70,12 @@ def plot_loudness_curves(curves: tp.Mapping[str, tp.Tuple[tp.Sequence[float], tp
     """
     if not curves:
         raise UserError(f'plot_loudness_curves({str(path)!r}): no curves given.')
+    return _save(loudness_figure(curves, title, ylabel, threshold), path)
+
+
+def loudness_figure(curves: tp.Mapping[str, tp.Tuple[tp.Sequence[float], tp.Sequence[float]]], title: str,
+                    ylabel: str = 'short-term loudness (LUFS)', threshold: tp.Optional[float] = None) -> Figure:
+    """The figure of `plot_loudness_curves` (not saved)."""
     figure = _new_figure()
     axes = figure.subplots()
     lowest = 0.0
@@ -75,8 +92,8 @@ def plot_loudness_curves(curves: tp.Mapping[str, tp.Tuple[tp.Sequence[float], tp
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(loc='lower left', fontsize='small')
-    return _save(figure, path)
+    _legend_outside(axes)
+    return figure
 
 
 def plot_spectrogram(wav: AnyWav, sample_rate: int, path: PathLike, title: str) -> Path:
@@ -155,8 +172,12 @@ def loss_series(history: tp.Sequence[tp.Mapping[str, tp.Any]], stage: str,
 
 
 def plot_loss_curves(history: tp.Sequence[tp.Mapping[str, tp.Any]], path: PathLike, metric: str = 'ce',
-                     stages: tp.Sequence[str] = ('train', 'valid'), title: tp.Optional[str] = None) -> Path:
+                     stages: tp.Sequence[str] = ('train', 'valid'), title: tp.Optional[str] = None,
+                     mark_epoch: tp.Optional[int] = None, mark_label: tp.Optional[str] = None) -> Path:
     """Train / valid curves per epoch from a flashy / dora history.
+
+    A fade-ratio metric (name ending in 'fade_ratio_db', as the training loop asks for `sample_fade.png`) is drawn
+    by `plot_sample_fade` instead: fixed dB range, 0 dB and warning lines, and a figure even before any sample.
 
     Args:
         history (list of dict): one dict per epoch, e.g. `{'train': {'ce': 3.1}, 'valid': {'ce': 3.3}}`
@@ -165,9 +186,21 @@ def plot_loss_curves(history: tp.Sequence[tp.Mapping[str, tp.Any]], path: PathLi
         metric (str): metric key inside each stage.
         stages (list of str): stages to draw.
         title (str, optional): defaults to f'{metric} per epoch'.
+        mark_epoch (int, optional): 1-based epoch marked with a vertical line (e.g. the exported adapter's).
+        mark_label (str, optional): legend text of that line.
     Raises:
         UserError: no stage of the history holds `metric` (names the keys that exist).
     """
+    if metric.endswith('fade_ratio_db') and len(stages) == 1:
+        metrics = tuple(FADE_SERIES) if metric == 'gen_fade_ratio_db' else (metric,)
+        return plot_sample_fade(history, path, metrics=metrics, stage=stages[0], title=title)
+    return _save(loss_curves_figure(history, metric, stages, title, mark_epoch, mark_label), path)
+
+
+def loss_curves_figure(history: tp.Sequence[tp.Mapping[str, tp.Any]], metric: str = 'ce',
+                       stages: tp.Sequence[str] = ('train', 'valid'), title: tp.Optional[str] = None,
+                       mark_epoch: tp.Optional[int] = None, mark_label: tp.Optional[str] = None) -> Figure:
+    """The figure of `plot_loss_curves` (not saved; no fade-ratio special case)."""
     series = {stage: loss_series(history, stage, metric) for stage in stages}
     if not any(epochs for epochs, _ in series.values()):
         available = sorted({f'{stage}.{key}' for entry in history if isinstance(entry, tp.Mapping)
@@ -179,10 +212,69 @@ def plot_loss_curves(history: tp.Sequence[tp.Mapping[str, tp.Any]], path: PathLi
     for stage, (epochs, values) in series.items():
         if epochs:
             axes.plot(epochs, values, marker='o', label=stage)
+    if mark_epoch is not None:
+        axes.axvline(mark_epoch, color='tab:green', linestyle=':', linewidth=1.5,
+                     label=mark_label or f'epoch {mark_epoch}')
     axes.set_xlabel('epoch')
     axes.set_ylabel(metric)
     axes.set_title(title or f'{metric} per epoch')
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    _epoch_axis(axes, len(history))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize='small')
-    return _save(figure, path)
+    _legend_outside(axes)
+    return figure
+
+
+def _epoch_axis(axes, num_epochs: int) -> None:
+    """x from 0.5 to num_epochs + 0.5 (at least 1 epoch), integer ticks only."""
+    axes.set_xlim(0.5, max(1, num_epochs) + 0.5)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+
+
+def sample_fade_figure(history: tp.Sequence[tp.Mapping[str, tp.Any]], metrics: tp.Sequence[str] = tuple(FADE_SERIES),
+                       stage: str = 'generate', warning_db: float = FADE_FLAG_DB,
+                       title: tp.Optional[str] = None) -> Figure:
+    """The figure of `plot_sample_fade` (not saved), for tests and notebooks."""
+    figure = _new_figure(7.0, 3.5)
+    axes = figure.subplots()
+    drawn = []
+    for metric in metrics:
+        epochs, values = loss_series(history, stage, metric)
+        if epochs:
+            axes.plot(epochs, values, marker='o', label=FADE_SERIES.get(metric, metric))
+            drawn.extend(values)
+    finite = [v for v in drawn if math.isfinite(v)]
+    low = min([0.0, warning_db] + finite) - FADE_PLOT_MARGIN_DB
+    high = max([0.0, warning_db] + finite) + FADE_PLOT_MARGIN_DB
+    axes.set_ylim(low, high)
+    axes.axhline(0.0, color='grey', linewidth=1, label='0 dB: no fade')
+    axes.axhline(warning_db, color='tab:red', linestyle='--', linewidth=1, label=f'{warning_db:g} dB: fade warning')
+    if not drawn:
+        axes.text(0.5, 0.5, f'no samples yet ({len(history)} epoch{"s" if len(history) != 1 else ""})',
+                  transform=axes.transAxes, ha='center', va='center', color='grey')
+    axes.set_xlabel('epoch')
+    axes.set_ylabel('fade ratio (dB, last third vs first)')
+    axes.set_title(title or 'generated samples: fade ratio per epoch')
+    _epoch_axis(axes, len(history))
+    axes.grid(alpha=0.3)
+    _legend_outside(axes)
+    return figure
+
+
+def plot_sample_fade(history: tp.Sequence[tp.Mapping[str, tp.Any]], path: PathLike,
+                     metrics: tp.Sequence[str] = tuple(FADE_SERIES), stage: str = 'generate',
+                     warning_db: float = FADE_FLAG_DB, title: tp.Optional[str] = None) -> Path:
+    """Fade ratio of the generated samples per epoch (`sample_fade.png`), readable at any stage of training.
+
+    The y range always holds 0 dB (no fade) and `warning_db` (both drawn as labelled lines) with a 5 dB margin,
+    and grows to hold every value; x covers every epoch of the history with integer ticks. Before the first
+    generate stage (e.g. epoch 1 with generate.every=2) the figure says "no samples yet" instead of failing.
+
+    Args:
+        history (list of dict): flashy / dora history, one dict per epoch.
+        path (str or Path): PNG to write.
+        metrics (list of str): metrics of `stage` to draw (default: unprompted samples and continuations).
+        stage (str): history stage holding them.
+        warning_db (float): the fade warning threshold (`diagnostics.fade_warning_db` of the run).
+        title (str, optional): figure title.
+    """
+    return _save(sample_fade_figure(history, metrics, stage, warning_db, title), path)

@@ -18,6 +18,9 @@ Input schema (`report`; unknown top-level keys raise, to catch typos):
     cross_entropy (dict): optional, model -> {'per_codebook': [K] floats (mean CE in nats per codebook),
         'split': 'valid' (optional), 'num_tokens': int (optional)}.
     history (dict): optional, model -> flashy/dora history (list of per-epoch dicts, see `plots.plot_loss_curves`).
+    exported_epoch (dict): optional, model -> 1-based epoch its adapter was exported from (adapter_config.json's
+        `epoch`), marked on its history figure; without it the mark is the epoch with the lowest valid CE (the
+        last one on ties: AudioCraft's best_state, what `export_state: best` exports).
     reference_metrics (dict): optional, metrics from reference models (CLAP, FAD), name ->
         {'description': str, 'higher_is_better': bool, 'values': {model: float or None}}.
     skipped (list): optional, metrics not computed; each {'name': 'CLAP', 'reason': 'no local model given'} or a
@@ -27,10 +30,18 @@ Input schema (`report`; unknown top-level keys raise, to catch typos):
 Output `report.json` (schema_version 1): the input with paths made relative to out_dir, plus
     thresholds: flag thresholds, plus silence_threshold_dbfs / clip_threshold / window_s (shared by all samples,
         else UserError) and db_floor;
-    samples[i].flags: list of flag names; samples[i].spectrogram: relative PNG path or null;
-    groups: [{'prompt', 'seed', 'loudness_figure'}] in display order;
-    aggregates: model -> `diagnostics.aggregate`; comparisons: model -> `diagnostics.compare_to_base` (non-base);
-    cross_entropy[model] gains 'mean', 'perplexity_per_codebook', 'perplexity', 'diff_to_base_per_codebook';
+    samples[i].flags: list of flag names, the sample's own (`diagnostics.FLAG_NAMES`) then, for a non-base model,
+        those against the base's sample for the same prompt and seed (`diagnostics.PAIR_FLAG_NAMES`);
+    samples[i].spectrogram: relative PNG path or null;
+    groups: [{'prompt', 'seed', 'label', 'loudness_figure'}] in display order; label is the wav files' common stem
+        without `_seed<N>` (e.g. '00_trap_beat', as `generate` names them), else 'prompt NN' (0-based);
+    aggregates: model -> `diagnostics.aggregate`; a non-base model's flag_rates also hold the PAIR_FLAG_NAMES
+        (fraction of its samples with a base sample that raise the flag) when it has such samples;
+    comparisons: model -> `diagnostics.compare_to_base` (non-base) plus 'pairs' (samples with a base sample) and
+        'pair_flag_rates' {flag: fraction};
+    cross_entropy[model] gains 'mean', 'perplexity_per_codebook', 'perplexity', 'diff_to_base_per_codebook',
+        'diff_to_base_mean';
+    exported_epoch: model -> {'epoch', 'source'} for the models with a history;
     figures: {'cross_entropy': path or null, 'history': {model: path}}.
 Non-finite floats are written as null (strict JSON).
 """
@@ -51,7 +62,8 @@ from .report_html import referenced_files, render_html  # noqa: F401 (public API
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ('models', 'settings', 'samples')
-OPTIONAL_KEYS = ('base_model', 'title', 'cross_entropy', 'history', 'reference_metrics', 'skipped', 'extra')
+OPTIONAL_KEYS = ('base_model', 'title', 'cross_entropy', 'history', 'exported_epoch', 'reference_metrics', 'skipped',
+                 'extra')
 FIGURES_DIR = 'figures'
 
 
@@ -92,6 +104,8 @@ def write_report(out_dir: tp.Union[str, os.PathLike], report: tp.Mapping[str, tp
     samples = _validate_samples(report, out_dir, models, thresholds)
     skipped = _validate_skipped(report.get('skipped', []))
     groups = _group_keys(samples)
+    by_key = {(s.prompt, s.seed, s.model): s for s in samples}
+    pair_flags = _flag_against_base(samples, by_key, base_model, thresholds)
 
     aggregates = {}
     for model in models:
@@ -99,20 +113,28 @@ def write_report(out_dir: tp.Union[str, os.PathLike], report: tp.Mapping[str, tp
         if not rows:
             raise UserError(f'report: model {model!r} has no samples; every model in "models" needs samples.')
         aggregates[model] = diag_lib.aggregate(rows, thresholds)
-    comparisons = {model: diag_lib.compare_to_base(aggregates[base_model], aggregates[model])
-                   for model in models if model != base_model}
+    comparisons = {}
+    for model in (m for m in models if m != base_model):
+        raised = [pair_flags[id(s)] for s in samples if s.model == model and id(s) in pair_flags]
+        rates = {name: float(np.mean([name in r for r in raised])) if raised else None
+                 for name in diag_lib.PAIR_FLAG_NAMES}
+        if raised:  # (no base sample to pair with: the rates stay out of flag_rates, None in pair_flag_rates)
+            aggregates[model]['flag_rates'].update(rates)
+        comparisons[model] = diag_lib.compare_to_base(aggregates[base_model], aggregates[model]) | {
+            'pairs': len(raised), 'pair_flag_rates': rates}
 
     figures_dir = out_dir / FIGURES_DIR
-    by_key = {(s.prompt, s.seed, s.model): s for s in samples}
     group_rows = []
     for index, (prompt, seed) in enumerate(groups):
         present = [by_key[(prompt, seed, m)] for m in models if (prompt, seed, m) in by_key]
+        label = _group_label(present, index, seed)
         units = {s.diagnostics['loudness_unit'] for s in present}
         curves = {s.model: (s.diagnostics['window_times_s'], s.diagnostics['loudness_curve']) for s in present}
         loudness_png = plots.plot_loudness_curves(
-            curves, f'prompt {index + 1}, seed {seed}', figures_dir / f'p{index:03d}_seed{seed}_loudness.png',
+            curves, f'{label}, seed {seed}', figures_dir / f'p{index:03d}_seed{seed}_loudness.png',
             ylabel=f'loudness ({units.pop() if len(units) == 1 else "dB"})')
-        group_rows.append({'prompt': prompt, 'seed': seed, 'loudness_figure': _rel(loudness_png, out_dir)})
+        group_rows.append({'prompt': prompt, 'seed': seed, 'label': label,
+                           'loudness_figure': _rel(loudness_png, out_dir)})
         if spectrograms:
             for sample in present:
                 wav, sample_rate = _read_wav(sample.wav)
@@ -122,12 +144,20 @@ def write_report(out_dir: tp.Union[str, os.PathLike], report: tp.Mapping[str, tp
 
     cross_entropy, ce_figure = _cross_entropy_section(report.get('cross_entropy'), models, base_model, figures_dir,
                                                       out_dir)
-    history_figures = {}
+    history_figures, exported = {}, {}
+    given_epochs = report.get('exported_epoch') or {}
+    unknown = [m for m in given_epochs if m not in models]
+    if unknown:
+        raise UserError(f'report["exported_epoch"] names models {unknown}, which are not in models {models}.')
     for model, history in (report.get('history') or {}).items():
         if model not in models:
             raise UserError(f'report["history"] names model {model!r}, which is not in models {models}.')
-        png = plots.plot_loss_curves(history, figures_dir / f'history_m{models.index(model)}.png',
-                                     title=f'{model}: cross-entropy per epoch')
+        exported[model] = _exported_epoch(history, given_epochs.get(model), model)
+        mark = exported[model]
+        png = plots.plot_loss_curves(
+            history, figures_dir / f'history_m{models.index(model)}.png', title=f'{model}: cross-entropy per epoch',
+            mark_epoch=mark and mark['epoch'],
+            mark_label=mark and f'exported adapter (epoch {mark["epoch"]})')
         history_figures[model] = _rel(png, out_dir)
 
     document = {
@@ -140,6 +170,7 @@ def write_report(out_dir: tp.Union[str, os.PathLike], report: tp.Mapping[str, tp
                     for s in samples],
         'groups': group_rows, 'aggregates': aggregates, 'comparisons': comparisons,
         'cross_entropy': cross_entropy, 'history': report.get('history') or {},
+        'exported_epoch': {m: e for m, e in exported.items() if e is not None},
         'figures': {'cross_entropy': ce_figure, 'history': history_figures},
         'reference_metrics': _validate_reference_metrics(report.get('reference_metrics') or {}, models),
         'skipped': skipped, 'extra': report.get('extra') or {},
@@ -269,11 +300,48 @@ def _cross_entropy_section(raw: tp.Optional[tp.Mapping[str, tp.Any]], models: tp
         for model, entry in section.items():
             if len(entry['per_codebook']) == len(base):
                 entry['diff_to_base_per_codebook'] = [v - b for v, b in zip(entry['per_codebook'], base)]
+            entry['diff_to_base_mean'] = entry['mean'] - section[base_model]['mean']
     ordered = {m: section[m]['per_codebook'] for m in models if m in section}
     split = next(iter(section.values())).get('split', 'valid')
     png = plots.plot_bars(ordered, f'{split} cross-entropy per codebook', 'CE (nats)',
                           figures_dir / 'cross_entropy.png')
     return {m: section[m] for m in models if m in section}, _rel(png, out_dir)
+
+
+def _flag_against_base(samples: tp.Sequence[_Sample], by_key: tp.Mapping[tp.Tuple[str, int, str], _Sample],
+                       base_model: str, thresholds: diag_lib.FlagThresholds) -> tp.Dict[int, tp.List[str]]:
+    """Append `diagnostics.flags_vs_base` to every non-base sample that has a base sample for its prompt and seed;
+    returns id(sample) -> those flags."""
+    raised = {}
+    for sample in samples:
+        base = by_key.get((sample.prompt, sample.seed, base_model))
+        if sample.model != base_model and base is not None:
+            raised[id(sample)] = diag_lib.flags_vs_base(sample.diagnostics, base.diagnostics, thresholds)
+            sample.flags = sample.flags + raised[id(sample)]
+    return raised
+
+
+def _group_label(present: tp.Sequence[_Sample], index: int, seed: int) -> str:
+    """The wav files' common stem without `_seed<N>` ('00_trap_beat', as `generate` names them), else 'prompt NN'."""
+    suffix = f'_seed{seed}'
+    stems = {s.wav.stem[:-len(suffix)] if s.wav.stem.endswith(suffix) else None for s in present}
+    stem = stems.pop() if len(stems) == 1 else None
+    return stem or f'prompt {index:02d}'
+
+
+def _exported_epoch(history: tp.Sequence[tp.Mapping[str, tp.Any]], given: tp.Any,
+                    model: str) -> tp.Optional[tp.Dict[str, tp.Any]]:
+    """{'epoch', 'source'} of the adapter's epoch: as given, else the lowest valid CE (latest on ties), else None."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < 1:
+            raise UserError(f'report["exported_epoch"][{model!r}] must be a 1-based epoch number, got {given!r}.')
+        return {'epoch': int(given), 'source': 'adapter config'}
+    epochs, values = plots.loss_series(history, 'valid', 'ce')
+    finite = [(v, e) for e, v in zip(epochs, values) if math.isfinite(v)]
+    if not finite:
+        return None
+    low = min(v for v, _ in finite)
+    return {'epoch': max(e for v, e in finite if v == low), 'source': 'lowest valid CE'}
 
 
 def _read_wav(path: Path) -> tp.Tuple[np.ndarray, int]:

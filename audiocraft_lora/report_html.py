@@ -19,13 +19,18 @@ METRIC_DISPLAY = {
     'fade_ratio_db': ('fade (dB, last - first third)', '{:+.1f}'),
     'silence_fraction': ('silent windows', '{:.0%}'),
     'spectral_flatness': ('spectral flatness', '{:.3f}'),
+    'detrended_flatness': ('detrended flatness', '{:.3f}'),
     'clipping_fraction': ('clipped samples', '{:.2%}'),
     'tail_silence_s': ('tail silence (s)', '{:.2f}'),
     'peak_dbfs': ('peak dBFS', '{:.1f}'),
     'duration_s': ('duration (s)', '{:.2f}'),
 }
-FLAG_OF_METRIC = {'fade_ratio_db': 'fades', 'silence_fraction': 'mostly_silent', 'spectral_flatness': 'noise_like',
-                  'clipping_fraction': 'clipping'}
+# metric -> the flags that highlight it
+FLAGS_OF_METRIC = {'fade_ratio_db': ('fades',), 'silence_fraction': ('mostly_silent',),
+                   'spectral_flatness': ('noise_like',), 'detrended_flatness': ('noise_like', 'noisier_than_base'),
+                   'clipping_fraction': ('clipping',), 'tail_silence_s': ('silent_tail',),
+                   'integrated_lufs': ('quieter_than_base',)}
+ALL_FLAG_NAMES = diag_lib.FLAG_NAMES + diag_lib.PAIR_FLAG_NAMES
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1600px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}th{background:#f3f3f3}
@@ -74,19 +79,28 @@ def render_html(document: tp.Mapping[str, tp.Any]) -> str:
     limits = document['thresholds']
     parts.append(f'<p>Flags: <b>fades</b> fade &lt; {limits["fade_db"]:g} dB; <b>mostly_silent</b> more than '
                  f'{limits["mostly_silent_fraction"]:.0%} of windows below {limits["silence_threshold_dbfs"]:g} dBFS; '
-                 f'<b>noise_like</b> spectral flatness &gt; {limits["noise_flatness"]:g}; <b>clipping</b> more than '
-                 f'{limits["clipping_fraction"]:.0%} of samples at |x| &ge; {limits["clip_threshold"]:g}.</p>')
+                 f'<b>noise_like</b> spectral flatness &gt; {limits["noise_flatness"]:g} or detrended flatness &gt; '
+                 f'{limits["noise_detrended_flatness"]:g}; <b>clipping</b> more than '
+                 f'{limits["clipping_fraction"]:.0%} of samples at |x| &ge; {limits["clip_threshold"]:g}; '
+                 f'<b>silent_tail</b> trailing silence &ge; {limits["tail_silence_s"]:g} s or &ge; '
+                 f'{limits["tail_silence_fraction"]:.0%} of the duration. Against the base model\'s sample for the '
+                 f'same prompt and seed: <b>quieter_than_base</b> integrated loudness at least '
+                 f'{limits["quieter_than_base_lu"]:g} LU lower; <b>noisier_than_base</b> detrended flatness at least '
+                 f'{limits["noisier_than_base_flatness"]:g} higher.</p>')
     parts.append(_summary_html(document, models, base))
     parts.append(_cross_entropy_html(document, models, base))
     parts.append(_reference_metrics_html(document, models))
     if document['figures']['history']:
+        exported = document.get('exported_epoch') or {}
         parts.append('<h2>Training curves</h2>' + ''.join(
-            f'<h3>{_e(m)}</h3><img src="{_url(p)}" alt="training curve">'
-            for m, p in document['figures']['history'].items()))
+            f'<h3>{_e(m)}</h3>' + (f'<p>Exported adapter: epoch {exported[m]["epoch"]} ({_e(exported[m]["source"])}'
+                                    '), the dotted line.</p>' if m in exported else '')
+            + f'<img src="{_url(p)}" alt="training curve">' for m, p in document['figures']['history'].items()))
     parts.append('<h2>Samples</h2>')
     by_key = {(s['prompt'], s['seed'], s['model']): s for s in document['samples']}
     for index, group in enumerate(document['groups']):
-        parts.append(f'<h3>Prompt {index + 1}, seed {group["seed"]}: <span class="prompt">{_e(group["prompt"])}'
+        label = group.get('label') or f'prompt {index:02d}'
+        parts.append(f'<h3>{_e(label)}, seed {group["seed"]}: <span class="prompt">{_e(group["prompt"])}'
                      f'</span></h3><img src="{_url(group["loudness_figure"])}" alt="loudness curves">')
         cells = [_sample_cell(by_key.get((group['prompt'], group['seed'], m))) for m in models]
         parts.append(_table([_e(m) for m in models], [cells]))
@@ -99,7 +113,7 @@ def render_html(document: tp.Mapping[str, tp.Any]) -> str:
 
 def _summary_html(document: tp.Mapping[str, tp.Any], models: tp.Sequence[str], base: str) -> str:
     header = ['model', 'samples'] + [_e(METRIC_DISPLAY[m][0]) for m in diag_lib.SCALAR_METRICS] + [
-        f'flag rate: {_e(f)}' for f in diag_lib.FLAG_NAMES]
+        f'flag rate: {_e(f)}' for f in ALL_FLAG_NAMES]
     rows = []
     for model in models:
         agg, comparison = document['aggregates'][model], document['comparisons'].get(model)
@@ -108,11 +122,14 @@ def _summary_html(document: tp.Mapping[str, tp.Any], models: tp.Sequence[str], b
             text = _fmt(metric, agg['metrics'][metric]['mean'])
             if comparison is not None:
                 text += f' <small>({_fmt_diff(metric, comparison["metrics"][metric]["diff"])})</small>'
-            rows_flagged = agg['flag_rates'].get(FLAG_OF_METRIC.get(metric, ''), 0) or 0
-            row.append(f'<td class="flag">{text}</td>' if rows_flagged > 0 else text)
-        for flag in diag_lib.FLAG_NAMES:
-            rate = agg['flag_rates'][flag] or 0
-            row.append(f'<td class="flag">{rate:.0%}</td>' if rate > 0 else f'{rate:.0%}')
+            flagged = any((agg['flag_rates'].get(flag) or 0) > 0 for flag in FLAGS_OF_METRIC.get(metric, ()))
+            row.append(f'<td class="flag">{text}</td>' if flagged else text)
+        for flag in ALL_FLAG_NAMES:
+            rate = agg['flag_rates'].get(flag)
+            if rate is None:  # a flag against the base, for the base itself (or no base sample to pair with)
+                row.append('&mdash;')
+            else:
+                row.append(f'<td class="flag">{rate:.0%}</td>' if rate > 0 else f'{rate:.0%}')
         rows.append(row)
     return ('<h2>Summary per model</h2><p>Means over samples; in brackets the difference to the base model '
             f'({_e(base)}). Highlighted: at least one sample raises the flag.</p>' + _table(header, rows))
@@ -131,7 +148,9 @@ def _cross_entropy_html(document: tp.Mapping[str, tp.Any], models: tp.Sequence[s
         diffs = entry.get('diff_to_base_per_codebook') if model != base else None
         ce_cells = [f'{v:.3f}' + (f' <small>({d:+.3f})</small>' if diffs else '')
                     for v, d in zip(entry['per_codebook'], diffs or entry['per_codebook'])]
-        rows.append([f'<td class="text">{_e(model)}</td>', f'{entry["mean"]:.3f}', f'{entry["perplexity"]:.1f}']
+        mean_diff = entry.get('diff_to_base_mean') if model != base else None
+        mean = f'{entry["mean"]:.3f}' + (f' <small>({mean_diff:+.3f})</small>' if mean_diff is not None else '')
+        rows.append([f'<td class="text">{_e(model)}</td>', mean, f'{entry["perplexity"]:.1f}']
                     + ce_cells + [f'{v:.1f}' for v in entry['perplexity_per_codebook']])
     figure = document['figures']['cross_entropy']
     image = f'<img src="{_url(figure)}" alt="cross-entropy per codebook">' if figure else ''
@@ -158,7 +177,7 @@ def _sample_cell(sample: tp.Optional[tp.Mapping[str, tp.Any]]) -> str:
     values = sample['diagnostics']
     rows = []
     for metric in diag_lib.SCALAR_METRICS:
-        flagged = FLAG_OF_METRIC.get(metric) in sample['flags']
+        flagged = any(flag in sample['flags'] for flag in FLAGS_OF_METRIC.get(metric, ()))
         value = _fmt(metric, values[metric])
         rows.append([f'<td class="text">{_e(METRIC_DISPLAY[metric][0])}</td>',
                      f'<td class="flag">{value}</td>' if flagged else value])

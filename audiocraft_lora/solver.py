@@ -358,19 +358,19 @@ class LoRAMusicGenSolver(MusicGenSolver):
             self.write_curves()
 
     def write_curves(self) -> tp.List[Path]:
-        """`loss_curves.png` (train/valid CE per epoch) and, once samples were generated, `sample_fade.png`
-        (fade ratio and silence of the generated samples per epoch). Never fails the run."""
+        """`loss_curves.png` (train/valid CE per epoch) and `sample_fade.png` (fade ratio of the generated samples
+        per epoch, "no samples yet" before the first generate stage). Never fails the run."""
         from . import plots
         from .errors import UserError
-        figures = [('loss_curves.png', 'ce', ('train', 'valid'), 'cross-entropy per epoch'),
-                   ('sample_fade.png', 'gen_fade_ratio_db', ('generate',),
-                    'generated samples: fade ratio (dB, last third vs first) per epoch')]
+        figures = {'loss_curves.png': lambda path: plots.plot_loss_curves(
+                       self.history, path, metric='ce', stages=('train', 'valid'), title='cross-entropy per epoch'),
+                   'sample_fade.png': lambda path: plots.plot_sample_fade(
+                       self.history, path, warning_db=float(self._diagnostics_cfg('fade_warning_db')))}
         written = []
-        for name, metric, stages, title in figures:
+        for name, draw in figures.items():
             try:
-                written.append(plots.plot_loss_curves(self.history, self.folder / name, metric=metric,
-                                                      stages=stages, title=title))
-            except UserError:  # nothing to draw yet (e.g. no generate stage so far)
+                written.append(draw(self.folder / name))
+            except UserError:  # nothing to draw yet
                 continue
             except Exception as exc:  # a figure must never stop training
                 self.logger.warning("Could not draw %s: %s", name, exc)

@@ -19,8 +19,8 @@ def diags(signals, sample_rate):
 
 
 @pytest.mark.parametrize('name,expected_flags', [
-    ('steady', []), ('fading', ['fades']), ('stops_half_way', ['fades']), ('white_noise', ['noise_like']),
-    ('clipped_square', ['clipping']), ('silence', ['mostly_silent'])])
+    ('steady', []), ('fading', ['fades']), ('stops_half_way', ['fades', 'silent_tail']),
+    ('white_noise', ['noise_like']), ('clipped_square', ['clipping']), ('silence', ['mostly_silent', 'silent_tail'])])
 def test_flags_distinguish_the_signals(diags, name, expected_flags):
     assert D.flags(diags[name]) == expected_flags
 
@@ -138,7 +138,7 @@ def test_aggregate_and_compare_to_base(diags):
     assert adapter['metrics']['fade_ratio_db']['mean'] == pytest.approx(np.mean(fades), abs=0.05)
     assert adapter['metrics']['fade_ratio_db']['median'] == pytest.approx(0.0, abs=0.05)
     assert adapter['flag_rates'] == pytest.approx({'fades': 1 / 3, 'mostly_silent': 1 / 3, 'noise_like': 0.0,
-                                                   'clipping': 0.0})
+                                                   'clipping': 0.0, 'silent_tail': 1 / 3})
     comparison = D.compare_to_base(base, adapter)
     assert comparison['metrics']['fade_ratio_db']['diff'] == pytest.approx(np.mean(fades), abs=0.1)
     assert comparison['metrics']['silence_fraction']['diff'] == pytest.approx(1 / 3)

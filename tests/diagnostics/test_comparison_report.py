@@ -112,3 +112,52 @@ def test_model_without_samples_is_refused(tmp_path, report_input):
     report_input['models'] = MODELS + ['adapter:other']
     with pytest.raises(UserError, match="'adapter:other' has no samples"):
         write_report(tmp_path, report_input, spectrograms=False)
+
+
+def test_report_flags_a_sample_quieter_than_the_base_sample(tmp_path, report_input, signals, sample_rate):
+    quiet = signals['steady'] * 10 ** (-30 / 20)  # the adapter's first prompt: a steady tone, 30 dB quieter
+    soundfile.write(tmp_path / 'audio' / 'quiet.wav', quiet.astype(np.float32), sample_rate)
+    first = next(s for s in report_input['samples'] if s['model'] == 'adapter:trap_r32')
+    first.update(wav='audio/quiet.wav', diagnostics=audio_diagnostics(quiet, sample_rate))
+    document = _strict_json(write_report(tmp_path, report_input, spectrograms=False).json_path)
+    flags = {(s['prompt'], s['model']): s['flags'] for s in document['samples']}
+    assert flags[(first['prompt'], 'adapter:trap_r32')] == ['quieter_than_base']
+    assert flags[(first['prompt'], 'base')] == []
+    assert document['comparisons']['adapter:trap_r32']['pairs'] == len(PROMPTS)
+    rates = document['comparisons']['adapter:trap_r32']['pair_flag_rates']
+    assert rates == {'quieter_than_base': pytest.approx(1 / len(PROMPTS)), 'noisier_than_base': 0.0}
+    assert document['aggregates']['adapter:trap_r32']['flag_rates']['quieter_than_base'] == rates['quieter_than_base']
+    assert 'quieter_than_base' not in document['aggregates']['base']['flag_rates']
+    assert document['thresholds']['quieter_than_base_lu'] == 6.0
+    page = (tmp_path / 'report.html').read_text(encoding='utf-8')
+    assert '<span class="badge">quieter_than_base</span>' in page and 'flag rate: silent_tail' in page
+
+
+def test_figure_titles_name_the_wav_files_and_ce_mean_has_its_difference(tmp_path, report_input, signals,
+                                                                         sample_rate):
+    for sample in report_input['samples']:  # as `generate` names them: <NN>_<slug>_seed<seed>.wav per model folder
+        index = PROMPTS.index(sample['prompt'])
+        relative = f'audio/{sample["model"].replace(":", "_")}/{index:02d}_prompt_seed0.wav'
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / sample['wav']).rename(tmp_path / relative)
+        sample['wav'] = relative
+    document = _strict_json(write_report(tmp_path, report_input, spectrograms=False).json_path)
+    assert [g['label'] for g in document['groups']] == [f'{i:02d}_prompt' for i in range(len(PROMPTS))]
+    page = (tmp_path / 'report.html').read_text(encoding='utf-8')
+    assert '<h3>00_prompt, seed 0' in page and 'Prompt 1,' not in page
+    ce = document['cross_entropy']
+    assert ce['adapter:trap_r32']['diff_to_base_mean'] == pytest.approx(3.5 - 3.75)
+    assert '3.500 <small>(-0.250)</small>' in page
+
+
+def test_history_figure_marks_the_exported_epoch(tmp_path, report_input):
+    report_input['history']['adapter:trap_r32'].append({'train': {'ce': 3.0}, 'valid': {'ce': 3.8}})
+    document = _strict_json(write_report(tmp_path, report_input, spectrograms=False).json_path)
+    assert document['exported_epoch'] == {'adapter:trap_r32': {'epoch': 2, 'source': 'lowest valid CE'}}
+    assert 'Exported adapter: epoch 2 (lowest valid CE)' in (tmp_path / 'report.html').read_text(encoding='utf-8')
+    report_input['exported_epoch'] = {'adapter:trap_r32': 3}  # adapter_config.json's epoch wins
+    document = _strict_json(write_report(tmp_path, report_input, spectrograms=False).json_path)
+    assert document['exported_epoch']['adapter:trap_r32'] == {'epoch': 3, 'source': 'adapter config'}
+    report_input['exported_epoch'] = {'adapter:trap_r32': 0}
+    with pytest.raises(UserError, match='1-based epoch'):
+        write_report(tmp_path, report_input, spectrograms=False)
