@@ -10,12 +10,12 @@ import typing as tp
 
 from .audio_files import (AudioHeader, AudioReadError, audio_stats, declared_wav_frames, file_digest, probe_audio,
                           read_audio)
-from .sidecars import sidecar_problems
+from .sidecars import sidecar_allows_silence, sidecar_problems
+from .silence import silence_problems, silence_profile
 
 ERROR, WARNING = 'error', 'warning'
 SILENT_PEAK = 1e-3  # -60 dBFS: a clip whose loudest sample is below this is silence for training purposes
 QUIET_RMS_DB = -40.0
-MOSTLY_SILENT_FRACTION = 0.5
 CLIPPED_FRACTION = 1e-3
 TRUNCATION_TOLERANCE = 0.02  # decoded/declared length ratio below 1 - this means the file is cut short
 
@@ -30,6 +30,7 @@ class Expectations:
     decode: bool = True
     info_fields_required: bool = True
     allow_missing_description: bool = False
+    allow_silence: bool = False  # accept long/mostly silence in every clip (else per clip, from its sidecar)
 
 
 @dataclass
@@ -67,7 +68,7 @@ def check_audio_file(path: Path, expect: Expectations) -> FileCheck:
             return result  # its sidecar matters once the audio itself is there
         _check_header(path, expect, result)
         if result.usable and expect.decode:
-            _check_content(path, result)
+            _check_content(path, result, expect.allow_silence or sidecar_allows_silence(path))
         for code, message in sidecar_problems(path, expect.info_fields_required, expect.allow_missing_description):
             result.add(ERROR, code, message)
     except Exception as exc:  # noqa: BLE001 - a checker bug must still name the file, never give a traceback.
@@ -155,7 +156,7 @@ def _check_header(path: Path, expect: Expectations, result: FileCheck) -> None:
 CONVERT_ONCE = " (`audiocraft-lora prepare ... --convert` converts such files once instead)"
 
 
-def _check_content(path: Path, result: FileCheck) -> None:
+def _check_content(path: Path, result: FileCheck, allow_silence: bool = False) -> None:
     try:
         wav, sample_rate = read_audio(path)
     except AudioReadError as exc:
@@ -184,9 +185,8 @@ def _check_content(path: Path, result: FileCheck) -> None:
         if stats.rms_db < QUIET_RMS_DB:
             result.add(WARNING, 'quiet', f"very quiet (RMS {stats.rms_db:.0f} dBFS): the model learns quiet output. "
                                          f"Consider normalising its loudness.")
-        if stats.silent_fraction > MOSTLY_SILENT_FRACTION:
-            result.add(WARNING, 'mostly_silent', f"{stats.silent_fraction:.0%} of it is silence (below -60 dBFS): "
-                                                 f"crops from it teach fading out. Consider trimming the silence.")
+        for severity, code, message in silence_problems(silence_profile(wav, sample_rate), allow_silence):
+            result.add(severity, code, message)
     if stats.clipped_fraction > CLIPPED_FRACTION or stats.peak > 1.0:
         result.add(WARNING, 'clipping', f"{stats.clipped_fraction:.2%} of samples at full scale (peak "
                                         f"{stats.peak:.2f}): clipped/distorted audio. Consider lowering its gain.")

@@ -2,7 +2,9 @@
 
 Writes `<egs_root>/<name>/{train,valid,evaluate,generate}/data.jsonl` (evaluate = valid, generate = the first few
 valid clips), a MusicInfo sidecar for every clip (see `placement.py` for where), and
-`<config_root>/dset/audio/<name>.yaml`. Raises `DataError` naming every unusable input file.
+`<config_root>/dset/audio/<name>.yaml`. Raises `DataError` naming every unusable input file. Then it runs the
+checks `validate` and the solver run (`PreparedDataset.report`): a dataset they would refuse is reported as such,
+with no "Next:" command (the command line exits with an error).
 
 Example:
     result = prepare_dataset('my_clips/', name='mystyle')
@@ -18,13 +20,16 @@ from audiocraft.data.audio_dataset import AudioMeta
 
 from ..checkout import CONFIG_DIR
 from ..errors import DataError
-from .audio_files import AudioReadError, probe_audio
+from .audio_files import AudioReadError, probe_audio, read_audio
 from .manifests import SPLITS, manifest_entry, write_dset_yaml, write_manifest, written_path
 from .placement import ClipPlacer, PlacedAudio
+from .report import ValidationReport
+from .silence import ALLOW_SILENCE_KEY, TrimPlan, plan_trim, silence_profile
 from .sources import SourceClip, collect_clips
 from .splits import assign_splits
 from .summary import (MAX_SEGMENT_SECONDS, duration_stats, format_duration, length_histogram,
-                      suggest_segment_duration, train_command)
+                      suggest_segment_duration, train_command, validate_command)
+from .validate import validate_datasource
 
 NAME_PATTERN = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
 
@@ -42,10 +47,25 @@ class PreparedDataset:
     uncaptioned_entries: int = 0
     warnings: tp.List[str] = field(default_factory=list)
     suggested_segment_duration: int = MAX_SEGMENT_SECONDS
+    report: tp.Optional[ValidationReport] = None  # the checks `validate` and training run, on what was written
+    config_root: tp.Optional[str] = None  # as given, when it is not the checkout's config/ (dora can't see it)
+    datasource: tp.Dict[str, str] = field(default_factory=dict)  # split -> folder, as the dset yaml holds them
+    base_model: tp.Optional[str] = None
+    trimmed: tp.List[str] = field(default_factory=list)  # "path: 3.0 s of silence removed" lines
+
+    @property
+    def ok(self) -> bool:
+        """No check failed: training can start."""
+        return self.report is None or self.report.ok
 
     @property
     def next_command(self) -> str:
-        return train_command(self.name, self.suggested_segment_duration)
+        return train_command(self.name, self.suggested_segment_duration, self.base_model,
+                             self.datasource if self.config_root is not None else None)
+
+    @property
+    def validate_command(self) -> str:
+        return validate_command(self.name, self.suggested_segment_duration, self.config_root)
 
     def summary(self) -> str:
         """Human-readable report: clips per split, lengths, captions, warnings and the next command."""
@@ -72,10 +92,37 @@ class PreparedDataset:
             lines.append(f"Warning: {warning}")
         lines.append(f"Suggested dataset.segment_duration={self.suggested_segment_duration} (median clip length, "
                      f"capped at {MAX_SEGMENT_SECONDS} s, rounded down: shorter clips would be padded).")
-        lines.append("The dataset is validated automatically before training (or now: "
-                     f"audiocraft-lora validate dset=audio/{self.name} "
-                     f"--segment-duration {self.suggested_segment_duration}).")
+        return '\n'.join(lines + self._check_lines() + self._next_lines())
+
+    def _check_lines(self) -> tp.List[str]:
+        """What the checks `validate` and training run found on the written dataset."""
+        if self.report is None:
+            return []
+        report = self.report
+        lines = [f"Checked like `validate` and the training run do (segment_duration="
+                 f"{self.suggested_segment_duration} s): {len(report.errors)} error(s), "
+                 f"{len(report.warnings)} warning(s)"]
+        if report.errors:
+            lines += report.grouped(report.errors)
+        if report.warnings:
+            lines += report.grouped(report.warnings)
+        return lines
+
+    def _next_lines(self) -> tp.List[str]:
+        if not self.ok:
+            return [f"NOT READY: training refuses this dataset until the {len(self.report.errors)} error(s) above "
+                    f"are fixed. Fix them, then run `audiocraft-lora prepare` again (or check with: "
+                    f"{self.validate_command})."]
+        lines = [f"The dataset is validated automatically before training (or again: {self.validate_command})."]
+        if self.config_root is not None:
+            lines.append(f"(`dora run` reads dset yamls only from the checkout's config/, so the command passes the "
+                         f"split folders of {self.dset_yaml} directly.)")
         lines.append(f"Next: {self.next_command}")
+        if not self.base_model:
+            lines.append("      (offline, or with a local base: add base_model=/path/to/local/musicgen-small, an "
+                         "AudioCraft or Hugging Face folder; or pass --base-model to prepare)")
+        return lines
+
         return '\n'.join(lines)
 
 
@@ -93,7 +140,9 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
                     num_generate: int = 4, relative_to: tp.Optional[tp.Union[str, Path]] = None,
                     segment_seconds: tp.Optional[float] = None, sample_rate: int = 32000, channels: int = 1,
                     convert: bool = False, audio_dir: tp.Optional[tp.Union[str, Path]] = None,
-                    sidecar_dir: tp.Optional[tp.Union[str, Path]] = None, skip_bad: bool = False) -> PreparedDataset:
+                    sidecar_dir: tp.Optional[tp.Union[str, Path]] = None, skip_bad: bool = False,
+                    trim_silence: bool = False, keep_silence: bool = False, overwrite_sidecars: bool = False,
+                    base_model: tp.Optional[str] = None, check: bool = True) -> PreparedDataset:
     """Build an AudioCraft dataset from user audio.
 
     Args:
@@ -117,11 +166,21 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
         audio_dir (str or Path, optional): Folder for converted/cut/mirrored audio; default `<egs_root>/<name>/audio`.
         sidecar_dir (str or Path, optional): Leave the source untouched: mirror every clip (symlink + sidecar) here.
         skip_bad (bool): Leave out unusable inputs with a warning instead of failing.
+        trim_silence (bool): Write copies of clips without their leading/trailing silence (the originals are never
+            touched) and leave out clips that are mostly silent even once trimmed (see `silence.py`).
+        keep_silence (bool): The silence in these clips is intended: mark every clip `"allow_silence": true` in its
+            sidecar, so that `validate` and training only warn about it.
+        overwrite_sidecars (bool): Replace existing `<stem>.json` next to the sources even when they hold other
+            values (a `.bak` copy of each is kept); by default such clips are mirrored and the files left alone.
+        base_model (str, optional): Put `base_model=...` in the printed training command.
+        check (bool): Run the checks of `validate` on the written dataset (`PreparedDataset.report`).
     Raises:
         DataError: Bad options, or unusable input files (all listed at once, each with the fix).
     """
     name = name or default_name(source)
     _check_options(name, valid_ratio, num_generate, segment_seconds, sample_rate, channels)
+    if trim_silence and keep_silence:
+        raise DataError("--trim-silence and --keep-silence contradict each other. Fix: pass one of them.")
     egs_root, config_root = Path(egs_root), Path(config_root)
     audio_dir = Path(audio_dir) if audio_dir is not None else egs_root / name / 'audio'
     relative_root = Path(relative_to) if relative_to is not None else None
@@ -133,17 +192,25 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
     problems = collected.errors + problems
     if problems and not skip_bad:
         listing = '\n'.join(f"  - {problem}" for problem in problems)
-        raise DataError(f"{len(problems)} unusable input(s) in {source}:\n{listing}\n"
+        raise DataError(f"{len(problems)} problem(s) with the inputs in {source}:\n{listing}\n"
                         f"Fix each one, or pass --skip-bad to leave them out.")
     warnings += [f"skipped: {problem}" for problem in problems]
+    trims: tp.Dict[int, TrimPlan] = {}
+    if trim_silence:
+        clips, trims = _plan_trims(clips, warnings)
+    if keep_silence:
+        for clip in clips:
+            clip.info[ALLOW_SILENCE_KEY] = True
     train, valid, split_warnings = assign_splits(clips, valid_ratio, seed)
     warnings += split_warnings
 
-    placer = ClipPlacer(audio_dir, Path(sidecar_dir) if sidecar_dir else None, sample_rate, channels)
+    placer = ClipPlacer(audio_dir, Path(sidecar_dir) if sidecar_dir else None, sample_rate, channels,
+                        overwrite_sidecars)
     placed: tp.Dict[str, tp.List[tp.Tuple[SourceClip, PlacedAudio]]] = {}
     for split, split_clips in (('train', train), ('valid', valid)):
         placed[split] = [(clip, entry) for clip in split_clips
-                         for entry in _place(placer, clip, headers[id(clip)], convert, segment_seconds)]
+                         for entry in _place(placer, clip, headers[id(clip)], convert, segment_seconds,
+                                             trims.get(id(clip)))]
     splits = {split: [manifest_entry(entry.path, entry.duration, entry.sample_rate, relative_root)
                       for _, entry in placed[split]] for split in ('train', 'valid')}
     splits['evaluate'] = list(splits['valid'])
@@ -151,8 +218,8 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
 
     split_dirs = {split: egs_root / name / split for split in SPLITS}
     manifests = {split: write_manifest(split_dirs[split], splits[split]) for split in SPLITS}
-    dset_yaml = write_dset_yaml(config_root, name, {split: written_path(folder, relative_root)
-                                                    for split, folder in split_dirs.items()})
+    datasource = {split: written_path(folder, relative_root) for split, folder in split_dirs.items()}
+    dset_yaml = write_dset_yaml(config_root, name, datasource)
 
     if placer.not_writable:
         warnings.append(f"{len(placer.not_writable)} source folder(s) are not writable: those clips were mirrored "
@@ -160,22 +227,82 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
     if placer.dropped_tail_seconds:
         warnings.append(f"dropped {placer.dropped_tail_seconds:.1f} s of end-of-file remainders shorter than half a "
                         f"segment (they would be mostly padding).")
+    warnings += _sidecar_warnings(placer, audio_dir)
     uncaptioned_entries = sum(1 for clip, _ in placed['train'] + placed['valid'] if not clip.has_caption)
     uncaptioned_sources = sorted({str(clip.audio_path) for clip in clips if not clip.has_caption})
-    if uncaptioned_sources:
-        shown = ', '.join(uncaptioned_sources[:3]) + (' ...' if len(uncaptioned_sources) > 3 else '')
-        warnings.append(f"{len(uncaptioned_sources)} clip(s) have no caption ({shown}); they were written with an "
-                        f"empty description, which `validate` refuses (AudioCraft would train them with no text). "
-                        f"Fix: add a <stem>.txt next to each, a text field in the metadata, or --description.")
     counts: tp.Dict[str, int] = {}
     for _, entry in placed['train'] + placed['valid']:
         counts[entry.placement] = counts.get(entry.placement, 0) + 1
     durations = [meta.duration for meta in splits['train'] + splits['valid']]
+    suggested = suggest_segment_duration(durations)
+    report = None
+    if check:
+        report = validate_datasource({split: str(manifest) for split, manifest in manifests.items()},
+                                     sample_rate=sample_rate, channels=channels, segment_duration=suggested,
+                                     base_dir=relative_root)
+    own_config = os.path.abspath(config_root) == os.path.abspath(CONFIG_DIR)
     return PreparedDataset(
         name=name, source=Path(source), manifests=manifests, dset_yaml=dset_yaml, splits=splits, placements=counts,
         uncaptioned=[Path(path) for path in uncaptioned_sources], uncaptioned_entries=uncaptioned_entries,
-        warnings=warnings,
-        suggested_segment_duration=suggest_segment_duration(durations))
+        warnings=warnings, suggested_segment_duration=suggested, report=report,
+        config_root=None if own_config else str(config_root), datasource=datasource,
+        base_model=_base_model_word(base_model),
+        trimmed=[f"{clip.audio_path}: {trims[id(clip)].removed:.1f} s of silence removed"
+                 for clip in clips if id(clip) in trims])
+
+
+def _plan_trims(clips: tp.List[SourceClip],
+                warnings: tp.List[str]) -> tp.Tuple[tp.List[SourceClip], tp.Dict[int, TrimPlan]]:
+    """Decode every clip once to find its silence: clips to trim, and the ones left out (each named in `warnings`).
+
+    Planned before the train/valid split, so that leaving a clip out can't empty a split after it was drawn.
+    """
+    kept, trims, dropped = [], {}, []
+    for clip in clips:
+        try:
+            wav, sample_rate = read_audio(clip.audio_path)
+        except AudioReadError as exc:
+            raise DataError(f"{clip.audio_path}: {exc}. Fix: re-export it as wav/flac, or remove it.") from exc
+        plan = plan_trim(silence_profile(wav, sample_rate))
+        if plan is not None and plan.dropped:
+            dropped.append(f"{clip.audio_path} ({plan.dropped})")
+            continue
+        kept.append(clip)
+        if plan is not None:
+            trims[id(clip)] = plan
+    if dropped:
+        warnings.append(f"--trim-silence left out {len(dropped)} clip(s) that are silence even once trimmed: "
+                        f"{'; '.join(dropped)}.")
+    if trims:
+        removed = sum(plan.removed for plan in trims.values())
+        warnings.append(f"--trim-silence: {len(trims)} clip(s) had leading/trailing silence; trimmed copies "
+                        f"({removed:.1f} s of silence removed in all) are in the audio folder, originals untouched.")
+    return kept, trims
+
+
+def _sidecar_warnings(placer: ClipPlacer, audio_dir: Path) -> tp.List[str]:
+    """What happened to sidecars that already existed next to the sources."""
+    warnings = []
+    if placer.kept_sidecars:
+        shown = '; '.join(f"{path}: {why}" for path, why in placer.kept_sidecars[:3])
+        more = f" (+{len(placer.kept_sidecars) - 3} more)" if len(placer.kept_sidecars) > 3 else ''
+        warnings.append(f"{len(placer.kept_sidecars)} existing sidecar(s) next to the sources hold other values or "
+                        f"can't be read, so they were left untouched and those clips were mirrored (symlink + this "
+                        f"dataset's sidecar) into {audio_dir}: {shown}{more}. To replace them instead (a .bak copy "
+                        f"of each is kept), pass --overwrite-sidecars.")
+    if placer.replaced_sidecars:
+        shown = ', '.join(str(backup) for _, backup in placer.replaced_sidecars[:3])
+        warnings.append(f"--overwrite-sidecars replaced {len(placer.replaced_sidecars)} sidecar(s) holding other "
+                        f"values; the previous files are kept as {shown}"
+                        f"{' ...' if len(placer.replaced_sidecars) > 3 else ''}.")
+    return warnings
+
+
+def _base_model_word(base_model: tp.Optional[str]) -> tp.Optional[str]:
+    """A local base folder as an absolute path (the command may be run from elsewhere); a hub id as given."""
+    if not base_model:
+        return None
+    return os.path.abspath(base_model) if Path(base_model).exists() else base_model
 
 
 def _check_options(name: str, valid_ratio: float, num_generate: int, segment_seconds: tp.Optional[float],
@@ -224,10 +351,10 @@ def _probe_all(clips: tp.List[SourceClip]):
     return kept, headers, problems
 
 
-def _place(placer: ClipPlacer, clip: SourceClip, header, convert: bool,
-           segment_seconds: tp.Optional[float]) -> tp.List[PlacedAudio]:
+def _place(placer: ClipPlacer, clip: SourceClip, header, convert: bool, segment_seconds: tp.Optional[float],
+           trim: tp.Optional[TrimPlan]) -> tp.List[PlacedAudio]:
     try:
-        return placer.place(clip, header, convert, segment_seconds)
+        return placer.place(clip, header, convert, segment_seconds, trim)
     except AudioReadError as exc:
         raise DataError(f"{clip.audio_path}: {exc}. Fix: re-export it as wav/flac, or remove it.") from exc
 

@@ -42,10 +42,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sidecar json next to it")
     parser.add_argument('--skip-bad', action='store_true',
                         help="leave out unreadable/missing inputs with a warning instead of failing")
+    silence = parser.add_mutually_exclusive_group()
+    silence.add_argument('--trim-silence', action='store_true',
+                         help="write copies of clips without their leading/trailing silence (e.g. clips padded to "
+                              "30 s on disk; your files are never modified) and leave out clips that are mostly "
+                              "silence; without it, such clips are errors that stop training")
+    silence.add_argument('--keep-silence', action='store_true',
+                         help="the silence in these clips is intended: mark each clip \"allow_silence\": true in its "
+                              "sidecar, so validate and training only warn about it")
+    parser.add_argument('--overwrite-sidecars', action='store_true',
+                        help="replace existing <stem>.json next to the sources even when they hold other captions or "
+                             "can't be read (each is copied to <stem>.json.bak first); by default those files are left "
+                             "alone and the clips are mirrored into the audio folder with this dataset's sidecar")
+    parser.add_argument('--base-model', metavar='ID_OR_DIR',
+                        help="put base_model=... in the printed training command (e.g. your local musicgen-small "
+                             "folder)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prepare the dataset and print its summary; errors are raised as DataError (exit code 2 in cli.main)."""
+    """Prepare the dataset and print its summary; errors are raised as DataError (exit code 2 in cli.main).
+
+    A dataset that `validate` (and so training) would refuse is an error too: nothing is worth launching on it.
+    """
+    from ..errors import DataError
     from .prepare import prepare_dataset
 
     result = prepare_dataset(
@@ -53,7 +72,13 @@ def run(args: argparse.Namespace) -> int:
         description=args.description, valid_ratio=args.valid_ratio, seed=args.seed, num_generate=args.num_generate,
         relative_to=args.relative_to, segment_seconds=args.segment_seconds, sample_rate=args.sample_rate,
         channels=args.channels, convert=args.convert, audio_dir=args.audio_dir, sidecar_dir=args.sidecar_dir,
-        skip_bad=args.skip_bad)
+        skip_bad=args.skip_bad, trim_silence=args.trim_silence, keep_silence=args.keep_silence,
+        overwrite_sidecars=args.overwrite_sidecars, base_model=args.base_model)
     print(result.summary())
+    if not result.ok:
+        kinds = ', '.join(f"{code} x{result.report.codes().count(code)}" for code in dict.fromkeys(result.report.codes()))
+        raise DataError(f"the prepared dataset '{result.name}' has {len(result.report.errors)} error(s) that stop "
+                        f"training ({kinds}; each kind with its fix is listed above). Fix them and run "
+                        f"`audiocraft-lora prepare` again.")
     return 0
 

@@ -92,16 +92,16 @@ class ValidationReport:
                          f"{split.manifest or '-'}")
         if self.errors:
             lines.append(f"Errors ({len(self.errors)}), by kind: training will not start until they are fixed")
-            lines += self._grouped(self.errors, max_examples)
+            lines += self.grouped(self.errors, max_examples)
         else:
             lines.append("Errors: none")
         if self.warnings:
             lines.append(f"Warnings ({len(self.warnings)}), by kind:")
-            lines += self._grouped(self.warnings, max_examples)
+            lines += self.grouped(self.warnings, max_examples)
         return '\n'.join(lines)
 
     @staticmethod
-    def _grouped(issues: tp.List[DataIssue], max_examples: int) -> tp.List[str]:
+    def grouped(issues: tp.List[DataIssue], max_examples: int = 3) -> tp.List[str]:
         """One line per code with its first full message, then a few other paths."""
         by_code: tp.Dict[str, tp.List[DataIssue]] = {}
         for issue in issues:

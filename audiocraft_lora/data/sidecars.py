@@ -16,6 +16,7 @@ from audiocraft.data.info_audio_dataset import AudioInfo
 from audiocraft.data.music_dataset import MusicInfo
 
 from ..checkpoint_io import write_text_atomic
+from .silence import ALLOW_SILENCE_KEY
 
 TEXT_FIELD_ALIASES = ('description', 'caption', 'prompt', 'text')
 LIST_FIELDS = ('moods', 'keywords')
@@ -64,19 +65,78 @@ def normalize_music_info(record: tp.Mapping[str, tp.Any]) -> tp.Dict[str, tp.Any
 def write_sidecar(path: tp.Union[str, Path], info: tp.Mapping[str, tp.Any]) -> Path:
     """Write a sidecar atomically, keeping unknown keys of an existing valid one.
 
-    The json is ASCII-only (non-ASCII text is escaped) because `MusicDataset` opens it with the locale's encoding.
+    Use it only for sidecars of our own outputs (mirrors, converted copies) or after `sidecar_conflict` said the
+    user's file is safe to update. The json is ASCII-only (non-ASCII text is escaped) because `MusicDataset` opens
+    it with the locale's encoding.
     """
     path = Path(path)
-    data: tp.Dict[str, tp.Any] = {}
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text(encoding='utf-8'))
-            if isinstance(existing, dict):
-                data.update(existing)
-        except (OSError, ValueError):
-            pass
-    data.update({name: info.get(name) for name in MUSIC_INFO_FIELDS})
+    existing, _ = read_sidecar(path)
+    data: tp.Dict[str, tp.Any] = dict(existing or {})
+    data.update(_written_fields(info))
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True) + '\n')
+
+
+def read_sidecar(path: tp.Union[str, Path]) -> tp.Tuple[tp.Optional[tp.Dict[str, tp.Any]], tp.Optional[str]]:
+    """(the JSON object, None), (None, why it is unusable), or (None, None) when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text(encoding='utf-8-sig'))
+    except (OSError, ValueError) as exc:
+        return None, f"it can't be read as JSON ({exc})"
+    if not isinstance(data, dict):
+        return None, f"it holds a JSON {type(data).__name__}, not an object"
+    return data, None
+
+
+def sidecar_conflict(path: tp.Union[str, Path], info: tp.Mapping[str, tp.Any]) -> tp.Optional[str]:
+    """Why writing `info` over the existing sidecar would destroy something the user wrote; None when it is safe.
+
+    Safe: no file, or a JSON object whose non-null fields already hold the values we would write (we only fill in
+    missing/null fields and keep every other key). Not safe: an unreadable file, or any value that would change
+    (another dataset prepared from the same audio, or the user's own sidecar in another format, e.g. "bpm": "85").
+    """
+    existing, problem = read_sidecar(path)
+    if problem:
+        return problem
+    if existing is None:
+        return None
+    changed = [f"{name} {existing[name]!r} -> {value!r}" for name, value in _written_fields(info).items()
+               if existing.get(name) is not None and existing[name] != value]
+    return f"writing it would change {'; '.join(changed)}" if changed else None
+
+
+def sidecar_unchanged(path: tp.Union[str, Path], info: tp.Mapping[str, tp.Any]) -> bool:
+    """The sidecar already holds every field we would write (so it needn't be rewritten)."""
+    existing, _ = read_sidecar(path)
+    return existing is not None and all(name in existing and existing[name] == value
+                                        for name, value in _written_fields(info).items())
+
+
+def backup_sidecar(path: tp.Union[str, Path]) -> Path:
+    """Copy `path` to the first free `<name>.bak`, `<name>.bak1`, ... before it is replaced; returns the copy."""
+    path = Path(path)
+    backup, number = path.with_name(path.name + '.bak'), 1
+    while backup.exists():
+        backup = path.with_name(f"{path.name}.bak{number}")
+        number += 1
+    backup.write_bytes(path.read_bytes())
+    return backup
+
+
+def sidecar_allows_silence(audio_path: tp.Union[str, Path]) -> bool:
+    """`"allow_silence": true` in the clip's sidecar: its silence is intended (see `silence.py`)."""
+    data, _ = read_sidecar(sidecar_path_for(audio_path))
+    return bool(data and data.get(ALLOW_SILENCE_KEY) is True)
+
+
+def _written_fields(info: tp.Mapping[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    """Every MusicInfo field, plus `allow_silence` when `info` sets it."""
+    fields_ = {name: info.get(name) for name in MUSIC_INFO_FIELDS}
+    if info.get(ALLOW_SILENCE_KEY) is not None:
+        fields_[ALLOW_SILENCE_KEY] = info[ALLOW_SILENCE_KEY]
+    return fields_
 
 
 def sidecar_problems(audio_path: tp.Union[str, Path], info_fields_required: bool = True,

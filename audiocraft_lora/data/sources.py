@@ -15,9 +15,10 @@ import typing as tp
 
 from ..errors import DataError
 from .audio_files import is_audio_file
-from .sidecars import normalize_music_info, sidecar_path_for
+from .sidecars import TEXT_FIELD_ALIASES, caption_from_record, normalize_music_info, sidecar_path_for
 
-AUDIO_FIELD_ALIASES = ('path', 'audio', 'audio_path', 'file', 'filename')
+# (audio_filepath: NeMo-style manifests; file_name: Hugging Face audiofolder metadata)
+AUDIO_FIELD_ALIASES = ('path', 'audio', 'audio_path', 'audio_filepath', 'file', 'filename', 'file_name')
 SPLIT_ALIASES = {'train': 'train', 'training': 'train',
                  'valid': 'valid', 'validation': 'valid', 'val': 'valid', 'dev': 'valid', 'test': 'valid',
                  'eval': 'valid', 'evaluate': 'valid', 'evaluation': 'valid'}
@@ -104,44 +105,78 @@ def collect_folder_clips(folder: Path, exclude: tp.Sequence[Path] = ()) -> Colle
 
 
 def collect_metadata_clips(metadata_path: Path) -> CollectedSources:
-    """Clips listed by a metadata file (see the module docstring for the accepted layouts)."""
+    """Clips listed by a metadata file (see the module docstring for the accepted layouts).
+
+    The same problem in many records (a whole file written with another tool's key names) is reported once, with
+    the records it concerns, so the user sees the fix instead of a hundred identical lines.
+    """
     collected = CollectedSources()
     base = Path(os.path.abspath(metadata_path)).parent
-    for origin, record, split in _metadata_records(metadata_path):
-        if not isinstance(record, dict):
-            collected.errors.append(f"{origin}: expected a JSON object, got {type(record).__name__}.")
-            continue
-        audio_field = next((key for key in AUDIO_FIELD_ALIASES if isinstance(record.get(key), str)), None)
-        if audio_field is None:
-            collected.errors.append(f"{origin}: no audio path. Fix: add one of the fields "
-                                    f"{', '.join(AUDIO_FIELD_ALIASES)}.")
-            continue
-        record_split = record.get('split', split)
-        if record_split is not None:
-            if str(record_split).lower() not in SPLIT_ALIASES:
-                collected.errors.append(f"{origin}: unknown split {record_split!r}. Fix: use one of "
-                                        f"train, valid (aliases: {', '.join(sorted(SPLIT_ALIASES))}).")
-                continue
-            record_split = SPLIT_ALIASES[str(record_split).lower()]
-        audio_path = Path(os.path.abspath(base / record[audio_field]))
-        if not audio_path.is_file():
-            what = 'a folder' if audio_path.is_dir() else 'missing'
-            collected.errors.append(f"{origin}: audio file {audio_path} is {what} (relative paths are relative to "
-                                    f"{base}). Fix: correct `{audio_field}` or remove the record.")
-            continue
-        try:
-            relative_name = audio_path.relative_to(base)
-        except ValueError:
-            relative_name = Path('external') / audio_path.name
-        collected.clips.append(SourceClip(audio_path, relative_name, normalize_music_info(record),
-                                          record_split, origin))
+    problems: tp.Dict[str, tp.List[str]] = {}
+    for where, record, split in _metadata_records(metadata_path):
+        clip, problem = _record_clip(record, split, base, f"{metadata_path} {where}")
+        if problem:
+            problems.setdefault(problem, []).append(where)
+        else:
+            collected.clips.append(clip)
+    collected.errors += [_grouped_problem(metadata_path, wheres, problem) for problem, wheres in problems.items()]
     if not collected.clips and not collected.errors:
         raise DataError(f"{metadata_path} lists no clips. Fix: add records with an audio path and a description.")
     return collected
 
 
+def _record_clip(record: tp.Any, split: tp.Optional[str], base: Path,
+                 origin: str) -> tp.Tuple[tp.Optional[SourceClip], tp.Optional[str]]:
+    """The clip of one metadata record, or why it can't be used (a message without the record's position)."""
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}."
+    audio_field = next((key for key in AUDIO_FIELD_ALIASES if isinstance(record.get(key), str)), None)
+    if audio_field is None:
+        return None, (f"no audio path: the record's keys are {', '.join(sorted(map(str, record))) or 'none'}. Fix: "
+                      f"name the audio file with one of the keys {', '.join(AUDIO_FIELD_ALIASES)}.")
+    caption_problem = _caption_problem(record)
+    if caption_problem:
+        return None, caption_problem
+    record_split = record.get('split', split)
+    if record_split is not None:
+        if str(record_split).lower() not in SPLIT_ALIASES:
+            return None, (f"unknown split {record_split!r}. Fix: use one of train, valid "
+                          f"(aliases: {', '.join(sorted(SPLIT_ALIASES))}).")
+        record_split = SPLIT_ALIASES[str(record_split).lower()]
+    audio_path = Path(os.path.abspath(base / record[audio_field]))
+    if not audio_path.is_file():
+        what = 'a folder' if audio_path.is_dir() else 'missing'
+        return None, (f"audio file {audio_path} is {what} (relative paths are relative to {base}). "
+                      f"Fix: correct `{audio_field}` or remove the record.")
+    try:
+        relative_name = audio_path.relative_to(base)
+    except ValueError:
+        relative_name = Path('external') / audio_path.name
+    return SourceClip(audio_path, relative_name, normalize_music_info(record), record_split, origin), None
+
+
+def _caption_problem(record: tp.Mapping[str, tp.Any]) -> tp.Optional[str]:
+    """A caption field that is there but is no usable text ("description": 5, or ""), unless another one is."""
+    if caption_from_record(record) is not None:
+        return None
+    given = [key for key in TEXT_FIELD_ALIASES if key in record and record[key] is not None]
+    if not given:
+        return None  # no caption at all: --description may fill it, validation names it otherwise
+    key, value = given[0], record[given[0]]
+    what = 'empty' if isinstance(value, str) else f"a JSON {type(value).__name__} ({value!r}), not text"
+    return (f"\"{key}\" is {what}: AudioCraft would train the clip with no caption. Fix: write the caption as a "
+            f"non-empty string (e.g. \"{key}\": \"trap beat, 808 bass\"), or remove the record.")
+
+
+def _grouped_problem(metadata_path: Path, wheres: tp.List[str], problem: str) -> str:
+    if len(wheres) == 1:
+        return f"{metadata_path} {wheres[0]}: {problem}"
+    shown = ', '.join(wheres[:5]) + (f" and {len(wheres) - 5} more" if len(wheres) > 5 else '')
+    return f"{metadata_path}: {len(wheres)} records ({shown}): {problem}"
+
+
 def _metadata_records(path: Path) -> tp.Iterator[tp.Tuple[str, tp.Any, tp.Optional[str]]]:
-    """(origin, record, split from the layout) for each record of a metadata file."""
+    """(position in the file, record, split from the layout) for each record of a metadata file."""
     try:
         text = path.read_text(encoding='utf-8-sig')
     except (OSError, UnicodeDecodeError) as exc:
@@ -149,12 +184,12 @@ def _metadata_records(path: Path) -> tp.Iterator[tp.Tuple[str, tp.Any, tp.Option
     if path.suffix.lower() == '.jsonl':
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                yield f"{path} line {number}", _loads(line, path, number), None
+                yield f"line {number}", _loads(line, path, number), None
         return
     data = _loads(text, path, None)
     if isinstance(data, list):
         for index, record in enumerate(data):
-            yield f"{path} record {index}", record, None
+            yield f"record {index}", record, None
         return
     if isinstance(data, dict):
         unknown = [key for key in data if key.lower() not in SPLIT_ALIASES]
@@ -165,7 +200,7 @@ def _metadata_records(path: Path) -> tp.Iterator[tp.Tuple[str, tp.Any, tp.Option
             if not isinstance(records, list):
                 raise DataError(f"{path}: \"{key}\" must be a list of records, got {type(records).__name__}.")
             for index, record in enumerate(records):
-                yield f"{path} {key}[{index}]", record, SPLIT_ALIASES[key.lower()]
+                yield f"{key}[{index}]", record, SPLIT_ALIASES[key.lower()]
         return
     raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of records or "
                     f"{{\"train\": [...], \"valid\": [...]}}.")

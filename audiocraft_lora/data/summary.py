@@ -5,6 +5,7 @@ user's first model learned to fade into that padding.
 """
 from dataclasses import dataclass
 import math
+import shlex
 import statistics
 import typing as tp
 
@@ -67,7 +68,25 @@ def length_histogram(durations: tp.Sequence[float], width: int = 40) -> tp.List[
     return lines
 
 
-def train_command(name: str, segment_duration: int) -> str:
-    """The exact next command after `prepare`, from the current folder."""
+def train_command(name: str, segment_duration: int, base_model: tp.Optional[str] = None,
+                  datasource: tp.Optional[tp.Mapping[str, str]] = None) -> str:
+    """The exact next command after `prepare`, from the current folder.
+
+    `dora run` reads dset yamls only from the checkout's `config/`; a dataset whose yaml went to another
+    `--config-root` is passed as `datasource.<split>=...` overrides instead (the split folders the yaml holds).
+    """
     from ..checkout import dora_run
-    return f"{dora_run()} solver=musicgen/lora_small dset=audio/{name} dataset.segment_duration={segment_duration}"
+    data = [f'dset=audio/{name}'] if datasource is None else [f'datasource.{split}={folder}'
+                                                               for split, folder in datasource.items()]
+    words = ['solver=musicgen/lora_small'] + data + [f'dataset.segment_duration={segment_duration}']
+    if base_model:
+        words.append(f'base_model={base_model}')
+    return ' '.join([dora_run()] + [shlex.quote(word) for word in words])
+
+
+def validate_command(name: str, segment_duration: int, config_root: tp.Optional[str] = None) -> str:
+    """`audiocraft-lora validate` for the dataset just prepared (with its --config-root when not the checkout's)."""
+    words = ['audiocraft-lora', 'validate', f'dset=audio/{name}']
+    if config_root is not None:
+        words += ['--config-root', config_root]
+    return ' '.join(shlex.quote(word) for word in words + ['--segment-duration', str(segment_duration)])

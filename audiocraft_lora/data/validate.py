@@ -8,10 +8,11 @@ Example:
 
 Error codes (training must not start): missing_manifest, unreadable_manifest, bad_manifest_line, empty_split,
 missing_file, is_directory, unreadable, zero_length, corrupt_audio, truncated_audio, non_finite, silent,
+mostly_silent and edge_silence (long leading/trailing silence; warnings when allowed or mild, see `silence.py`),
 duration_mismatch, absurd_duration, channel_mismatch (channels that can't be converted), missing_sidecar,
 invalid_sidecar, sidecar_missing_fields, empty_description, duplicate_across_splits, check_failed.
 Warning codes (the dataset copes, but you should know): sample_rate_mismatch, channel_mismatch (down/up-mixed),
-manifest_sample_rate, short_clip, quiet, mostly_silent, clipping, duplicate_in_split.
+manifest_sample_rate, short_clip, quiet, partly_silent, edge_silence (mild), clipping, duplicate_in_split.
 
 Headers are read for every file; the audio is fully decoded (AudioCraft's `audio_read`) to find silence, NaN/inf,
 clipping and truncation unless `fast=True`. Each distinct file is checked once, in a small thread pool.
@@ -50,7 +51,7 @@ def validate_datasource(datasource: tp.Mapping[str, tp.Any], sample_rate: int = 
                         segment_duration: tp.Optional[float] = 30.0, min_segment_ratio: float = 0.5,
                         fast: bool = False, info_fields_required: bool = True,
                         allow_missing_description: bool = False, base_dir: tp.Optional[tp.Union[str, Path]] = None,
-                        workers: tp.Optional[int] = None) -> ValidationReport:
+                        workers: tp.Optional[int] = None, allow_silence: bool = False) -> ValidationReport:
     """Check every entry of every split; never raises for a bad entry (see `ValidationReport.raise_if_errors`).
 
     Args:
@@ -65,11 +66,13 @@ def validate_datasource(datasource: tp.Mapping[str, tp.Any], sample_rate: int = 
         allow_missing_description (bool): Accept empty descriptions (unconditional training on purpose).
         base_dir (str or Path, optional): Folder relative paths are resolved against (default: cwd, like dora).
         workers (int, optional): Threads checking files (default: up to 4).
+        allow_silence (bool): Accept mostly silent clips and long leading/trailing silence in every clip (they are
+            then warnings). Per clip, `"allow_silence": true` in its sidecar does the same (`silence.py`).
     Returns:
         ValidationReport: errors, warnings, per-split summary.
     """
     expect = Expectations(sample_rate, channels, segment_duration, min_segment_ratio, not fast,
-                          info_fields_required, allow_missing_description)
+                          info_fields_required, allow_missing_description, allow_silence)
     report = ValidationReport(settings={'sample_rate': sample_rate, 'channels': channels,
                                         'segment_duration': segment_duration, 'decoded': not fast})
     entries: tp.List[_Entry] = []

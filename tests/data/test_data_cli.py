@@ -22,12 +22,60 @@ def test_prepare_then_validate_succeed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert 'train         2 clips' in out and 'valid         1 clips' in out
-    assert 'Next: dora run solver=musicgen/lora_small dset=audio/cli dataset.segment_duration=2' in out
+    # dora reads dset yamls from the checkout only: another --config-root is passed as the split folders.
+    assert ('Next: dora run solver=musicgen/lora_small datasource.train=' + str(egs / 'cli' / 'train')) in out
+    assert 'dset=audio/cli dataset' not in out and 'dataset.segment_duration=2' in out
+    assert f'audiocraft-lora validate dset=audio/cli --config-root {config} --segment-duration 2' in out
+    assert 'add base_model=' in out
     assert len((egs / 'cli' / 'generate' / 'data.jsonl').read_text().splitlines()) == 1
 
     code = main(['validate', 'dset=audio/cli', '--config-root', str(config), '--segment-duration', '2'])
     out = capsys.readouterr().out
     assert code == 0 and 'Errors: none' in out and 'OK: no errors' in out
+
+
+def test_prepare_into_the_checkout_config_names_the_dset_and_the_base(tmp_path, capsys, monkeypatch):
+    from audiocraft_lora.data import prepare as prepare_module
+    monkeypatch.setattr(prepare_module, 'CONFIG_DIR', tmp_path / 'config')  # stands for the checkout's config/
+    source = _folder(tmp_path / 'clips')
+    base = tmp_path / 'local' / 'musicgen-small'
+    base.mkdir(parents=True)
+    code = main(['prepare', str(source), '--name', 'mine', '--egs-root', str(tmp_path / 'egs'),
+                 '--config-root', str(tmp_path / 'config'), '--base-model', str(base)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (f'Next: dora run solver=musicgen/lora_small dset=audio/mine dataset.segment_duration=2 '
+            f'base_model={base}') in out
+    assert 'validate dset=audio/mine --segment-duration 2' in out and 'add base_model=' not in out
+
+
+def test_prepare_refuses_data_validate_would_refuse(tmp_path, capsys):
+    """Exit 2 and no "Next:" line when the written dataset fails the checks training runs."""
+    source = _folder(tmp_path / 'clips')
+    write_tone(source / 'uncaptioned.wav', 2.0)
+    code = main(['prepare', str(source), '--name', 'nocap', '--egs-root', str(tmp_path / 'egs'),
+                 '--config-root', str(tmp_path / 'config')])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert 'Next:' not in captured.out and 'NOT READY' in captured.out and 'uncaptioned.json' in captured.out
+    assert 'empty_description x1' in captured.err and 'prepare` again' in captured.err
+
+
+def test_validate_defaults_to_the_recipe_segment_and_says_so(tmp_path, capsys):
+    clip = write_tone(tmp_path / 'clip.wav', 15.0)
+    write_sidecar(clip)
+    manifest = write_manifest(tmp_path / 'train' / 'data.jsonl', [entry(clip, 15.0)])
+    assert main(['validate', '--manifest', str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert 'segment_duration=15 s (dataset.segment_duration of solver=musicgen/lora_small' in out
+    assert 'short_clip' not in out and 'padded' not in out  # 15 s clips on the recipe's 15 s segments
+    assert main(['validate', '--manifest', str(manifest), '--recipe', 'solver=musicgen/lora_debug']) == 0
+    assert 'segment_duration=4 s' in capsys.readouterr().out
+    assert main(['validate', '--manifest', str(manifest), '--segment-duration', '30']) == 0
+    out = capsys.readouterr().out
+    assert 'from --segment-duration' in out and 'padded with 15.0 s' in out
+    assert main(['validate', '--manifest', str(manifest), '--recipe', 'nope']) == 2
+    assert 'lora_small' in capsys.readouterr().err
 
 
 def test_prepare_bad_input_exits_2_naming_the_file(tmp_path, capsys):
@@ -68,7 +116,7 @@ def test_prepare_metadata_json_via_cli(tmp_path, capsys):
     data = tmp_path / 'data'
     records = []
     for index in range(4):
-        write_tone(data / f'{index}.wav', 1.5)
+        write_tone(data / f'{index}.wav', 1.5, frequency=200 + 50 * index)
         records.append({'file': f'{index}.wav', 'description': f'beat {index}', 'split': 'valid' if index else 'train'})
     (data / 'metadata.json').write_text(json.dumps(records))
     code = main(['prepare', str(data / 'metadata.json'), '--name', 'meta', '--egs-root', str(tmp_path / 'egs'),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from audiocraft_lora.data import placement
+from audiocraft_lora.data import prepare as prepare_module
 from audiocraft_lora.data.prepare import prepare_dataset
 from audiocraft_lora.errors import DataError
 from data_helpers import MUSIC_INFO_KEYS, write_tone
@@ -62,21 +63,30 @@ def test_prepare_folder_is_read_by_audiocraft_music_dataset(tmp_path, user_folde
     train_paths = {e['path'] for e in splits['train']}
     valid_paths = {e['path'] for e in splits['valid']}
     assert len(train_paths) == 3 and len(valid_paths) == 2 and not train_paths & valid_paths
+    # The mp3's own sidecar holds other values ("bpm": "85 bpm"): left untouched, the clip mirrored with ours.
+    mirrored = tmp_path / 'egs' / 'beats' / 'audio' / 'nested' / '曲-1.mp3'
+    captions[mirrored] = captions.pop(root / 'nested' / '曲-1.mp3')
     assert train_paths | valid_paths == {str(path) for path in captions}
+    assert mirrored.is_symlink() and result.placements == {'in_place': 4, 'mirrored': 1}
     assert splits['evaluate'] == splits['valid']
     assert 1 <= len(splits['generate']) <= 4 and all(e in splits['valid'] for e in splits['generate'])
     assert all(os.path.isabs(e['path']) for e in splits['train'] + splits['valid'])
     mp3 = next(e for e in splits['train'] + splits['valid'] if e['path'].endswith('.mp3'))
     assert mp3['sample_rate'] == 44100 and mp3['duration'] == pytest.approx(3.0, abs=0.1)
-    # Missing captions: reported with their count, not fatal.
+    # Missing captions: counted, and the check training runs refuses the dataset (no "Next:" command).
     assert result.uncaptioned == [root / 'e.wav']
-    assert '1 source file(s) without a caption' in result.summary()
-    assert any('1 clip(s) have no caption' in warning for warning in result.warnings)
-    # Sidecars next to the audio, every MusicInfo field, values normalised.
-    sidecar = json.loads((root / 'nested' / '曲-1.json').read_text())
+    summary = result.summary()
+    assert '1 source file(s) without a caption' in summary and 'Next:' not in summary
+    assert not result.ok and result.report.codes() == ['empty_description']
+    # The user's sidecar is byte-for-byte theirs; ours has every MusicInfo field, values normalised.
+    assert json.loads((root / 'nested' / '曲-1.json').read_text(encoding='utf-8')) == {
+        'caption': 'lofi 曲 with dusty drums', 'bpm': '85 bpm', 'moods': 'chill, dusty'}
+    assert any('曲-1.json' in warning and '--overwrite-sidecars' in warning for warning in result.warnings)
+    sidecar = json.loads(mirrored.with_suffix('.json').read_text())
     assert set(MUSIC_INFO_KEYS) <= set(sidecar)
+    assert set(MUSIC_INFO_KEYS) <= set(json.loads((root / 'd.json').read_text()))
     assert sidecar['bpm'] == 85.0 and sidecar['moods'] == ['chill', 'dusty']
-    assert sidecar['description'] == sidecar['caption'] == 'lofi 曲 with dusty drums'  # user keys are kept
+    assert sidecar['description'] == 'lofi 曲 with dusty drums'
     # AudioCraft's own dataset loads it, audio has the target shape, descriptions are the captions.
     by_path = {str(path): caption for path, caption in captions.items()}
     seen = set()
@@ -155,7 +165,8 @@ def test_metadata_train_valid_object_and_seeded_split(tmp_path):
     assert any(valid_names(seed) != first for seed in (1, 2, 3))
 
 
-def test_fifteen_second_clips_suggest_fifteen_second_segments(tmp_path):
+def test_fifteen_second_clips_suggest_fifteen_second_segments(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, 'CONFIG_DIR', tmp_path / 'config')  # stands for the checkout's config/
     folder = tmp_path / 'clips'
     for index in range(4):
         write_tone(folder / f'{index}.wav', 15.0, frequency=100 + 20 * index)
@@ -270,7 +281,7 @@ def test_unusable_inputs_are_all_named_or_skipped(tmp_path):
     with pytest.raises(DataError) as caught:
         prepare_dataset(folder, 'bad', egs_root=tmp_path / 'egs', config_root=tmp_path / 'config')
     message = str(caught.value)
-    assert '2 unusable input(s)' in message and 'broken.mp3' in message and 'empty.wav' in message
+    assert '2 problem(s) with the inputs' in message and 'broken.mp3' in message and 'empty.wav' in message
     assert '--skip-bad' in message
     assert not (tmp_path / 'egs' / 'bad').exists()
     result = prepare_dataset(folder, 'bad', egs_root=tmp_path / 'egs', config_root=tmp_path / 'config',
