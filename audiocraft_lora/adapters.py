@@ -94,13 +94,13 @@ def load_adapter(folder: tp.Union[str, Path]) -> Adapter:
     return Adapter(state=state, settings=settings, config=config)
 
 
-def resolve_adapter_folder(given: tp.Union[str, Path]) -> Path:
+def resolve_adapter_folder(given: tp.Union[str, Path], strict: bool = True) -> Path:
     """The adapter folder `given` names: a folder, or an XP's signature (`9a366928`), or `outputs/xps/<sig>/adapter`
     as the README writes it when `outputs/` is not under the current folder but the training runs' folder (dora's,
     `<checkout>/outputs` unless AUDIOCRAFT_LORA_DORA_DIR says otherwise).
 
     Raises:
-        UserError: naming where XPs are, when none of these exists."""
+        UserError: naming where XPs are, when none of these exists (`strict`; otherwise `given` is returned)."""
     from .checkout import dora_dir
     folder = Path(given)
     if folder.is_dir():
@@ -115,6 +115,8 @@ def resolve_adapter_folder(given: tp.Union[str, Path]) -> Path:
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
+    if not strict:
+        return folder
     xps = runs / 'xps'
     trained = sorted(p.parent.name for p in xps.glob('*/adapter')) if xps.is_dir() else []
     listing = (f" XPs with an adapter there: {', '.join(trained[-10:])}." if trained

@@ -44,12 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_adapters(values: tp.Sequence[str]) -> tp.Dict[str, Path]:
     """`[NAME=]FOLDER` -> {'adapter:NAME': folder}; default NAME is the XP signature or the folder name."""
+    from .adapters import resolve_adapter_folder
     labelled: tp.Dict[str, Path] = {}
     for value in values:
         name, sep, folder = value.partition('=')
         if not sep:
             name, folder = '', value
-        path = Path(folder).expanduser()
+        path = resolve_adapter_folder(Path(folder).expanduser(), strict=False)  # (an XP signature works too)
         if not name:
             name = path.parent.name if path.name == 'adapter' and path.parent.name else path.name
         label = f'adapter:{name}'

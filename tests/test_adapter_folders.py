@@ -43,3 +43,17 @@ def test_the_exported_epoch_is_the_latest_with_the_lowest_valid_metric_or_the_la
         'epoch': 4, 'last_epoch': 5, 'selected_by': 'lowest valid ce (2.5000)'}  # (ties: the latest, as AudioCraft)
     assert exported_epoch(history, 'ce', best=False) == {'epoch': 5, 'last_epoch': 5, 'selected_by': 'last epoch'}
     assert exported_epoch([{'train': {}}], 'ce', best=True)['selected_by'] == 'last epoch'  # (no valid stage yet)
+
+
+def test_the_cli_records_the_resolved_folder(tmp_path, monkeypatch):
+    """generate/export/merge/compare take a signature or the README's path from anywhere, and record (and look for
+    the XP's history and argv next to) the real folder."""
+    from audiocraft_lora.compare_cli import parse_adapters
+    runs = tmp_path / 'runs'
+    folder = _save(runs / 'xps' / '9a366928' / 'adapter')
+    monkeypatch.setenv('AUDIOCRAFT_LORA_DORA_DIR', str(runs))
+    monkeypatch.chdir(tmp_path)
+    assert parse_adapters(['9a366928', 'mine=outputs/xps/9a366928/adapter']) == {
+        'adapter:9a366928': folder, 'adapter:mine': folder}
+    assert parse_adapters(['elsewhere/adapter']) == {'adapter:elsewhere': tmp_path.joinpath('elsewhere/adapter')
+                                                     .relative_to(tmp_path)}  # (not found: left for its error)
