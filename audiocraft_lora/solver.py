@@ -134,7 +134,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
         report = validate_datasource(
             splits, sample_rate=cfg.sample_rate, channels=cfg.channels,
             segment_duration=cfg.dataset.segment_duration, min_segment_ratio=cfg.dataset.min_segment_ratio,
-            base_dir=git_save.to_absolute_path('.'))  # relative manifest paths: where `dora run` was launched
+            base_dir=git_save.to_absolute_path('.'),  # relative manifest paths: where `dora run` was launched
+            allow_silence=bool(cfg.get('allow_silence', False)))
         logger.info("%s", report.summary_table())
         report.raise_if_errors()
 

@@ -31,3 +31,25 @@ def test_prepared_folder_trains(dora_dir, tmp_path):
     metrics = solver.run_step(0, (audio, infos), {})
     solver._current_stage = None
     assert torch.isfinite(metrics['ce'])
+
+
+def test_clips_padded_on_disk_stop_training_unless_silence_is_allowed(dora_dir, tmp_path):
+    """The user's story: 15 s clips padded with silence to 30 s in the files. The solver's check refuses them before
+    any step (naming the file, the silence and `--trim-silence`); `allow_silence=true` accepts them, as warnings."""
+    import pytest
+    from audiocraft_lora.errors import DataError
+    source = tmp_path / 'padded'
+    source.mkdir()
+    for i in range(4):
+        t = np.arange(3 * 32000) / 32000
+        wav = np.concatenate([0.3 * np.sin(2 * np.pi * 110 * (i + 1) * t), np.zeros(3 * 32000)])  # half silence
+        sf.write(source / f'beat_{i}.wav', wav, 32000)
+        (source / f'beat_{i}.txt').write_text(f'trap beat {i}')
+    prepared = prepare_dataset(source, 'padded', egs_root=tmp_path / 'egs', config_root=tmp_path / 'config',
+                               valid_ratio=0.5, seed=0)
+    args = DEBUG_ARGS + [f'datasource.{split}={path.parent}' for split, path in prepared.manifests.items()]
+    args += ['dataset.segment_duration=3', 'dataset.batch_size=2']
+    with pytest.raises(DataError, match=r'(?s)beat_\d\.wav.*3\.0 s of trailing silence.*--trim-silence'):
+        build_solver(args)
+    solver, _ = build_solver(args + ['allow_silence=true'])
+    assert solver.model is not None
