@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .hf.export import merge_to_audiocraft
     out = merge_to_audiocraft(args.adapter, args.out, base=args.base, force=args.force_base_mismatch)
+    from .export_cli import describe_adapter
     print(f"Wrote {out}: load it with audiocraft.models.MusicGen.get_pretrained('{out}').")
+    print(describe_adapter(args.adapter))
     if (Path(out) / 'hf_import.json').exists():  # (its T5 came from an HF folder: AudioCraft would fetch t5-base)
         print(f"Its text encoder is the HF base's T5, kept in {out}/t5: on each machine run `audiocraft-lora "
               f"import-hf {out}` once (it registers that T5 in the Hugging Face cache), then get_pretrained with "

@@ -86,14 +86,13 @@ def valid_cross_entropy(base: str, adapters: tp.Mapping[str, Adapter], dataset_o
     if not groups:  # base only: any LoRA settings, all zeros
         groups[json.dumps(LoRASettings().to_dict())] = []
     results: tp.Dict[str, tp.Dict[str, tp.Any]] = {}
-    autocast = ['autocast=false'] if device == 'cpu' else []
     with _temporary_dora_dir():
         for key, labels in groups.items():
             settings = adapters[labels[0]].settings if labels else LoRASettings()
             recipe = [] if any(o.startswith('solver=') for o in dataset_overrides) else ['solver=musicgen/lora_default']
             argv = (recipe + [f'base_model={base}', f'device={device}', 'dataset.num_workers=0',
                      'logging.log_tensorboard=false', 'logging.log_wandb=false', f'+validate_splits=[{SPLIT}]']
-                    + autocast + lora_overrides(settings) + list(dataset_overrides))
+                    + lora_overrides(settings) + list(dataset_overrides))  # (autocast: the recipe's, as trained)
             try:
                 xp = train.main.get_xp(argv)
             except MissingConfigException as exc:  # e.g. the dset yaml of the adapter's XP was moved or deleted

@@ -53,3 +53,7 @@ def test_valid_ce_of_a_manifest_folder_checks_only_the_valid_split(dora_dir):
     results = valid_cross_entropy('debug', {}, overrides)
     assert results['base']['num_batches'] == 1 and len(results['base']['per_codebook']) == 4
     assert all(0 < ce < 20 for ce in results['base']['per_codebook'])
+    # the recipe's autocast (lora_default: bf16), as training ran it, on the CPU too: a CPU run of lora_small trains
+    # under bf16 autocast and its history's valid CE is that one; float32 only when the recipe or overrides say so
+    fp32 = valid_cross_entropy('debug', {}, overrides + ['autocast=false'])['base']['ce']
+    assert fp32 != results['base']['ce'] and abs(fp32 - results['base']['ce']) < 0.05 * fp32

@@ -70,8 +70,14 @@ def test_schedules_and_rates_that_cant_train_are_refused_before_the_base_loads(c
     with caplog.at_level(logging.WARNING, logger='audiocraft_lora.config_checks'):
         check_training(small, 2.0)
         assert not caplog.records
-        check_training(cfg(lr=3e-3), 16.0)  # high but possible: warned, naming the recipes' values
-    assert 'optim.lr=0.003 is high' in caplog.text and 'lora.alpha / lora.rank = 16 is high' in caplog.text
+        check_training(cfg(lr=3e-4), 16.0)  # high but possible: warned, naming the recipes' values
+    assert 'optim.lr=0.0003 is high' in caplog.text and 'lora.alpha / lora.rank = 16 is high' in caplog.text
+    caplog.clear()
+    debug = cfg(lr=1e-3)
+    debug.base_model = 'debug'  # (lora_debug's tiny random base: its own rate, not warned)
+    with caplog.at_level(logging.WARNING, logger='audiocraft_lora.config_checks'):
+        check_training(debug, 2.0)
+    assert not caplog.records
     finished = cfg(epochs=0)
     finished.execute_only = 'export'
     check_training(finished, 2.0)  # (execute_only trains nothing: not checked)

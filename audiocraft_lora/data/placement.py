@@ -4,7 +4,8 @@ Five placements, chosen per clip by `prepare`:
     in place   the source file is referenced as is, its sidecar written next to it (only when that adds to, and never
                changes, an existing sidecar: see `sidecars.sidecar_conflict`);
     mirrored   a symlink to the source (a copy where links are unsupported) inside a mirror folder, sidecar next to
-               the link: used with --sidecar-dir, when the source folder is not writable, when two sources would
+               the link: used with --sidecar-dir, with --keep-silence (that choice stays this dataset's), when the
+               source folder is not writable, when two sources would
                share a sidecar (`a.wav` and `a.mp3` both map to `a.json`), or when the existing sidecar next to the
                source holds other values (another dataset's captions, the user's own file) or can't be read;
     converted  decoded, resampled/down-mixed to the target format and written as 16-bit FLAC;
@@ -22,8 +23,9 @@ import typing as tp
 import torch
 
 from .audio_files import AudioHeader, convert_to_target, read_audio, write_audio
-from .sidecars import backup_sidecar, sidecar_conflict, sidecar_path_for, sidecar_unchanged, write_sidecar
-from .silence import TrimPlan
+from .sidecars import (backup_sidecar, sidecar_allows_silence, sidecar_conflict, sidecar_path_for, sidecar_unchanged,
+                       write_sidecar)
+from .silence import ALLOW_SILENCE_KEY, TrimPlan
 from .sources import SourceClip
 
 MIN_TAIL_RATIO = 0.5  # a last chunk shorter than this fraction of the segment is dropped rather than padded
@@ -79,6 +81,10 @@ class ClipPlacer:
             return [self._mirror(clip, header, self.sidecar_dir)]
         sidecar = sidecar_path_for(clip.audio_path)
         if str(sidecar) in self._taken_sidecars:
+            return [self._mirror(clip, header, self.audio_dir)]
+        if clip.info.get(ALLOW_SILENCE_KEY) is True and not sidecar_allows_silence(clip.audio_path):
+            # (--keep-silence is this dataset's choice: its own sidecar says so, not the user's next to the audio,
+            # which every later dataset prepared from the same files would read)
             return [self._mirror(clip, header, self.audio_dir)]
         conflict = sidecar_conflict(sidecar, clip.info)
         if conflict and not self.overwrite_sidecars:

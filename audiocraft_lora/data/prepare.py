@@ -361,9 +361,12 @@ def _place(placer: ClipPlacer, clip: SourceClip, header, convert: bool, segment_
 
 def _generate_subset(placed_valid: tp.List[tp.Tuple[SourceClip, PlacedAudio]], valid: tp.List[AudioMeta],
                      num_generate: int) -> tp.List[AudioMeta]:
-    """The first valid entries, one per source file before any second chunk of the same file."""
+    """The first valid entries, one per source file and caption before any second chunk or repeated caption:
+    AudioCraft names a generated sample after its conditioning, so two samples of one caption would write one file
+    (the second overwrites the first, while both are measured)."""
     firsts, rest, seen = [], [], set()
     for (clip, _), meta in zip(placed_valid, valid):
-        (rest if str(clip.audio_path) in seen else firsts).append(meta)
-        seen.add(str(clip.audio_path))
+        keys = {str(clip.audio_path), 'caption:' + str(clip.info.get('description') or clip.audio_path)}
+        (rest if keys & seen else firsts).append(meta)
+        seen |= keys
     return (firsts + rest)[:num_generate]

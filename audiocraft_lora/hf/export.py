@@ -68,6 +68,18 @@ def _publish(tmp: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+PROVENANCE_NAME = 'audiocraft_lora_adapter.json'  # beside a PEFT export: where the adapter came from
+_PROVENANCE_KEYS = ('xp_sig', 'epoch', 'last_epoch', 'selected_by', 'base_model', 'base_fingerprint')
+
+
+def provenance(pair: BaseAndAdapter, adapter_dir: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
+    """What an exported or merged folder records of its adapter: the folder, the XP and the epoch its weights are
+    from (best valid or last: `selected_by`), the base and the scaling."""
+    config = pair.adapter.config
+    return {'adapter': str(Path(adapter_dir).resolve()), 'scaling': pair.adapter.scaling,
+            **{key: config[key] for key in _PROVENANCE_KEYS if key in config}}
+
+
 def export_peft(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str, Path], base: tp.Optional[str] = None,
                 force: bool = False) -> Path:
     """Write a Hugging Face PEFT adapter folder for the adapter (see `hf.peft_map`)."""
@@ -79,6 +91,8 @@ def export_peft(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str, Path], 
     try:
         peft_map.write_peft_adapter(tmp, pair.adapter.state, settings.rank, settings.alpha, settings.dropout,
                                     settings.use_rslora, str(hf_dir.resolve()) if hf_dir else pair.base.name)
+        atomic_write_text(json.dumps(provenance(pair, adapter_dir), indent=2, sort_keys=True) + '\n',
+                          tmp / PROVENANCE_NAME)  # (PEFT's own config keeps PEFT's keys only)
         return _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,8 +117,7 @@ def merge_to_audiocraft(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str,
     pkg = {k: v for k, v in pair.lm_pkg.items() if k not in ('best_state', 'xp.cfg')}
     pkg['xp.cfg'] = cfg if isinstance(cfg, str) else OmegaConf.to_yaml(lm_config(pair.lm_pkg))
     pkg['best_state'] = merged
-    pkg['merged_adapter'] = json.dumps({'adapter': str(Path(adapter_dir).resolve()), 'base': pair.base.name,
-                                        'scaling': pair.adapter.scaling})
+    pkg['merged_adapter'] = json.dumps({**provenance(pair, adapter_dir), 'base': pair.base.name})
     out_dir = Path(out_dir)
     tmp = _fresh_dir(out_dir)
     try:
@@ -156,9 +169,8 @@ def merge_to_hf(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str, Path], 
         for name in _HF_SIDE_FILES:
             if (hf_dir / name).exists() and not (tmp / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
-        atomic_write_text(json.dumps({'adapter': str(Path(adapter_dir).resolve()), 'base': str(hf_dir.resolve()),
-                                      'scaling': pair.adapter.scaling}, indent=2, sort_keys=True) + '\n',
-                          tmp / 'merged_adapter.json')
+        atomic_write_text(json.dumps({**provenance(pair, adapter_dir), 'base': str(hf_dir.resolve())}, indent=2,
+                                     sort_keys=True) + '\n', tmp / 'merged_adapter.json')
         return _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

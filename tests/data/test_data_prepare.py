@@ -303,3 +303,15 @@ def test_bad_metadata_names_the_file_and_record(tmp_path, content, expected):
     with pytest.raises(DataError) as caught:
         prepare_dataset(tmp_path / 'metadata.json', 'm', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg')
     assert expected in str(caught.value) and 'metadata.json' in str(caught.value)
+
+
+def test_generate_split_prefers_distinct_captions():
+    """AudioCraft names a generated sample after its conditioning: two of one caption would share a file."""
+    from types import SimpleNamespace
+    from audiocraft_lora.data.prepare import _generate_subset
+    captions = ['trap beat', 'trap beat', 'lofi', 'trap beat', 'drill']
+    placed = [(SimpleNamespace(audio_path=f'/a/{i}.wav', info={'description': c}), None)
+              for i, c in enumerate(captions)]
+    valid = [f'meta{i}' for i in range(len(captions))]
+    assert _generate_subset(placed, valid, 3) == ['meta0', 'meta2', 'meta4']
+    assert _generate_subset(placed, valid, 5) == ['meta0', 'meta2', 'meta4', 'meta1', 'meta3']  # (then the rest)

@@ -99,6 +99,13 @@ def test_keep_silence_marks_the_sidecars_and_training_checks_accept_them(tmp_pat
                              keep_silence=True)
     assert result.ok and 'Next:' in result.summary()
     assert 'edge_silence' in result.report.codes('warnings') and not result.report.errors
-    assert all(json.loads((folder / f'a{index}.json').read_text())['allow_silence'] is True for index in range(3))
+    # the choice is this dataset's: its own (mirrored) sidecars say so, the user's folder gets none of it
+    assert not any(folder.glob('*.json'))
+    assert all(json.loads(path.read_text())['allow_silence'] is True
+               for path in (tmp_path / 'egs' / 'amb' / 'audio').rglob('*.json'))
     refused = prepare_dataset(folder, 'amb2', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg2')
-    assert refused.ok  # the sidecars keep the user's (here: our earlier) explicit allow_silence
+    assert not refused.ok and 'edge_silence' in refused.report.codes('errors')  # (a later plain prepare: refused)
+    for index in range(3):  # the user's own explicit allow_silence next to the audio is theirs to set
+        (folder / f'a{index}.json').write_text(json.dumps({'description': 'sparse ambient drone',
+                                                            'allow_silence': True}))
+    assert prepare_dataset(folder, 'amb3', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg3').ok

@@ -157,17 +157,27 @@ def test_export_and_merge_cli(hf_text_dir, tmp_path, capsys):
     targets = inject_lora(lm, settings)
     adapter = adapters.save_adapter(tmp_path / 'adapter', {k: p.detach() for k, p in lora_parameters(lm).items()},
                                     settings, targets, base_model=str(hf_text_dir), base_kind=base.kind,
-                                    base_fingerprint=base_models.fingerprint_state(pkg['best_state']))
+                                    base_fingerprint=base_models.fingerprint_state(pkg['best_state']),
+                                    extra={'xp_sig': 'abc123', 'epoch': 3, 'last_epoch': 5,
+                                           'selected_by': 'lowest valid ce (2.0000)'})
     out = tmp_path / 'exports'
     assert main(['export', '--adapter', str(adapter), '--out', str(out), '--format', 'all']) == 0
     assert {p.name for p in out.iterdir()} == {'peft', 'merged-audiocraft', 'merged-hf'}
+    # every export says which XP and epoch its weights are from (best valid or last)
+    recorded = [json.loads((out / 'peft' / 'audiocraft_lora_adapter.json').read_text()),
+                json.loads((out / 'merged-hf' / 'merged_adapter.json').read_text()),
+                json.loads(torch.load(out / 'merged-audiocraft' / 'state_dict.bin', weights_only=True)['merged_adapter'])]
+    for record in recorded:
+        assert (record['xp_sig'], record['epoch'], record['last_epoch']) == ('abc123', 3, 5), record
+        assert record['selected_by'].startswith('lowest valid ce') and record['adapter'] == str(adapter.resolve())
     peft_cfg = json.loads((out / 'peft' / 'adapter_config.json').read_text())
     assert 'fc2' in peft_cfg['target_modules'] and 'fc1' not in peft_cfg['target_modules']
-    capsys.readouterr()
+    assert 'XP abc123, epoch 3 of 5 (lowest valid ce (2.0000))' in capsys.readouterr().out
     assert main(['merge', '--adapter', str(adapter), '--out', str(tmp_path / 'merged')]) == 0
     # (an HF base: its T5 travels in the merged folder, and stock AudioCraft needs it registered on each machine)
     assert (tmp_path / 'merged' / 'hf_import.json').exists()
-    assert f"run `audiocraft-lora import-hf {tmp_path / 'merged'}` once" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"run `audiocraft-lora import-hf {tmp_path / 'merged'}` once" in printed and 'epoch 3 of 5' in printed
     merged = torch.load(tmp_path / 'merged' / 'state_dict.bin', weights_only=True)['best_state']
     key = 'transformer.layers.0.linear2.weight'
     assert not torch.equal(merged[key], pkg['best_state'][key])
