@@ -27,6 +27,7 @@ exactly).
 import contextlib
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 import shutil
@@ -311,8 +312,13 @@ def exported_epoch(history: tp.Sequence[dict], metric: tp.Optional[str], best: b
     `selected_by`."""
     last = len(history)
     scores = [(entry.get('valid') or {}).get(metric) for entry in history] if metric else []
-    if best and any(score is not None for score in scores):
-        low = min(score for score in scores if score is not None)
+    if best and scores and any(score is not None for score in scores):
+        if scores[0] is None or not math.isfinite(scores[0]):
+            # AudioCraft's best state compares with min() of the scores so far, which a NaN first score keeps NaN:
+            # it never moves past its initial state, so the last epoch is exported instead, and says why
+            return {'epoch': last, 'last_epoch': last,
+                    'selected_by': f'last epoch (epoch 1 had no finite valid {metric}: no best state was kept)'}
+        low = min(score for score in scores if score is not None and math.isfinite(score))
         epoch = max(i + 1 for i, score in enumerate(scores) if score == low)
         return {'epoch': epoch, 'last_epoch': last, 'selected_by': f'lowest valid {metric} ({low:.4f})'}
     return {'epoch': last, 'last_epoch': last, 'selected_by': 'last epoch'}

@@ -110,7 +110,7 @@ class LowRankLinear(torch.autograd.Function):
         else:
             if ctx.kernel:  # the seed rides in the mask's slot: all backward needs to draw the same decisions
                 mask = dropout_kernels.draw_seed(xc.device)
-                if _beside_pays(x.shape[-1], w.shape[0], a.shape[0]):  # [x | u] from one pass: y = [x | u] [W | B]^T, one GEMM
+                if _beside_pays(x.shape[-1], w.shape[0], a.shape[0]):  # [x | u] from one pass: one GEMM
                     xu = dropout_kernels.rank_product_beside(_rows(xc), a, mask, scaling, dropout)
                     xd, u = xu[:, :x.shape[-1]], xu[:, x.shape[-1]:]
                     xu = xu.view(*x.shape[:-1], -1)

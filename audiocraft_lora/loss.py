@@ -49,6 +49,8 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     if logits.dtype == torch.float16:  # (an ignored row whose fp16 logits overflowed would give a NaN gradient)
         logits = logits.masked_fill(~mask.unsqueeze(-1), 0.)
     nll = _RowChunkedCE.apply(logits, ignored)  # [B, K, T] float32: 0 at ignored rows
+    # (a tensor, as nll_loss's total_weight: on CUDA dividing by a Python number would multiply by its reciprocal,
+    # and the gradients would no longer be AudioCraft's bit for bit)
     counts = (ignored != _IGNORED).sum(dim=(0, 2)).float()
     per_codebook = nll.sum(dim=(0, 2)) / counts  # (NaN for a codebook with no counted step, as AudioCraft's)
     return per_codebook.sum() / K, list(per_codebook.detach().unbind())
@@ -72,10 +74,13 @@ def _chunks(logits: torch.Tensor) -> tp.Iterator[tp.Tuple[slice, slice]]:
 
 
 def _log_softmax(part: torch.Tensor) -> torch.Tensor:
-    """[rows, card] float32 log-softmax of a chunk (autocast's cross_entropy: a float32 copy first)."""
-    if part.dtype != torch.float32 or not part.is_contiguous():  # (one copy, to float32 and contiguous at once)
-        part = torch.empty(part.shape, dtype=torch.float32, device=part.device).copy_(part)
-    return torch.log_softmax(part.view(-1, part.shape[-1]), 1)
+    """[rows, card] float32 log-softmax of a chunk (autocast's cross_entropy: a float32 copy first).
+
+    Always a fresh copy, to float32 and contiguous at once, even of float32 logits: CUDA's log_softmax picks its
+    kernel by the input's alignment, and a slice at an odd offset could sum in another order than AudioCraft's
+    freshly allocated per-codebook copy."""
+    fresh = torch.empty(part.shape, dtype=torch.float32, device=part.device).copy_(part)
+    return torch.log_softmax(fresh.view(-1, part.shape[-1]), 1)
 
 
 class _RowChunkedCE(torch.autograd.Function):

@@ -298,9 +298,9 @@ def _cross_entropy_section(raw: tp.Optional[tp.Mapping[str, tp.Any]], models: tp
     if base_model in section:
         base = section[base_model]['per_codebook']
         for model, entry in section.items():
-            if len(entry['per_codebook']) == len(base):
+            if len(entry['per_codebook']) == len(base):  # (other codebooks: nothing to compare)
                 entry['diff_to_base_per_codebook'] = [v - b for v, b in zip(entry['per_codebook'], base)]
-            entry['diff_to_base_mean'] = entry['mean'] - section[base_model]['mean']
+                entry['diff_to_base_mean'] = entry['mean'] - section[base_model]['mean']
     ordered = {m: section[m]['per_codebook'] for m in models if m in section}
     split = next(iter(section.values())).get('split', 'valid')
     png = plots.plot_bars(ordered, f'{split} cross-entropy per codebook', 'CE (nats)',

@@ -85,8 +85,9 @@ def render_html(document: tp.Mapping[str, tp.Any]) -> str:
                  f'<b>silent_tail</b> trailing silence &ge; {limits["tail_silence_s"]:g} s or &ge; '
                  f'{limits["tail_silence_fraction"]:.0%} of the duration. Against the base model\'s sample for the '
                  f'same prompt and seed: <b>quieter_than_base</b> integrated loudness at least '
-                 f'{limits["quieter_than_base_lu"]:g} LU lower; <b>noisier_than_base</b> detrended flatness at least '
-                 f'{limits["noisier_than_base_flatness"]:g} higher.</p>')
+                 f'{limits["quieter_than_base_lu"]:g} LU lower (intended when the training clips are quieter than '
+                 f'the base\'s music, e.g. lofi or ambient: compare with their loudness); <b>noisier_than_base</b> '
+                 f'detrended flatness at least {limits["noisier_than_base_flatness"]:g} higher.</p>')
     parts.append(_summary_html(document, models, base))
     parts.append(_cross_entropy_html(document, models, base))
     parts.append(_reference_metrics_html(document, models))

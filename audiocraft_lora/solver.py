@@ -305,8 +305,9 @@ class LoRAMusicGenSolver(MusicGenSolver):
         if use_best is None:
             use_best = checkpointing.export_state(self.cfg) == 'best'
         has_best = 'model' in self.best_state.states and bool(self.best_state.states['model'])
-        state = self.best_state.states['model'] if use_best and has_best else self.adapter.state_dict()
         chosen = checkpointing.exported_epoch(self.history, self.best_metric_name, use_best and has_best)
+        best = chosen['selected_by'].startswith('lowest')
+        state = self.best_state.states['model'] if best else self.adapter.state_dict()
         adapters.save_adapter(
             folder, state, self.lora_settings, self.lora_targets, base_model=self.base.name,
             base_fingerprint=self.base_fingerprint, base_kind=self.base.kind,

@@ -30,7 +30,8 @@ def test_damaged_weights_name_the_file_and_the_fix(tmp_path, damage):
     folder = _save(tmp_path / 'adapter')
     weights = folder / adapters.WEIGHTS_NAME
     data = weights.read_bytes()
-    weights.write_bytes({'truncated': data[:len(data) // 2], 'empty': b'', 'garbage': b'\x00not safetensors' * 9}[damage])
+    damaged = {'truncated': data[:len(data) // 2], 'empty': b'', 'garbage': b'\x00not safetensors' * 9}
+    weights.write_bytes(damaged[damage])
     with pytest.raises(UserError, match=rf"{weights}.*can't be read as safetensors.*truncated or damaged"):
         adapters.load_adapter(folder)
 
@@ -57,3 +58,14 @@ def test_the_cli_records_the_resolved_folder(tmp_path, monkeypatch):
         'adapter:9a366928': folder, 'adapter:mine': folder}
     assert parse_adapters(['elsewhere/adapter']) == {'adapter:elsewhere': tmp_path.joinpath('elsewhere/adapter')
                                                      .relative_to(tmp_path)}  # (not found: left for its error)
+
+
+def test_a_nan_first_valid_score_exports_the_last_epoch_and_says_why():
+    """AudioCraft's best state never moves past a NaN first score (min() stays NaN): exporting it would hand out the
+    initial adapter. The last epoch is exported instead; a NaN later on is only skipped."""
+    from audiocraft_lora.checkpointing import exported_epoch
+    nan = float('nan')
+    first = exported_epoch([{'valid': {'ce': nan}}, {'valid': {'ce': 3.0}}], 'ce', best=True)
+    assert first['epoch'] == 2 and first['selected_by'].startswith('last epoch (epoch 1 had no finite valid ce')
+    later = exported_epoch([{'valid': {'ce': 3.0}}, {'valid': {'ce': nan}}, {'valid': {'ce': 2.0}}], 'ce', best=True)
+    assert later == {'epoch': 3, 'last_epoch': 3, 'selected_by': 'lowest valid ce (2.0000)'}

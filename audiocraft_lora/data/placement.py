@@ -22,6 +22,7 @@ import typing as tp
 
 import torch
 
+from ..errors import DataError
 from .audio_files import AudioHeader, convert_to_target, read_audio, write_audio
 from .sidecars import (backup_sidecar, sidecar_allows_silence, sidecar_conflict, sidecar_path_for, sidecar_unchanged,
                        write_sidecar)
@@ -53,7 +54,7 @@ class ClipPlacer:
     """
 
     def __init__(self, audio_dir: Path, sidecar_dir: tp.Optional[Path], sample_rate: int, channels: int,
-                 overwrite_sidecars: bool = False):
+                 overwrite_sidecars: bool = False, sources: tp.Iterable[Path] = ()):
         self.audio_dir = Path(os.path.abspath(audio_dir))
         self.sidecar_dir = Path(os.path.abspath(sidecar_dir)) if sidecar_dir is not None else None
         self.sample_rate = sample_rate
@@ -64,6 +65,7 @@ class ClipPlacer:
         self.overwrite_sidecars = overwrite_sidecars
         self.kept_sidecars: tp.List[tp.Tuple[Path, str]] = []  # (user sidecar left untouched, why)
         self.replaced_sidecars: tp.List[tp.Tuple[Path, Path]] = []  # (sidecar replaced, its backup)
+        self._sources = {os.path.realpath(path) for path in sources}  # the user's audio: never replaced
 
     def matches_target(self, header: AudioHeader) -> bool:
         return header.sample_rate == self.sample_rate and header.channels == self.channels
@@ -110,6 +112,7 @@ class ClipPlacer:
     def _mirror(self, clip: SourceClip, header: AudioHeader, mirror_root: Path) -> PlacedAudio:
         link = self._claim(mirror_root / clip.relative_name)
         link.parent.mkdir(parents=True, exist_ok=True)
+        self._refuse_source(link)
         if link.is_symlink() or link.exists():
             link.unlink()
         try:
@@ -121,6 +124,7 @@ class ClipPlacer:
 
     def _write_copy(self, clip: SourceClip, wav: torch.Tensor, placement: str) -> PlacedAudio:
         path = self._claim(self.audio_dir / clip.relative_name.with_suffix('.flac'))
+        self._refuse_source(path)
         write_audio(path, wav, self.sample_rate)
         write_sidecar(sidecar_path_for(path), clip.info)
         return PlacedAudio(path, wav.shape[-1] / self.sample_rate, self.sample_rate, placement)
@@ -144,6 +148,7 @@ class ClipPlacer:
                 break
             stem = clip.relative_name.with_suffix('')
             path = self._claim(self.audio_dir / stem.parent / f"{stem.name}_{index:03d}.flac")
+            self._refuse_source(path)
             write_audio(path, piece, self.sample_rate)
             write_sidecar(sidecar_path_for(path), clip.info)
             placed.append(PlacedAudio(path, piece.shape[-1] / self.sample_rate, self.sample_rate, 'cut'))
@@ -152,6 +157,13 @@ class ClipPlacer:
     def _decode_to_target(self, clip: SourceClip) -> torch.Tensor:
         wav, sample_rate = read_audio(clip.audio_path)
         return convert_to_target(wav, sample_rate, self.sample_rate, self.channels)
+
+    def _refuse_source(self, path: Path) -> None:
+        """Our outputs (links, copies) may replace our earlier ones, never one of the user's audio files."""
+        if not path.is_symlink() and os.path.realpath(path) in self._sources:
+            raise DataError(f"prepare would replace your audio file {path} with its own output: the audio folder "
+                            f"({self.audio_dir}) or sidecar folder holds the source clips. Fix: give --audio-dir / "
+                            "--sidecar-dir a folder of their own (default: egs/<name>/audio).")
 
     def _claim(self, path: Path) -> Path:
         """`path`, renamed `<stem>-<n><suffix>` if its sidecar is already used by another clip of this run."""

@@ -123,8 +123,6 @@ class PreparedDataset:
                          "AudioCraft or Hugging Face folder; or pass --base-model to prepare)")
         return lines
 
-        return '\n'.join(lines)
-
 
 def default_name(source: tp.Union[str, Path]) -> str:
     """A dset name from the source folder (or the metadata file's folder): ASCII letters, digits, '_', '-', '.'."""
@@ -205,7 +203,7 @@ def prepare_dataset(source: tp.Union[str, Path], name: tp.Optional[str] = None, 
     warnings += split_warnings
 
     placer = ClipPlacer(audio_dir, Path(sidecar_dir) if sidecar_dir else None, sample_rate, channels,
-                        overwrite_sidecars)
+                        overwrite_sidecars, sources=[clip.audio_path for clip in collected.clips])
     placed: tp.Dict[str, tp.List[tp.Tuple[SourceClip, PlacedAudio]]] = {}
     for split, split_clips in (('train', train), ('valid', valid)):
         placed[split] = [(clip, entry) for clip in split_clips

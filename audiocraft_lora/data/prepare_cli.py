@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite_sidecars=args.overwrite_sidecars, base_model=args.base_model)
     print(result.summary())
     if not result.ok:
-        kinds = ', '.join(f"{code} x{result.report.codes().count(code)}" for code in dict.fromkeys(result.report.codes()))
+        codes = result.report.codes()
+        kinds = ', '.join(f"{code} x{codes.count(code)}" for code in dict.fromkeys(codes))
         raise DataError(f"the prepared dataset '{result.name}' has {len(result.report.errors)} error(s) that stop "
                         f"training ({kinds}; each kind with its fix is listed above). Fix them and run "
                         f"`audiocraft-lora prepare` again.")

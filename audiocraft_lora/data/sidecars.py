@@ -42,7 +42,7 @@ def caption_from_record(record: tp.Mapping[str, tp.Any]) -> tp.Optional[str]:
 
 
 def normalize_music_info(record: tp.Mapping[str, tp.Any]) -> tp.Dict[str, tp.Any]:
-    """Every MusicInfo field from a loose user record (missing ones are None).
+    """Every MusicInfo field from a loose user record (missing ones are None), and `allow_silence` when it is true.
 
     The description comes from description/caption/prompt/text; moods and keywords become lists of strings
     (a comma-separated string is split); bpm becomes a float ("140 bpm" -> 140.0) or None.
@@ -59,6 +59,8 @@ def normalize_music_info(record: tp.Mapping[str, tp.Any]) -> tp.Dict[str, tp.Any
         elif isinstance(value, (str, int, float)):
             info[name] = str(value).strip() or None
     info['description'] = caption_from_record(record)
+    if record.get(ALLOW_SILENCE_KEY) is True:  # (the user's own per-clip choice travels with the clip)
+        info[ALLOW_SILENCE_KEY] = True
     return info
 
 

@@ -28,8 +28,9 @@ ALLOW_SILENCE_KEY = 'allow_silence'  # sidecar key: this clip's silence is inten
 
 ERROR, WARNING = 'error', 'warning'
 FIX = ("Fix: `audiocraft-lora prepare SOURCE --trim-silence ...` writes trimmed copies (your originals are never "
-       "modified) and drops clips that are silence throughout; if the silence is intended, prepare with "
-       f"--keep-silence (or put \"{ALLOW_SILENCE_KEY}\": true in the clip's sidecar json).")
+       "modified) and leaves out clips still mostly silent or under 1 s once trimmed; if the silence is intended, "
+       f"prepare with --keep-silence, put \"{ALLOW_SILENCE_KEY}\": true in the clip's sidecar json, or train with "
+       f"{ALLOW_SILENCE_KEY}=true.")
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def silence_problems(profile: SilenceProfile, allowed: bool = False) -> tp.List[
     elif profile.silent_fraction > PARTLY_SILENT_FRACTION:
         problems.append((WARNING, 'partly_silent',
                          f"{profile.silent_fraction:.0%} of it is silence below {SILENCE_DB:g} dBFS: crops from it "
-                         f"teach pauses. Consider trimming the silence."))
+                         f"teach pauses. It is inside the clip (`--trim-silence` cuts only the edges): edit or drop "
+                         f"the clip if the pauses aren't the style."))
     return problems
 
 

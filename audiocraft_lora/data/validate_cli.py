@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--allow-missing-descriptions', action='store_true',
                         help="accept clips without a description (unconditional training on purpose)")
     parser.add_argument('--workers', type=int, default=None, help="threads checking files (default: up to 4)")
+    parser.add_argument('--allow-silence', action='store_true',
+                        help="check as a run with allow_silence=true does: silent clips and long silent edges are "
+                             "warnings (intended silence)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     report = validate_datasource(
         datasource, sample_rate=args.sample_rate, channels=args.channels, segment_duration=segment,
         min_segment_ratio=args.min_segment_ratio, fast=args.fast,
-        allow_missing_description=args.allow_missing_descriptions, workers=args.workers)
+        allow_missing_description=args.allow_missing_descriptions, workers=args.workers,
+        allow_silence=args.allow_silence)
     print(report.summary_table())
     report.raise_if_errors()
     print("OK: no errors; training can start.")

@@ -90,3 +90,26 @@ def test_caption_that_is_no_text_is_refused_by_prepare(tmp_path, value, expected
         prepare_dataset(meta, 'num', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg')
     assert expected in str(caught.value) and '3 records' in str(caught.value)
     assert not (tmp_path / 'egs' / 'num').exists()
+
+
+def test_null_or_missing_fields_are_filled_in_and_an_identical_sidecar_is_not_rewritten(tmp_path):
+    """Filling what the user left empty is not a conflict (the clip stays in place); a sidecar that already says
+    everything is left untouched, byte for byte and time for time."""
+    import os
+    from audiocraft_lora.data.sidecars import sidecar_conflict
+    folder = _captioned_folder(tmp_path / 'beats', count=3)
+    info = {'description': 'trap beat number 0', 'genre': 'trap'}
+    sidecar = folder / 'clip_0.json'
+    for existing in ({'description': 'trap beat number 0', 'genre': None}, {'description': 'trap beat number 0'}):
+        sidecar.write_text(json.dumps(existing))
+        assert sidecar_conflict(sidecar, info) is None, existing
+    sidecar.write_text(json.dumps({'description': 'trap beat number 0', 'genre': 'lofi'}))
+    assert "genre 'lofi' -> 'trap'" in sidecar_conflict(sidecar, info)
+    sidecar.unlink()
+    first = prepare_dataset(folder, 'beats', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg')
+    assert first.placements == {'in_place': 3}
+    stamps = {path.name: os.stat(path).st_mtime_ns for path in folder.glob('*.json')}
+    os.utime(sidecar, ns=(1, 1))  # (an old time: a rewrite would change it)
+    again = prepare_dataset(folder, 'beats', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg')
+    assert again.placements == {'in_place': 3} and os.stat(sidecar).st_mtime_ns == 1
+    assert len(stamps) == 3

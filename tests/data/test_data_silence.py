@@ -109,3 +109,81 @@ def test_keep_silence_marks_the_sidecars_and_training_checks_accept_them(tmp_pat
         (folder / f'a{index}.json').write_text(json.dumps({'description': 'sparse ambient drone',
                                                             'allow_silence': True}))
     assert prepare_dataset(folder, 'amb3', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg3').ok
+
+
+@pytest.mark.parametrize('option', ['keep_silence', 'trim_silence'])
+def test_an_audio_folder_that_is_the_source_never_replaces_the_users_audio(tmp_path, option):
+    """--audio-dir pointing at the clips themselves: mirrors (--keep-silence) and copies (--trim-silence, written as
+    .flac) would land on the user's own files. Refused, every file as it was."""
+    from audiocraft_lora.errors import DataError
+    beats = tmp_path / 'beats'
+    for index in range(3):
+        _padded(beats / f'c{index}.wav', sound=3.0, trail=3.0, frequency=200 + 60 * index)
+        soundfile.write(beats / f'd{index}.flac', np.zeros(32000 * 2), 32000)  # (a .flac the copies would hit)
+        _padded(beats / f'd{index}.wav', sound=3.0, trail=3.0, frequency=500 + 60 * index)
+        for stem in (f'c{index}', f'd{index}'):
+            (beats / f'{stem}.txt').write_text('trap beat')
+    before = {path.name: path.read_bytes() for path in beats.iterdir()}
+    with pytest.raises(DataError, match=r'would replace your audio file .*--audio-dir'):
+        prepare_dataset(beats, 'self', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg', audio_dir=beats,
+                        **{option: True})
+    assert all(not path.is_symlink() for path in beats.iterdir())
+    assert {name: data for name, data in before.items()} == {
+        path.name: path.read_bytes() for path in beats.iterdir() if path.name in before}
+
+
+@pytest.mark.parametrize('how', ['sidecar_dir', 'convert', 'metadata'])
+def test_the_users_own_allow_silence_travels_with_the_clip(tmp_path, how):
+    """"allow_silence": true written by the user (in their sidecar, or in a metadata.json record) is kept wherever
+    prepare places the clip (mirrored, converted), so the check accepts the clips it marks."""
+    folder = tmp_path / 'ambient'
+    records = []
+    for index in range(4):
+        _padded(folder / f'a{index}.wav', sound=3.0, trail=6.0, frequency=300 + 50 * index)
+        fields = {'description': 'sparse ambient drone', 'allow_silence': True}
+        if how == 'metadata':
+            records.append({'path': f'a{index}.wav', **fields})
+        else:
+            (folder / f'a{index}.json').write_text(json.dumps(fields))
+    source = folder
+    if how == 'metadata':
+        source = folder / 'metadata.json'
+        source.write_text(json.dumps(records))
+    options = {'sidecar_dir': {'sidecar_dir': tmp_path / 'side'}, 'convert': {'convert': True, 'sample_rate': 16000},
+               'metadata': {}}[how]
+    result = prepare_dataset(source, 'amb', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg', **options)
+    assert result.ok and not result.report.errors, result.report.codes('errors')
+    assert 'mostly_silent' in result.report.codes('warnings')  # (accepted, still said)
+
+
+def test_the_silence_rules_at_their_edges():
+    """A song's 2.5 s fade-out on a 30 s clip (< 10% of it) warns, it doesn't stop training; a clip whose silence is
+    inside it (trimming the edges can't help) is left out by --trim-silence, and says why."""
+    import torch
+    from audiocraft_lora.data.silence import plan_trim, silence_problems, silence_profile
+    rate = 32000
+
+    def clip(*parts):  # (seconds, sounding)
+        on = torch.cat([torch.full((int(round(s * rate)),), float(sound)) for s, sound in parts])
+        t = torch.arange(on.shape[0]) / rate
+        return (0.3 * torch.sin(2 * torch.pi * 220 * t) * on)[None]
+
+    song = silence_profile(clip((30.0, True), (2.5, False)), rate)
+    assert [(severity, code) for severity, code, _ in silence_problems(song, False)] == [('warning', 'edge_silence')]
+    padded = silence_profile(clip((10.0, True), (2.5, False)), rate)  # (the same 2.5 s, a fifth of the clip)
+    assert ('error', 'edge_silence') in [(severity, code) for severity, code, _ in silence_problems(padded, False)]
+    gaps = silence_profile(clip((0.6, True), (5.0, False), (0.6, True)), rate)
+    plan = plan_trim(gaps)
+    assert plan is not None and plan.dropped and 'silence even once trimmed' in plan.dropped
+
+
+def test_validate_allow_silence_checks_as_a_run_with_allow_silence_does(tmp_path, capsys):
+    folder = tmp_path / 'padded'
+    for index in range(4):
+        _padded(folder / f'p{index}.wav', sound=3.0, trail=3.0, frequency=200 + 70 * index)
+        (folder / f'p{index}.txt').write_text('trap beat')
+    result = prepare_dataset(folder, 'pad', egs_root=tmp_path / 'egs', config_root=tmp_path / 'cfg')
+    assert not result.ok
+    argv = ['validate', '--manifest', str(result.manifests['train']), '--segment-duration', '3']
+    assert main(argv) == 2 and 'edge_silence' in capsys.readouterr().out
+    assert main(argv + ['--allow-silence']) == 0 and 'OK: no errors' in capsys.readouterr().out

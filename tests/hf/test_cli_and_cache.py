@@ -166,7 +166,8 @@ def test_export_and_merge_cli(hf_text_dir, tmp_path, capsys):
     # every export says which XP and epoch its weights are from (best valid or last)
     recorded = [json.loads((out / 'peft' / 'audiocraft_lora_adapter.json').read_text()),
                 json.loads((out / 'merged-hf' / 'merged_adapter.json').read_text()),
-                json.loads(torch.load(out / 'merged-audiocraft' / 'state_dict.bin', weights_only=True)['merged_adapter'])]
+                json.loads(torch.load(out / 'merged-audiocraft' / 'state_dict.bin',
+                                      weights_only=True)['merged_adapter'])]
     for record in recorded:
         assert (record['xp_sig'], record['epoch'], record['last_epoch']) == ('abc123', 3, 5), record
         assert record['selected_by'].startswith('lowest valid ce') and record['adapter'] == str(adapter.resolve())
