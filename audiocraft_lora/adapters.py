@@ -71,8 +71,21 @@ def load_adapter(folder: tp.Union[str, Path]) -> Adapter:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     folder = resolve_adapter_folder(folder)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for path in (config_path, weights_path):
+    config, weights_path = read_config(folder), folder / WEIGHTS_NAME
+    settings = LoRASettings.from_config(config.get('lora', {}))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{weights_path} can't be read as safetensors ({exc}): the file is truncated or damaged. "
+                        "Copy it again, or write it again from its XP's checkpoint (the training command with "
+                        "`execute_only=export execute_inplace=true` added).") from exc
+    return Adapter(state=state, settings=settings, config=config)
+
+
+def read_config(folder: Path) -> tp.Dict[str, tp.Any]:
+    """The adapter_config.json of an adapter folder (both files present), checked to be ours."""
+    config_path = folder / CONFIG_NAME
+    for path in (config_path, folder / WEIGHTS_NAME):
         if not path.exists():
             raise UserError(f"{path} is missing: {folder} is not an audiocraft-lora adapter folder.")
     try:
@@ -84,14 +97,16 @@ def load_adapter(folder: tp.Union[str, Path]) -> Adapter:
                 if 'peft_type' in config else '')
         raise UserError(f"{config_path} is not an audiocraft-lora adapter config "
                         f"(format={config.get('format')!r}).{hint}")
-    settings = LoRASettings.from_config(config.get('lora', {}))
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{weights_path} can't be read as safetensors ({exc}): the file is truncated or damaged. "
-                        "Copy it again, or export the adapter again from its XP "
-                        "(the XP's checkpoint.th holds it: `dora run ... continue_from=` or train again).") from exc
-    return Adapter(state=state, settings=settings, config=config)
+    return config
+
+
+def describe_adapter(folder: tp.Union[str, Path]) -> str:
+    """Which XP and epoch an adapter's weights are from, as its config records it (exports and merges copy it)."""
+    config = read_config(resolve_adapter_folder(folder))
+    if 'epoch' not in config:
+        return f"Adapter {folder}: no epoch recorded (not exported by a training run)."
+    return (f"Adapter {folder}: XP {config.get('xp_sig', '?')}, epoch {config['epoch']} of "
+            f"{config.get('last_epoch', '?')} ({config.get('selected_by', '?')}).")
 
 
 def resolve_adapter_folder(given: tp.Union[str, Path], strict: bool = True) -> Path:

@@ -51,11 +51,13 @@ def load_base(base: str) -> BaseAndAdapter:
 
 def with_adapter(pair: BaseAndAdapter, adapter_dir: tp.Union[str, Path], adapter: tp.Optional[adapters.Adapter] = None,
                  force_base_mismatch: bool = False) -> BaseAndAdapter:
-    """`pair`'s base with the adapter of `adapter_dir` (read unless given), refused if trained on another base."""
-    adapter = adapter if adapter is not None else adapters.load_adapter(adapter_dir)
+    """`pair`'s base with the adapter of `adapter_dir` (read unless given), refused if trained on another base;
+    `adapter_dir` as resolved (an XP signature, or outputs/xps/... from another folder: the real folder)."""
+    folder = adapters.resolve_adapter_folder(adapter_dir, strict=False)
+    adapter = adapter if adapter is not None else adapters.load_adapter(folder)
     if not force_base_mismatch:
         adapters.check_base_matches(adapter, pair.base.name, pair.fingerprint)
-    return pair._replace(adapter=adapter, adapter_dir=Path(adapter_dir))
+    return pair._replace(adapter=adapter, adapter_dir=folder)
 
 
 def load_base_and_adapter(base: tp.Optional[str] = None, adapter: tp.Optional[tp.Union[str, Path]] = None,

@@ -306,16 +306,25 @@ def export_state(cfg) -> str:
     return value
 
 
+def _valid_scores(history: tp.Sequence[dict], metric: tp.Optional[str]) -> tp.List[tp.Optional[float]]:
+    return [(entry.get('valid') or {}).get(metric) for entry in history] if metric else []
+
+
+def best_state_kept(history: tp.Sequence[dict], metric: tp.Optional[str]) -> bool:
+    """Whether AudioCraft's best state holds a validated epoch: it compares with min() of the scores so far, which a
+    NaN (or missing) first score keeps NaN, so it never moves past its initial state."""
+    scores = _valid_scores(history, metric)
+    return bool(scores) and scores[0] is not None and math.isfinite(scores[0])
+
+
 def exported_epoch(history: tp.Sequence[dict], metric: tp.Optional[str], best: bool) -> dict:
     """What adapter_config.json records about the exported state: `epoch` (1-based; the last epoch whose `valid`
     stage reached the lowest `metric`, as AudioCraft's best_state keeps the latest of equal scores), `last_epoch`,
     `selected_by`."""
     last = len(history)
-    scores = [(entry.get('valid') or {}).get(metric) for entry in history] if metric else []
-    if best and scores and any(score is not None for score in scores):
-        if scores[0] is None or not math.isfinite(scores[0]):
-            # AudioCraft's best state compares with min() of the scores so far, which a NaN first score keeps NaN:
-            # it never moves past its initial state, so the last epoch is exported instead, and says why
+    scores = _valid_scores(history, metric)
+    if best and any(score is not None for score in scores):
+        if not best_state_kept(history, metric):
             return {'epoch': last, 'last_epoch': last,
                     'selected_by': f'last epoch (epoch 1 had no finite valid {metric}: no best state was kept)'}
         low = min(score for score in scores if score is not None and math.isfinite(score))

@@ -71,9 +71,6 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> int:
     module = importlib.import_module(args._module)
     try:
         _check_out(getattr(args, 'out', None))
-        if isinstance(getattr(args, 'adapter', None), str):  # (an XP signature, or outputs/xps/... from elsewhere)
-            from .adapters import resolve_adapter_folder
-            args.adapter = str(resolve_adapter_folder(args.adapter, strict=False))
         return int(module.run(args) or 0)
     except UserError as exc:
         print(f"audiocraft-lora {args.command}: error: {exc}", file=sys.stderr)

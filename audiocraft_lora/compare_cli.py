@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         skipped.extend(clap.measure(samples, list(pairs), out, reference_metrics))
 
+    histories = {label: h for label, folder in labelled.items() if (h := _history(folder))}
     report = {
         'title': args.title or f'{base.name}: base vs {", ".join(labelled)}',
         'models': list(pairs), 'base_model': BASE_LABEL,
@@ -168,10 +169,10 @@ def run(args: argparse.Namespace) -> int:
                      'durations_s': sorted({p.duration for p in prompts}), 'device': device},
         'samples': [{k: s[k] for k in ('prompt', 'seed', 'model', 'wav', 'diagnostics')} for s in samples],
         'skipped': skipped, 'reference_metrics': reference_metrics,
-        'history': {label: h for label, folder in labelled.items() if (h := _history(folder))},
+        'history': histories,
         # (the epoch each adapter was exported from, as its config says: best valid, or the last with export_state)
-        'exported_epoch': {label: loaded[label].config['epoch'] for label, folder in labelled.items()
-                           if 'epoch' in loaded[label].config and _history(folder)},
+        'exported_epoch': {label: loaded[label].config['epoch'] for label in histories
+                           if 'epoch' in loaded[label].config},
         'extra': {'models': model_info, 'environment': environment(),
                   'tokens_sha256': {f"{s['model']}|{s['name']}|seed{s['seed']}": s['tokens_sha256'] for s in samples},
                   'clap_per_sample': {f"{s['model']}|{s['name']}|seed{s['seed']}": s['clap']

@@ -38,15 +38,6 @@ def run(args: argparse.Namespace) -> int:
         target = out / fmt if args.format == 'all' else out
         writers[fmt](args.adapter, target, base=args.base, force=args.force_base_mismatch)
         print(f"{fmt}: wrote {target}")
+    from .adapters import describe_adapter
     print(describe_adapter(args.adapter))
     return 0
-
-
-def describe_adapter(folder) -> str:
-    """Which XP and epoch an adapter's weights are from, as its config records it (also in each export)."""
-    from .adapters import load_adapter
-    config = load_adapter(folder).config
-    if 'epoch' not in config:
-        return f"Adapter {folder}: no epoch recorded (not exported by a training run)."
-    return (f"Adapter {folder}: XP {config.get('xp_sig', '?')}, epoch {config['epoch']} of "
-            f"{config.get('last_epoch', '?')} ({config.get('selected_by', '?')}).")

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .hf.export import merge_to_audiocraft
     out = merge_to_audiocraft(args.adapter, args.out, base=args.base, force=args.force_base_mismatch)
-    from .export_cli import describe_adapter
+    from .adapters import describe_adapter
     print(f"Wrote {out}: load it with audiocraft.models.MusicGen.get_pretrained('{out}').")
     print(describe_adapter(args.adapter))
     if (Path(out) / 'hf_import.json').exists():  # (its T5 came from an HF folder: AudioCraft would fetch t5-base)

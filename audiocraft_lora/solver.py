@@ -306,7 +306,7 @@ class LoRAMusicGenSolver(MusicGenSolver):
             use_best = checkpointing.export_state(self.cfg) == 'best'
         has_best = 'model' in self.best_state.states and bool(self.best_state.states['model'])
         chosen = checkpointing.exported_epoch(self.history, self.best_metric_name, use_best and has_best)
-        best = chosen['selected_by'].startswith('lowest')
+        best = use_best and has_best and checkpointing.best_state_kept(self.history, self.best_metric_name)
         state = self.best_state.states['model'] if best else self.adapter.state_dict()
         adapters.save_adapter(
             folder, state, self.lora_settings, self.lora_targets, base_model=self.base.name,

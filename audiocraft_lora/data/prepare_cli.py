@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "30 s on disk; your files are never modified) and leave out clips that are mostly "
                               "silence; without it, such clips are errors that stop training")
     silence.add_argument('--keep-silence', action='store_true',
-                         help="the silence in these clips is intended: mark each clip \"allow_silence\": true in its "
-                              "sidecar, so validate and training only warn about it")
+                         help="the silence in these clips is intended: mark each clip \"allow_silence\": true in "
+                              "this dataset's own sidecar (never in yours), so validate and training only warn about "
+                              "it")
     parser.add_argument('--overwrite-sidecars', action='store_true',
                         help="replace existing <stem>.json next to the sources even when they hold other captions or "
                              "can't be read (each is copied to <stem>.json.bak first); by default those files are left "

@@ -72,11 +72,11 @@ PROVENANCE_NAME = 'audiocraft_lora_adapter.json'  # beside a PEFT export: where 
 _PROVENANCE_KEYS = ('xp_sig', 'epoch', 'last_epoch', 'selected_by', 'base_model', 'base_fingerprint')
 
 
-def provenance(pair: BaseAndAdapter, adapter_dir: tp.Union[str, Path]) -> tp.Dict[str, tp.Any]:
+def provenance(pair: BaseAndAdapter) -> tp.Dict[str, tp.Any]:
     """What an exported or merged folder records of its adapter: the folder, the XP and the epoch its weights are
     from (best valid or last: `selected_by`), the base and the scaling."""
     config = pair.adapter.config
-    return {'adapter': str(Path(adapter_dir).resolve()), 'scaling': pair.adapter.scaling,
+    return {'adapter': str(Path(pair.adapter_dir).resolve()), 'scaling': pair.adapter.scaling,
             **{key: config[key] for key in _PROVENANCE_KEYS if key in config}}
 
 
@@ -91,7 +91,7 @@ def export_peft(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str, Path], 
     try:
         peft_map.write_peft_adapter(tmp, pair.adapter.state, settings.rank, settings.alpha, settings.dropout,
                                     settings.use_rslora, str(hf_dir.resolve()) if hf_dir else pair.base.name)
-        atomic_write_text(json.dumps(provenance(pair, adapter_dir), indent=2, sort_keys=True) + '\n',
+        atomic_write_text(json.dumps(provenance(pair), indent=2, sort_keys=True) + '\n',
                           tmp / PROVENANCE_NAME)  # (PEFT's own config keeps PEFT's keys only)
         return _publish(tmp, out_dir)
     except BaseException:
@@ -117,7 +117,7 @@ def merge_to_audiocraft(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str,
     pkg = {k: v for k, v in pair.lm_pkg.items() if k not in ('best_state', 'xp.cfg')}
     pkg['xp.cfg'] = cfg if isinstance(cfg, str) else OmegaConf.to_yaml(lm_config(pair.lm_pkg))
     pkg['best_state'] = merged
-    pkg['merged_adapter'] = json.dumps({**provenance(pair, adapter_dir), 'base': pair.base.name})
+    pkg['merged_adapter'] = json.dumps({**provenance(pair), 'base': pair.base.name})
     out_dir = Path(out_dir)
     tmp = _fresh_dir(out_dir)
     try:
@@ -130,7 +130,8 @@ def merge_to_audiocraft(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str,
             manifest = json.loads((src / 'hf_import.json').read_text())
             shutil.copytree(src / manifest.get('t5_dir', 't5'), tmp / manifest.get('t5_dir', 't5'))
             # its weights are no longer those of the HF source folder: keep only what T5 registration needs
-            manifest.update(source=None, merged_from=pair.base.name, merged_adapter=str(Path(adapter_dir).resolve()))
+            manifest.update(source=None, merged_from=pair.base.name,
+                            merged_adapter=str(Path(pair.adapter_dir).resolve()))
             atomic_write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n', tmp / 'hf_import.json')
         atomic_torch_save(pkg, tmp / 'state_dict.bin')
         return _publish(tmp, out_dir)
@@ -169,7 +170,7 @@ def merge_to_hf(adapter_dir: tp.Union[str, Path], out_dir: tp.Union[str, Path], 
         for name in _HF_SIDE_FILES:
             if (hf_dir / name).exists() and not (tmp / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
-        atomic_write_text(json.dumps({**provenance(pair, adapter_dir), 'base': str(hf_dir.resolve())}, indent=2,
+        atomic_write_text(json.dumps({**provenance(pair), 'base': str(hf_dir.resolve())}, indent=2,
                                      sort_keys=True) + '\n', tmp / 'merged_adapter.json')
         return _publish(tmp, out_dir)
     except BaseException:
