@@ -197,7 +197,8 @@ class LowRankLinear(torch.autograd.Function):
 # (y = [x | u] [W | s B]^T, x cast into the buffer beside u), 'backward' (dx and s g B over [W | s B]). Off: all
 # three on measured on an H100 (bf16, rank 16, 30 s) 0.296 vs 0.335 s at musicgen-medium batch 4 but 0.212 vs 0.204 s
 # at small batch 16, 0.273 vs 0.247 s with dropout 0.05, 0.170 vs 0.141 s at small batch 4 (strided outputs, wider
-# GEMMs, more launches): each part is to be measured alone (benchmarks/step_time.py, `lora_fast_concat` case).
+# GEMMs, more launches). Each alone inside the layers' graphs at small batch 16 (`lora_graphed_concat`): 'forward'
+# 1.11x slower (H100, session 18), 'backward' 1.056x, 'forward' + 'backward' 1.152x (H200, session 20): none pays.
 CONCAT_PARTS = ('forward', 'dropout_forward', 'backward')
 CONCAT_RANK_GEMMS: tp.FrozenSet[str] = frozenset()
 

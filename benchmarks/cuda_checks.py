@@ -82,32 +82,50 @@ def main():
 
 def loss_on_cuda(lm, codes):
     """The solver's cross-entropy (loss.py: no per-codebook slices or boolean gathers) against AudioCraft's on the
-    same bf16-autocast logits of one forward (the LM trains with LoRA dropout: two forwards draw two masks), each
-    computed under autocast as the solver does, a third of the first clip masked as padding: the losses, the
-    gradients w.r.t. the logits on the rows that count, NaN only where the delay pattern's logits are NaN, and the
-    adapters' gradients (which may differ at bf16 rounding: attention's backward sums in another order)."""
+    same bf16-autocast logits of one forward (the LM trains with LoRA dropout: two forwards draw two masks), a third of
+    the first clip masked as padding: the losses, the gradients w.r.t. the logits on the rows that count, NaN only
+    where the delay pattern's logits are NaN, and the adapters' gradients (which may differ at bf16 rounding:
+    attention's backward sums in another order).
+
+    Two references. AudioCraft's loss under CUDA autocast, as its solver runs it: CUDA's autocast lists
+    `log_softmax` and `nll_loss` as float32 ops but not `cross_entropy`, whose composite asks for the log-softmax in
+    the input's dtype, so AudioCraft's log-probabilities are rounded to bf16 (1e-4 of the loss, session 20's H200:
+    6.02932 vs 6.02997); CPU's autocast lists `cross_entropy` (the tests' bit-equality). And AudioCraft's loss on a
+    float32 copy of the logits without autocast: what the solver's loss computes (a float32 log-softmax), which should
+    match it up to the sums' order."""
     from audiocraft_lora.lora import lora_parameters
     from audiocraft_lora.loss import masked_cross_entropy
     params = [p for p in lora_parameters(lm).values() if p.requires_grad]
     out = logits(lm, codes, True)
     mask = out.mask.clone()
     mask[0, :, -codes.shape[-1] // 3:] = False
+
+    def audiocraft(logits_, *args):
+        return MusicGenSolver._compute_cross_entropy(None, logits_, *args)
+
+    def audiocraft_float32(logits_, *args):
+        with torch.autocast(codes.device.type, enabled=False):
+            return MusicGenSolver._compute_cross_entropy(None, logits_.float(), *args)
+
     results = []
-    for loss_fn in (masked_cross_entropy, lambda *a: MusicGenSolver._compute_cross_entropy(None, *a)):
+    for loss_fn in (masked_cross_entropy, audiocraft, audiocraft_float32):
         with torch.autocast(codes.device.type, dtype=torch.bfloat16):
             ce, _ = loss_fn(out.logits, codes, mask)
         grads = torch.autograd.grad(ce, [out.logits] + params, retain_graph=True)
         results.append((ce.detach(), grads[0], grads[1:]))
-    (ours, dlogits, grads), (theirs, dref, ref) = results
-    counted = dlogits[mask.unsqueeze(-1).expand_as(dlogits)]
-    logits_worst = float((counted - dref[mask.unsqueeze(-1).expand_as(dref)]).abs().max() / dref.abs().max())
+    (ours, dlogits, grads), *references = results
     nan_rows = dlogits.isnan().any(-1)
     nan_where_logits_are = bool((~nan_rows | ~out.mask).all())
-    worst = max(float((g - r).abs().max() / (r.abs().max() + 1e-12)) for g, r in zip(grads, ref))
-    print(f"solver's cross-entropy vs AudioCraft's on {codes.device.type} (bf16 autocast, one forward): loss "
-          f"{float(ours):.7f} vs {float(theirs):.7f}, logits' gradient on the counted rows worst relative difference "
-          f"{logits_worst:.2e}, NaN only at the pattern's NaN logits {nan_where_logits_are}, adapters' gradients "
-          f"worst relative difference {worst:.2e}, finite {all(bool(g.isfinite().all()) for g in grads)}")
+    counted = mask.unsqueeze(-1).expand_as(dlogits)
+    for name, (theirs, dref, ref) in zip(("AudioCraft's (bf16 autocast)", "AudioCraft's on float32 logits"),
+                                         references):
+        logits_worst = float((dlogits[counted] - dref[counted]).abs().max() / dref[counted].abs().max())
+        worst = max(float((g - r).abs().max() / (r.abs().max() + 1e-12)) for g, r in zip(grads, ref))
+        print(f"solver's cross-entropy vs {name} on {codes.device.type} (one forward): loss {float(ours):.7f} vs "
+              f"{float(theirs):.7f}, logits' gradient on the counted rows worst relative difference "
+              f"{logits_worst:.2e}, adapters' gradients worst relative difference {worst:.2e}")
+    print(f"  NaN only at the pattern's NaN logits {nan_where_logits_are}, gradients finite "
+          f"{all(bool(g.isfinite().all()) for g in grads)}")
 
 
 def dropout_replay_on_cuda():
