@@ -53,10 +53,10 @@ _GRAD_BM, _GRAD_BK, _GRAD_PROGRAMS = 64, 64, 1024
 # Backward by `masked_backward_` (one kernel: each decision drawn once, the rank-r gradient read once) instead of
 # `masked_update_` then `rank_grad` (each drawing them): off, timed on an H200 in session 20: alone 1.78 vs 1.83 ms
 # (benchmarks/cuda_checks.py's dropout line) but slower in the recipe's graphed step, 0.0824 vs 0.0805 s
-# (step_time.py's `_fdrop` cases; with `selective` 0.0892 vs 0.0880 s). The kernels are bound by instructions more than bytes (session 18 on
-# an H100: linear2 of small b16 forward + backward 1.85 ms with the kernels, 1.71 with torch's dropout, 1.22 without);
-# compiled for sm_90a (benchmarks/sm90_stats.py) the two take ~59 instructions an element, 42-49% of them the draw,
-# the fused one ~44, at 211 registers (8 warps an SM).
+# (step_time.py's `_fdrop` cases; with `selective` 0.0892 vs 0.0880 s). The kernels are bound by instructions more
+# than bytes (session 18 on an H100: linear2 of small b16 forward + backward 1.85 ms with the kernels, 1.71 with
+# torch's dropout, 1.22 without); compiled for sm_90a (benchmarks/sm90_stats.py) the two take ~59 instructions an
+# element, 42-49% of them the draw, the fused one ~44, at 211 registers (8 warps an SM).
 FUSED_BACKWARD = False
 
 

@@ -9,21 +9,20 @@ each gather one more zero fill. Under autocast, each codebook's cross-entropy al
 backward: twice the bf16 logits' size in all.
 
 `masked_cross_entropy` ignores the masked targets (`ignore_index`) instead of gathering the kept ones: the mean over
-the same rows, no host sync (so fake tensors can run it: the memory estimate uses it as is). `_RowChunkedCE` runs
-the float32 log-softmax over chunks of the logits (at most 64 MiB of float32, or what AudioCraft's per-codebook
-loss held at once: whole clips, or a few codebooks of one clip), keeps each row's negative
-log-likelihood only, and in backward makes each chunk's log-softmax again and writes its gradient into one buffer in
-the logits' dtype. Each row goes through the same aten ops as `F.cross_entropy` (a float32 copy, log_softmax,
-nll_loss; in backward nll_loss's `-(g / count)` at the target and log_softmax's backward), so the gradients are bit
-for bit AudioCraft's on CPU; the per-codebook means sum the rows in another order (an ulp). On CUDA under bf16
-autocast AudioCraft's own loss is a little coarser: CUDA's autocast casts `log_softmax` and `nll_loss` to float32
-but not `cross_entropy`, whose composite asks for the log-softmax in the input's dtype, so its log-probabilities are
-rounded to bf16 (CPU's autocast casts `cross_entropy` itself). This loss keeps them float32 on every device: the
-loss of AudioCraft's on float32 logits; 1e-4 of the loss from AudioCraft's under CUDA autocast (session 20's H200,
-cuda_checks.py `loss`: 6.02932 vs 6.02997, the logits' gradient within one bf16 rounding). Cost: one more
-memory-bound pass over the logits in backward and a few launches a chunk. The estimated peak of musicgen-small batch 16 x 30 s with
-`selective` checkpointing (benchmarks/memory_plan.py) went from 18.40 to 17.94 GiB with this and patterns.py's revert
-without a cat.
+the same rows, no host sync (so fake tensors can run it: the memory estimate uses it as is). `_RowChunkedCE` runs the
+float32 log-softmax over chunks of the logits (at most 64 MiB of float32, or what AudioCraft's per-codebook loss held
+at once: whole clips, or a few codebooks of one clip), keeps each row's negative log-likelihood only, and in backward
+makes each chunk's log-softmax again and writes its gradient into one buffer in the logits' dtype. Each row goes
+through the same aten ops as `F.cross_entropy` (a float32 copy, log_softmax, nll_loss; in backward nll_loss's `-(g /
+count)` at the target and log_softmax's backward), so the gradients are bit for bit AudioCraft's on CPU; the
+per-codebook means sum the rows in another order (an ulp). On CUDA under bf16 autocast AudioCraft's own loss is a
+little coarser: CUDA's autocast casts `log_softmax` and `nll_loss` to float32 but not `cross_entropy`, whose
+composite asks for the log-softmax in the input's dtype, so its log-probabilities are rounded to bf16 (CPU's autocast
+casts `cross_entropy` itself). This loss keeps them float32 on every device: the loss of AudioCraft's on float32
+logits; 1e-4 of the loss from AudioCraft's under CUDA autocast (session 20's H200, cuda_checks.py `loss`: 6.02932 vs
+6.02997, the logits' gradient within one bf16 rounding). Cost: one more memory-bound pass over the logits in backward
+and a few launches a chunk. The estimated peak of musicgen-small batch 16 x 30 s with `selective` checkpointing
+(benchmarks/memory_plan.py) went from 18.40 to 17.94 GiB with this and patterns.py's revert without a cat.
 
 The delay pattern's invalid steps have NaN logits (AudioCraft's special token). Ignored rows add nothing to the loss;
 their NaN gradient goes to the special-token column the pattern's revert appends, whose gradient is dropped, so no NaN

@@ -24,6 +24,7 @@ import flashy
 import torch
 from torch import nn
 
+from . import encoding
 from .errors import OutOfMemory
 from .memory_estimate import Estimate, StepShape, estimate_step
 from .recompute import captured_plan, set_checkpointing
@@ -191,7 +192,10 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
             kept = _keep_merged_if_it_fits(solver, cm, shape, autocast_dtype, budget)
             summary['keep_merged_weights'] = kept is not None
             if kept is not None:
+                estimate = kept
                 summary['needed_bytes'], summary['step_bytes'] = needed(kept), kept.step
+        if shape.samples is not None:
+            _plan_encode(solver, shape, estimate, budget, summary)
         return summary
     world = flashy.distrib.world_size()
     advice = what_fits(estimate, shape, budget, world)
@@ -204,6 +208,38 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     solver.logger.warning("%s It will likely run out of memory: lora.activation_checkpointing=auto picks the plan "
                           "that fits, or rerun with %s.", message, advice)
     return summary
+
+
+def _plan_encode(solver: tp.Any, shape: StepShape, estimate: Estimate, budget: int, summary: dict) -> None:
+    """`lora.encode_chunk` on the chosen plan (encoding.py): `auto` takes the most items at once whose encode fits in
+    `budget` on top of the whole step (the layers' CUDA graphs keep the step's activations in their pool while the
+    next batch is encoded); an explicit chunk is counted the same way. `summary` gets the chunk and `encode_bytes`
+    (what plan_graphs leaves room for), and `needed_bytes` counts the encode."""
+    settings: SpeedSettings = solver.speed_settings
+    cm = solver.compression_model
+
+    def fits(extra: int) -> bool:
+        return needed(Estimate(resident=estimate.resident, step=estimate.step + extra)) <= budget
+    try:
+        if str(settings.encode_chunk).lower() == 'auto':
+            chunk, size, fit = encoding.choose_chunk(cm, shape.batch, shape.channels, shape.samples, fits)
+            why = ('fits beside the step' if fit else 'no more fits beside the step; the plan counted it within')
+            solver.speed_settings = dataclasses.replace(settings, encode_chunk=chunk)
+            encoding.chunk_encoder(cm, chunk)
+        else:
+            chunk = int(settings.encode_chunk)
+            size = encoding.encode_bytes(cm, shape.batch, shape.channels, shape.samples, chunk)
+            why = 'lora.encode_chunk' + ('' if fits(size) else ': more than fits beside the step')
+    except Exception as error:  # (as the step's estimate: an op fake tensors can't run must not stop training)
+        solver.logger.warning("Could not estimate EnCodec's encode (%s: %s); it encodes %s items at a time.",
+                              type(error).__name__, error, encoding.initial_chunk(settings.encode_chunk,
+                                                                                   solver.device))
+        return
+    items = shape.batch if chunk <= 0 else min(chunk, shape.batch)
+    summary.update(encode_chunk=chunk, encode_bytes=size,
+                   needed_bytes=needed(Estimate(resident=estimate.resident, step=estimate.step + size)))
+    solver.logger.info("EnCodec encodes each training batch %d of %d items at a time (%s; estimated %.2f GiB "
+                       "at its peak).", items, shape.batch, why, size / 2 ** 30)
 
 
 def _keep_merged_if_it_fits(solver: tp.Any, compression_model: tp.Optional[nn.Module], shape: StepShape,
@@ -281,9 +317,11 @@ def plan_graphs(solver: tp.Any) -> int:
             solver.logger.info("The graphed step, its checkpointing as captured (what LoRA dropout drew kept: torch's "
                                "masks, or lora.dropout_kernel's seeds): estimated "
                                "%s.", describe(kept, planned.get('budget_bytes')))
+            encode = int(planned.get('encode_bytes') or 0)
+            graphed = needed(Estimate(resident=kept.resident, step=kept.step + encode))
             if planned.get('needed_bytes') is not None:
-                masks = needed(kept) - int(planned['needed_bytes'])
-            planned = dict(planned, needed_bytes=needed(kept), step_bytes=kept.step)
+                masks = graphed - int(planned['needed_bytes'])
+            planned = dict(planned, needed_bytes=graphed, step_bytes=kept.step)
     if clash:
         if choice == 'true':  # (the other clashes are refused when the settings are read: SpeedSettings.validate)
             raise LoRAConfigError(f"lora.graph_layers=true can't be used with {clash}, which the memory plan chose "
@@ -294,6 +332,9 @@ def plan_graphs(solver: tp.Any) -> int:
     shapes = int(settings.graph_shapes)
     if planned.get('budget_bytes') is not None and planned.get('needed_bytes') is not None:
         shared, per_shape, fallback = graph_static_bytes(solver, int(planned.get('step_bytes') or 0))
+        # (an eager step beyond the signatures and the next batch's encode come one after the other, both outside
+        # the graphs' pool: the encode, counted in needed_bytes, makes room for the fallback step too)
+        fallback = max(0, fallback - int(planned.get('encode_bytes') or 0))
         left = int(planned['budget_bytes']) - int(planned['needed_bytes']) - shared - fallback
         fit = max(0, left // per_shape)
         gib = per_shape / 2 ** 30

@@ -38,7 +38,7 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from . import checkpointing, config_checks, dropout_kernels, faults, fused_norms, layer_graphs, memory_plan
+from . import checkpointing, config_checks, dropout_kernels, encoding, faults, fused_norms, layer_graphs, memory_plan
 from .guards import NonFiniteGuard
 from .data_wait import DataWait
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
@@ -47,7 +47,7 @@ from .lora import AdapterParameters, LoRASettings, inject_lora
 from .loss import masked_cross_entropy
 from .plans import out_of_memory_advice
 from .speed import (DTYPES, SpeedSettings, apply_to_model as apply_speed_settings, eager_generation, optimizer_kwargs,
-                    chunk_encoder, has_fast_dropout, pin_loaders)
+                    has_fast_dropout, pin_loaders)
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
     def build_model(self) -> None:
         """Base compression model + LM from the base checkpoint, LoRA injected, adapter-only optimization."""
         self.compression_model = get_wrapped_compression_model(self._base_compression_model, self.cfg)
-        chunk_encoder(self.compression_model, self.speed_settings)
+        encoding.chunk_encoder(self.compression_model,  # (lora.encode_chunk=auto: set again by the memory plan)
+                               encoding.initial_chunk(self.speed_settings.encode_chunk, self.device))
         lm = base_models.build_lm(self._lm_pkg, device='cpu', overrides=self.cfg.get('base_overrides'))
         self._lm_pkg = {}  # base weights live in the model now; keep no second copy
         self.lora_targets = inject_lora(lm, self.lora_settings, fast_path=self.speed_settings.fast_path)

@@ -10,7 +10,7 @@
     lora.compile: none                    # none | inductor | aot_eager | ...: torch.compile each transformer layer
     lora.compile_mode: default            # default | reduce-overhead (CUDA graphs) | max-autotune...: inductor's mode
     lora.pin_memory: auto                 # auto | true | false: page-locked batches (auto: when training on CUDA)
-    lora.encode_chunk: 4                  # EnCodec encodes a batch this many items at a time (0: all at once)
+    lora.encode_chunk: auto               # auto | N: EnCodec encodes a batch N items at a time (0: all; encoding.py)
     lora.dropout_replay: false            # LoRA dropout masks drawn again in backward, not kept (auto may set it)
     lora.dropout_kernel: auto             # auto | true | false: LoRA dropout drawn inside the rank-r products
     lora.index_select_logits: true        # the logits' delay pattern reverted with index_select (patterns.py)
@@ -85,7 +85,6 @@ base_dtype needs autocast with that same dtype and the fast path; it is refused 
 stay float32 (they are the optimizer's masters).
 """
 from dataclasses import dataclass, field, fields
-import functools
 import logging
 import typing as tp
 
@@ -141,10 +140,11 @@ class SpeedSettings:
         'help': "auto | true | false: fast-path LoRA dropout drawn inside the rank-r products by Triton kernels "
                 "(dropout_kernels.py; CUDA, bf16/fp16, no compile): no mask or dropped-out input kept, the memory of "
                 "no dropout. auto: where they pass their check on the GPU, else torch's dropout; true: required."})
-    encode_chunk: int = field(default=4, metadata={
-        'help': "EnCodec tokenizes a training batch this many items at a time (0: the whole batch at once, as "
-                "AudioCraft does). Same tokens; AudioCraft's float32 encode of 16 x 30 s holds ~13 GiB at its peak, "
-                "more than a checkpointed LoRA step: in chunks of 4, ~3.3 GiB."})
+    encode_chunk: tp.Any = field(default='auto', metadata={
+        'help': "auto | N: EnCodec tokenizes a training batch N items at a time (0: the whole batch at once, as "
+                "AudioCraft does). Same tokens. The whole batch is fastest (its LSTM runs once: 16 x 30 s 0.11 s "
+                "on an H200, 0.21 s 4 at a time) and its float32 peak is ~1.15 GiB per 30 s item (18.3 GiB for 16 "
+                "x 30 s). auto: the most that fits beside the training step (memory_plan), else 4 (encoding.py)."})
     index_select_logits: bool = field(default=True, metadata={
         'help': "Revert the delay pattern of the LM's logits with index_select (patterns.py): the same values and "
                 "gradients, with an index_add in backward instead of AudioCraft's sort-based index_put (~10 ms of an "
@@ -216,9 +216,10 @@ class SpeedSettings:
                                   f"{self.activation_checkpointing!r}.")
         if self.checkpoint_rest not in ('none', 'selective'):
             raise LoRAConfigError(f"lora.checkpoint_rest must be none or selective, got {self.checkpoint_rest!r}.")
-        if not isinstance(self.encode_chunk, int) or isinstance(self.encode_chunk, bool) or self.encode_chunk < 0:
-            raise LoRAConfigError(f"lora.encode_chunk must be a whole number >= 0 (0: the whole batch at once), got "
-                                  f"{self.encode_chunk!r}.")
+        if str(self.encode_chunk).lower() != 'auto' and (not isinstance(self.encode_chunk, int) or isinstance(
+                self.encode_chunk, bool) or self.encode_chunk < 0):
+            raise LoRAConfigError(f"lora.encode_chunk must be auto or a whole number >= 0 (0: the whole batch at "
+                                  f"once), got {self.encode_chunk!r}.")
         for key in ('index_select_logits', 'attention_in_autocast_dtype', 'fused_norms'):
             if not isinstance(getattr(self, key), bool):
                 raise LoRAConfigError(f"lora.{key} must be true or false, got {getattr(self, key)!r}.")
@@ -330,26 +331,6 @@ def apply_to_model(model: nn.Module, settings: SpeedSettings, autocast: bool, au
             layer.compile(backend=settings.compile, **mode)
         info['compile'] = settings.compile + (f' ({settings.compile_mode})' if mode else '')
     return info
-
-
-def encode_in_chunks(encode: tp.Callable, chunk: int, x: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Any]:
-    """A compression model's `encode(x)` run `chunk` items of the batch at a time: EnCodec treats every item on its
-    own (convolutions, LSTM, nearest codeword), so the tokens are the same, and the peak of the encode's float32
-    activations is that of `chunk` items."""
-    if chunk <= 0 or x.shape[0] <= chunk:
-        return encode(x)
-    parts = [encode(piece) for piece in x.split(chunk)]
-    scales = [scale for _, scale in parts]
-    return torch.cat([codes for codes, _ in parts]), (None if scales[0] is None else torch.cat(scales))
-
-
-def chunk_encoder(compression_model: nn.Module, settings: SpeedSettings) -> None:
-    """Make `compression_model.encode` tokenize `settings.encode_chunk` items at a time (instance attribute; the
-    class's method, weights and state dict are untouched)."""
-    compression_model.__dict__.pop('encode', None)
-    if settings.encode_chunk > 0:
-        compression_model.encode = functools.partial(encode_in_chunks, type(compression_model).encode.__get__(
-            compression_model), int(settings.encode_chunk))
 
 
 def _has_dropout(linear: nn.Module) -> bool:

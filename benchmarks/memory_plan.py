@@ -40,7 +40,8 @@ def build_encodec(device: str) -> torch.nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
-from audiocraft_lora.speed import SpeedSettings, apply_to_model, chunk_encoder  # noqa: E402
+from audiocraft_lora.encoding import FALLBACK_CHUNK, choose_chunk, chunk_encoder  # noqa: E402
+from audiocraft_lora.speed import SpeedSettings, apply_to_model  # noqa: E402
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
@@ -58,8 +59,9 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
                         help="LoRA dropout by torch (lora.dropout_kernel=false: masks kept, or replayed) instead of "
                              "inside the rank-r products (dropout_kernels, the default on a GPU)")
     parser.add_argument('--cached', action='store_true', help='tokens from the token cache: no EnCodec encode')
-    parser.add_argument('--encode-chunk', type=int, default=SpeedSettings.encode_chunk,
-                        help='lora.encode_chunk (0: the whole batch at once, as AudioCraft)')
+    parser.add_argument('--encode-chunk', type=int, default=FALLBACK_CHUNK,
+                        help='lora.encode_chunk (0: the whole batch at once, as AudioCraft; the plans are chosen '
+                             'with 4, as the solver does before lora.encode_chunk=auto takes more)')
     parser.add_argument('--gpus', default='16,24,40,48,80', help="GPU sizes in GiB (nvidia-smi's MiB / 1024)")
     parser.add_argument('--context', type=float, default=0.6, help='GiB the CUDA context takes on the card')
     args = parser.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
                                          dropout_kernel='false' if args.torch_dropout else 'auto'),
                        autocast=True, autocast_dtype=bf16)
         encodec = build_encodec('cpu')
-    chunk_encoder(encodec, SpeedSettings(encode_chunk=args.encode_chunk))
+    chunk_encoder(encodec, args.encode_chunk)
     shape = memory_estimate.StepShape(batch=args.batch, frames=memory_plan.ceil_frames(args.seconds, 50),
                                   samples=None if args.cached else int(args.seconds * 32000))
     print(f"musicgen-{args.scale} LM {step_time.SCALES[args.scale]}, LoRA rank {args.rank} dropout {args.dropout:g}"
@@ -87,14 +89,22 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         estimates[memory_plan.plan_name(plan)] = estimate
         print(f"  {memory_plan.plan_name(plan):<48} {estimate.peak_gib:6.2f} GiB, needs "
               f"{memory_plan.needed(estimate) / 2 ** 30:6.2f} GiB with the margin", flush=True)
-    picks = {}
+    picks, chunks = {}, {}
     for size in (float(g) for g in args.gpus.split(',')):
         budget = int((size - args.context) * 2 ** 30)
         names = [name for name, e in estimates.items() if memory_plan.fits(e, budget)]
         picks[size] = names[0] if names else None
         fallback = f"none fits: {memory_plan.what_fits(list(estimates.values())[-1], shape, budget)}"
-        print(f"  {size:g} GiB GPU: auto -> {names[0] if names else fallback}")
-    return {'estimates': {k: v.peak_gib for k, v in estimates.items()}, 'picks': picks}
+        encode = ''
+        if names and not args.cached:  # lora.encode_chunk=auto on that plan: the most items at once beside its step
+            chosen = estimates[names[0]]
+            chunk, size_bytes, fit = choose_chunk(encodec, args.batch, 1, shape.samples, lambda extra: memory_plan.needed(
+                memory_estimate.Estimate(chosen.resident, chosen.step + extra)) <= budget)
+            chunks[size] = chunk
+            encode = (f"; EnCodec {chunk or args.batch} items at a time ({size_bytes / 2 ** 30:.1f} GiB, "
+                      + ("beside the step" if fit else "no more fits beside the step") + ", lora.encode_chunk=auto)")
+        print(f"  {size:g} GiB GPU: auto -> {names[0] if names else fallback}{encode}")
+    return {'estimates': {k: v.peak_gib for k, v in estimates.items()}, 'picks': picks, 'encode_chunks': chunks}
 
 
 if __name__ == '__main__':

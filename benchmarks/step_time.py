@@ -51,7 +51,8 @@ Cases (`--cases`, comma separated):
   encode      EnCodec's encoder on the batch's audio (no grad, float32 as the solver runs it; encode_bench: with
               cudnn.benchmark; encode_bf16: under autocast, other tokens): what every AudioCraft solver step adds, and
               what a token cache (`cache.path`) removes from ours; ratios `X/(full+encode)` compare a cached LoRA
-              step with AudioCraft's whole step (whose encode takes the batch at once, not 4 items at a time)
+              step with AudioCraft's whole step (the whole batch at once, as AudioCraft and lora.encode_chunk=auto
+              where it fits; benchmarks/encode_chunks.py compares chunks)
 
 The AudioCraft cases run MusicGenSolver's step: `lm.compute_predictions` (delay pattern, cross-attention on the text
 condition), the cross-entropy (`full`: `MusicGenSolver._compute_cross_entropy`; the LoRA cases: our solver's,
@@ -135,11 +136,10 @@ def build_encoder(args, variant: str = 'encode') -> tp.Tuple[torch.nn.Module, tp
     """The `encode` cases: MusicGen's EnCodec 32 kHz encoder (SEANet, 64 filters, ratios 8-5-4-4, 2 LSTM layers;
     random weights; the 4-codebook quantizer, ~1% of its FLOPs, left out) on the batch's audio, frozen. An AudioCraft
     solver runs it at every training step (with a token cache, `cache.path`, ours does not): `encode` as the solver
-    runs it (float32 outside autocast, torch's default TF32 for convolutions, `lora.encode_chunk` = 4 items at a
-    time); `encode_bench` the same with cudnn.benchmark (cuDNN times its algorithms for these shapes once);
-    `encode_bf16` under the step's autocast (other tokens: a speed probe only)."""
+    runs it (float32 outside autocast, torch's default TF32 for convolutions, the whole batch at once: AudioCraft's
+    way and `lora.encode_chunk=auto`'s where it fits); `encode_bench` the same with cudnn.benchmark (cuDNN times its
+    algorithms for these shapes once); `encode_bf16` under the step's autocast (other tokens: a speed probe only)."""
     from audiocraft.modules import SEANetEncoder
-    from audiocraft_lora.speed import SpeedSettings
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # weight_norm deprecation
@@ -149,7 +149,7 @@ def build_encoder(args, variant: str = 'encode') -> tp.Tuple[torch.nn.Module, tp
     encoder.requires_grad_(False)
     audio = torch.randn(args.batch, 1, args.frames * 640, device=args.device)  # 640 samples per frame at 32 kHz
     dtype = args.autocast_dtype if variant == 'encode_bf16' else None
-    chunk = SpeedSettings().encode_chunk or args.batch
+    chunk = args.batch
 
     def encode():
         benchmark = torch.backends.cudnn.benchmark

@@ -227,21 +227,24 @@ def test_bad_memory_settings_are_refused():
 
 
 def test_encoding_in_chunks_gives_the_same_tokens_at_a_fraction_of_the_peak(solver):
-    from audiocraft_lora.speed import chunk_encoder, encode_in_chunks
+    from audiocraft_lora.encoding import ChunkedEncode, chunk_encoder, encode_in_chunks
     model = solver.compression_model
-    assert model.encode.func is encode_in_chunks and model.encode.args[1] == 4  # the default, wired by the solver
+    assert isinstance(model.encode, ChunkedEncode) and model.encode.chunk == 0  # auto off CUDA: the whole batch
     audio = torch.randn(5, model.channels, int(model.sample_rate))
     whole, _ = type(model).encode(model, audio)
     chunked, scale = encode_in_chunks(type(model).encode.__get__(model), 2, audio)  # 2 + 2 + 1 items
     assert scale is None and torch.equal(chunked, whole)
     peaks = {}
     for chunk in (0, 1):
-        chunk_encoder(model, SpeedSettings(encode_chunk=chunk))
+        chunk_encoder(model, chunk)
         peaks[chunk] = memory_estimate.estimate_step(solver.model, model, _shape(solver, cached=False), None).step
-    chunk_encoder(model, SpeedSettings())
+    chunk_encoder(model, 0)
     assert peaks[1] < 0.5 * peaks[0], peaks  # batch 4 encoded one item at a time; the encode made the peak
-    with pytest.raises(LoRAConfigError, match='lora.encode_chunk must be a whole number'):
+    with pytest.raises(LoRAConfigError, match='lora.encode_chunk must be auto or a whole number'):
         SpeedSettings(encode_chunk=-1).validate()
+    with pytest.raises(LoRAConfigError, match='lora.encode_chunk must be auto or a whole number'):
+        SpeedSettings(encode_chunk='most').validate()
+    SpeedSettings(encode_chunk='auto').validate()
 
 
 def test_dora_run_stops_before_training_when_nothing_fits(dora_dir):

@@ -1,0 +1,131 @@
+"""encoding: how many items of a training batch EnCodec tokenizes at once (`lora.encode_chunk`), chosen by the
+memory plan (`auto`), halved when CUDA runs out of memory."""
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from audiocraft_lora import encoding, memory_estimate, memory_plan
+
+
+def test_candidates_halve_from_the_whole_batch_down_to_four_items():
+    assert encoding.candidates(16) == [16, 8, 4]
+    assert encoding.candidates(10) == [10, 5, 4]
+    assert encoding.candidates(5) == [5, 4]
+    assert encoding.candidates(3) == [3]
+    assert encoding.initial_chunk('auto', 'cpu') == 0      # host memory isn't planned: AudioCraft's whole batch
+    assert encoding.initial_chunk('auto', 'cuda') == encoding.FALLBACK_CHUNK
+    assert encoding.initial_chunk(8, 'cuda') == 8
+
+
+def _debug_compression_model():
+    from audiocraft_lora import base_models
+    from audiocraft.models.builders import get_debug_compression_model
+    del base_models  # (imported for AudioCraft's registry side effects, as the solver does)
+    return get_debug_compression_model('cpu').eval()
+
+
+def test_an_encode_out_of_cuda_memory_is_halved_and_gives_the_same_tokens(caplog):
+    model = _debug_compression_model()
+    audio = torch.randn(5, model.channels, model.sample_rate // 4)
+    whole, _ = type(model).encode(model, audio)
+    sizes = []
+
+    def encode_at_most_two(x):  # the real encode, with CUDA's out-of-memory error beyond 2 items at once
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 18.31 GiB')
+        return type(model).encode(model, x)
+    chunked = encoding.ChunkedEncode(encode_at_most_two, 0)
+    with caplog.at_level(logging.WARNING):
+        codes, scale = chunked(audio)
+    assert torch.equal(codes, whole) and scale is None
+    assert sizes == [5, 2, 2, 1] and chunked.chunk == 2  # the whole batch failed, then 2 + 2 + 1
+    assert 'encoding 5 items of a training batch at once: 2 at a time' in caplog.text
+    assert 'lora.encode_chunk=2' in caplog.text
+    codes, _ = chunked(audio)  # stays halved: no failed attempt first
+    assert torch.equal(codes, whole) and sizes[4:] == [2, 2, 1]
+
+    def never(x):
+        raise torch.OutOfMemoryError('CUDA out of memory')
+    with pytest.raises(torch.OutOfMemoryError):  # one item that doesn't fit: nothing left to halve
+        encoding.ChunkedEncode(never, 1)(audio)
+
+
+def test_encode_bytes_counts_the_audio_and_the_items_encoded_at_once():
+    model = _debug_compression_model()
+    samples = model.sample_rate * 2
+    audio = 8 * model.channels * samples * 4
+    sizes = {chunk: encoding.encode_bytes(model, 8, model.channels, samples, chunk) for chunk in (1, 2, 4, 0)}
+    per_item = sizes[1] - audio
+    assert per_item > 0
+    for chunk, items in ((2, 2), (4, 4), (0, 8)):
+        assert sizes[chunk] - audio == pytest.approx(items * per_item, abs=items)  # (rounding of the factor)
+    with memory_estimate.PeakTracker() as tracker, torch.no_grad():  # the factor is on what fake tensors count
+        one = torch.zeros(1, model.channels, samples)
+        start = tracker.current
+        type(model).encode(model, one)
+    assert per_item == int(encoding.ENCODE_FACTOR * (tracker.peak - start))
+
+
+@pytest.fixture(scope='module')
+def solver(tmp_path_factory):
+    from helpers import DEBUG_ARGS, build_solver
+    from audiocraft_lora import train
+    folder = tmp_path_factory.mktemp('outputs')
+    old = train.main.dora.dir
+    train.main.dora.dir = folder
+    try:
+        solver, _ = build_solver(DEBUG_ARGS + ['lora.memory_budget_gib=64', 'dataset.batch_size=8',
+                                               'lora.keep_merged_weights=false'])
+    finally:
+        train.main.dora.dir = old
+    return solver
+
+
+def _plan(solver, budget_gib, chunk='auto'):
+    solver.speed_settings = dataclasses.replace(solver.speed_settings, activation_checkpointing='none',
+                                                memory_budget_gib=budget_gib, encode_chunk=chunk)
+    encoding.chunk_encoder(solver.compression_model, encoding.initial_chunk(chunk, 'cuda'))  # as on a GPU
+    solver.memory_estimate = memory_plan.plan_training(solver)
+    return solver.memory_estimate
+
+
+def test_auto_encodes_as_many_items_at_once_as_fit_beside_the_step(solver, caplog):
+    cm = solver.compression_model
+    shape, _ = memory_plan.step_shape(solver)
+    assert shape.batch == 8 and shape.samples is not None
+    memory_plan.apply_plan(solver.model, memory_plan.PLANS[0])
+    encoding.chunk_encoder(cm, 4)  # (the plan is chosen with 4 items at a time, as on a GPU before auto takes more)
+    step = memory_estimate.estimate_step(solver.model, cm, shape, None)
+    sizes = {chunk: encoding.encode_bytes(cm, 8, shape.channels, shape.samples, chunk) for chunk in (0, 4)}
+
+    def needed(chunk):
+        return memory_plan.needed(memory_estimate.Estimate(step.resident, step.step + sizes[chunk]))
+    with caplog.at_level(logging.INFO):
+        summary = _plan(solver, 64)
+    assert summary['encode_chunk'] == 0 and cm.encode.chunk == 0 and solver.speed_settings.encode_chunk == 0
+    assert summary['encode_bytes'] == sizes[0] and summary['needed_bytes'] == needed(0)
+    assert 'EnCodec encodes each training batch 8 of 8 items at a time (fits beside the step' in caplog.text
+    summary = _plan(solver, needed(4) / 2 ** 30 * 1.000001)  # room for 4 items beside the step, not for 8
+    assert summary['encode_chunk'] == 4 and cm.encode.chunk == 4 and summary['needed_bytes'] == needed(4)
+    summary = _plan(solver, needed(4) / 2 ** 30 * 0.9999)  # the step fits, the encode beside it doesn't: 4, as before
+    assert summary['encode_chunk'] == 4 and cm.encode.chunk == 4
+    assert summary['needed_bytes'] > summary['budget_bytes']
+    summary = _plan(solver, 64, chunk=2)  # explicit: kept, and counted
+    assert summary['encode_chunk'] == 2 and cm.encode.chunk == 2 and solver.speed_settings.encode_chunk == 2
+    assert summary['encode_bytes'] == encoding.encode_bytes(cm, 8, shape.channels, shape.samples, 2)
+    _plan(solver, 64)
+
+
+def test_batches_from_the_token_cache_plan_no_encode(solver):
+    from omegaconf import open_dict
+    with open_dict(solver.cfg):
+        solver.cfg.cache.path, solver.cfg.cache.write = 'tokens', False
+    try:
+        summary = _plan(solver, 64)
+        assert 'encode_bytes' not in summary and solver.compression_model.encode.chunk == encoding.FALLBACK_CHUNK
+    finally:
+        with open_dict(solver.cfg):
+            solver.cfg.cache.path = None
