@@ -38,7 +38,8 @@ from audiocraft.models.builders import get_wrapped_compression_model
 from audiocraft.solvers.musicgen import MusicGenSolver
 
 from . import adapters, base_models
-from . import checkpointing, config_checks, dropout_kernels, encoding, faults, fused_norms, layer_graphs, memory_plan
+from . import checkpointing, config_checks, dropout_kernels, encoding, faults, fused_norms, gpu_peak, layer_graphs
+from . import memory_plan
 from .guards import NonFiniteGuard
 from .data_wait import DataWait
 from .diagnostics import fade_warning, sample_diagnostics, summarize_for_logging
@@ -285,13 +286,20 @@ class LoRAMusicGenSolver(MusicGenSolver):
         return ce, ce_per_codebook
 
     def train(self) -> dict:
-        """AudioCraft's train stage, plus `skipped_steps` (this epoch), `skipped_steps_total` and `data_wait` (the
-        share of the epoch's step time spent waiting for batches; a warning above data_wait.WARN_SHARE)."""
+        """AudioCraft's train stage, plus `skipped_steps` (this epoch), `skipped_steps_total`, `data_wait` (the
+        share of the epoch's step time spent waiting for batches; a warning above data_wait.WARN_SHARE) and on CUDA
+        `gpu_peak_gib` (gpu_peak.py)."""
         self.nonfinite_guard.start_epoch()
         self.data_wait.start_epoch()
+        gpu_peak.start_epoch(self.device)
         metrics = self.data_wait.epoch_metrics(
             self.nonfinite_guard.epoch_metrics(super().train()), int(self.cfg.dataset.num_workers), self.epoch,
             self.logger, cached=getattr(self, '_cached_batch_loader', None) is not None)
+        peak = gpu_peak.epoch_peak(self.device)
+        if peak is not None:  # (CUDA: `gpu_peak_gib`, and the first epoch's against the plan)
+            metrics['gpu_peak_gib'] = peak[0] / gpu_peak.GIB
+            if self.epoch == 1:
+                self.logger.info(gpu_peak.describe(*peak, getattr(self, 'memory_estimate', None)))
         graphs = layer_graphs.installed(self.model)
         if graphs is not None:
             self.logger.info("CUDA graphs (lora.graph_layers): %s", graphs.summary())
