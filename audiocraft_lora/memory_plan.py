@@ -332,11 +332,8 @@ def plan_graphs(solver: tp.Any) -> int:
     shapes = int(settings.graph_shapes)
     if planned.get('budget_bytes') is not None and planned.get('needed_bytes') is not None:
         shared, per_shape, fallback = graph_static_bytes(solver, int(planned.get('step_bytes') or 0))
-        # (an eager step beyond the signatures and the next batch's encode come one after the other, both outside
-        # the graphs' pool: the encode, counted in needed_bytes, makes room for the fallback step too)
-        fallback = max(0, fallback - int(planned.get('encode_bytes') or 0))
-        left = int(planned['budget_bytes']) - int(planned['needed_bytes']) - shared - fallback
-        fit = max(0, left // per_shape)
+        fit = graph_signatures_that_fit(int(planned['budget_bytes']), int(planned['needed_bytes']), shared,
+                                        per_shape, fallback, int(planned.get('encode_bytes') or 0))
         gib = per_shape / 2 ** 30
         if fit < shapes:
             why = '' if masks <= 0 else (
@@ -360,6 +357,16 @@ def plan_graphs(solver: tp.Any) -> int:
     solver.logger.info("CUDA graphs of the %d transformer layers (lora.graph_layers=%s): up to %d signature(s), "
                        "captured at the first training step of each.", len(graphs.layers), choice, shapes)
     return shapes
+
+
+def graph_signatures_that_fit(budget: int, needed_bytes: int, shared: int, per_shape: int, fallback: int,
+                              encode: int = 0) -> int:
+    """How many graph signatures fit `budget` beside a step that needs `needed_bytes` (EnCodec's `encode` counted in
+    it, on top of the step): the graphs' `shared` and `per_shape` static tensors, and room for an eager step beyond
+    them (`fallback`). That step and the next batch's encode run one after the other outside the graphs' pool, so
+    the encode's room serves the fallback too."""
+    left = budget - needed_bytes - shared - max(0, fallback - encode)
+    return max(0, left // per_shape)
 
 
 def graphed_step_estimate(solver: tp.Any) -> tp.Optional[Estimate]:

@@ -129,3 +129,14 @@ def test_batches_from_the_token_cache_plan_no_encode(solver):
     finally:
         with open_dict(solver.cfg):
             solver.cfg.cache.path = None
+
+
+def test_graph_signatures_leave_room_for_the_encode_or_the_eager_fallback_whichever_is_larger():
+    GIB = 2 ** 30
+    # a 40 GiB budget, a step that needs 30 GiB, graphs of 1 GiB shared + 1 GiB a signature, a 3 GiB eager fallback
+    assert memory_plan.graph_signatures_that_fit(40 * GIB, 30 * GIB, GIB, GIB, 3 * GIB) == 6
+    # the encode (2 GiB, already in needed_bytes) runs when the fallback step doesn't: the fallback needs 1 GiB more
+    assert memory_plan.graph_signatures_that_fit(40 * GIB, 32 * GIB, GIB, GIB, 3 * GIB, encode=2 * GIB) == 6
+    # an encode larger than the fallback leaves it nothing more to ask for
+    assert memory_plan.graph_signatures_that_fit(40 * GIB, 35 * GIB, GIB, GIB, 3 * GIB, encode=5 * GIB) == 4
+    assert memory_plan.graph_signatures_that_fit(40 * GIB, 39 * GIB, GIB, GIB, 3 * GIB) == 0  # none, never negative
