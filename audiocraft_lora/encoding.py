@@ -1,7 +1,7 @@
 """How EnCodec tokenizes each training batch: `lora.encode_chunk` items at a time, chosen by the memory plan.
 
     lora.encode_chunk: auto   # the most items at once that fit beside the training step (memory_plan), else 4;
-                              # off CUDA, or with lora.memory_budget_gib=none on CUDA: the whole batch / 4
+                              # 4 where nothing is planned (off CUDA, lora.memory_budget_gib=none)
     lora.encode_chunk: N      # N items at a time (0: the whole batch at once, as AudioCraft does)
 
 EnCodec treats every item on its own (convolutions, LSTM, nearest codeword), so the tokens don't depend on the chunk
@@ -13,13 +13,16 @@ EnCodec treats every item on its own (convolutions, LSTM, nearest codeword), so 
 - memory: the float32 activations peak at ~1.15 GiB per 30 s item (18.3 GiB for 16 x 30 s, linear in items and
   seconds), 1.31-1.43x of what the estimate on fake tensors counts (`ENCODE_FACTOR`: cuDNN's workspaces are
   invisible to it). With the layers' CUDA graphs that memory comes on top of the step's: the graphs' pool keeps
-  the step's activations between steps, and the encode can't use it.
+  the step's activations between steps, and the encode can't use it. Without them the encode comes before the
+  step's activations and the step's estimate holds it.
 
-`auto`: `memory_plan.plan_training` takes the largest of the whole batch, half of it, a quarter... (down to 4) whose
-encode fits in the budget beside the chosen plan's whole step (`encode_bytes`, counted on top of the step, as the
-graphs need); where none does, 4 items, as before (the plan counted the encode within its step). At run time a
-chunk that runs out of CUDA memory is halved and tried again, with a warning (`ChunkedEncode`).
+`auto` (`plan`, from memory_plan.plan_training): the largest of the whole batch, half of it, a quarter... (down to 4)
+whose encode fits in the budget on top of the chosen plan's LM step (`encode_bytes`; where the graphs may run); where
+none does, 4 items, and the plan leaves the graphs off (the eager step's estimate holds the encode). Host memory (CPU
+runs) isn't planned: 4 items, as before. At run time a chunk that runs out of CUDA memory is halved and tried again,
+with a warning (`ChunkedEncode`); it stays halved for the run, every stage.
 """
+import dataclasses
 import logging
 import typing as tp
 import warnings
@@ -27,12 +30,12 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ['ChunkedEncode', 'chunk_encoder', 'encode_in_chunks', 'initial_chunk', 'encode_bytes', 'candidates',
-           'ENCODE_FACTOR', 'FALLBACK_CHUNK']
+__all__ = ['ChunkedEncode', 'chunk_encoder', 'encode_in_chunks', 'initial_chunk', 'item_bytes', 'encode_bytes',
+           'candidates', 'choose_chunk', 'plan', 'ENCODE_FACTOR', 'FALLBACK_CHUNK']
 
 logger = logging.getLogger(__name__)
 
-ENCODE_FACTOR = 1.45  # measured peak / fake-tensor estimate of EnCodec 32 kHz's encode: 1.31-1.43 (H200, session 20)
+ENCODE_FACTOR = 1.5  # measured peak / fake-tensor estimate of EnCodec 32 kHz's encode: 1.31-1.43 (H200, session 20)
 FALLBACK_CHUNK = 4    # items at a time where the plan finds no room for more (or makes no plan on CUDA)
 
 
@@ -77,12 +80,11 @@ def chunk_encoder(compression_model: nn.Module, chunk: int) -> None:
     compression_model.encode = ChunkedEncode(type(compression_model).encode.__get__(compression_model), chunk)
 
 
-def initial_chunk(setting: tp.Any, device: tp.Any) -> int:
-    """The chunk before the memory plan (and without one): an explicit number as it is; `auto` the whole batch off
-    CUDA (AudioCraft's way: host memory isn't planned) and `FALLBACK_CHUNK` on CUDA."""
-    if str(setting).lower() != 'auto':
-        return int(setting)
-    return FALLBACK_CHUNK if torch.device(device).type == 'cuda' else 0
+def initial_chunk(setting: tp.Any, device: tp.Any = None) -> int:
+    """The chunk before the memory plan (and without one): an explicit number as it is; `auto` `FALLBACK_CHUNK` (the
+    plan may take more on CUDA; host memory isn't planned: a CPU run at 16 x 30 s would hold ~18 GiB for the whole
+    batch at once)."""
+    return FALLBACK_CHUNK if str(setting).lower() == 'auto' else int(setting)
 
 
 def candidates(batch: int) -> tp.List[int]:
@@ -94,21 +96,28 @@ def candidates(batch: int) -> tp.List[int]:
     return sizes + [min(FALLBACK_CHUNK, batch)]
 
 
-def encode_bytes(compression_model: nn.Module, batch: int, channels: int, samples: int, chunk: int) -> int:
-    """Bytes the encode of a training batch holds at its peak, `chunk` items at a time (0: all): the batch's audio,
-    and `ENCODE_FACTOR` times what the encode of that many items holds on fake tensors (one item is run: the
-    activations are per item)."""
+def item_bytes(compression_model: nn.Module, channels: int, samples: int) -> int:
+    """What the encode of one item holds at its peak on fake tensors (its activations; the input not counted)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from .memory_estimate import PeakTracker, _CUDA_BLOCK
     device = next(iter(compression_model.parameters()), torch.empty(0)).device
-    items = batch if chunk <= 0 else min(chunk, batch)
     tracker = PeakTracker(round_to=_CUDA_BLOCK if device.type == 'cuda' else 1)
     with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True), tracker, torch.no_grad():
         warnings.simplefilter('ignore')
         one = torch.zeros(1, channels, samples, device=device)
         audio = tracker.current
         type(compression_model).encode(compression_model, one)
-        per_item = tracker.peak - audio
+        return tracker.peak - audio
+
+
+def encode_bytes(compression_model: nn.Module, batch: int, channels: int, samples: int, chunk: int,
+                 per_item: tp.Optional[int] = None) -> int:
+    """Bytes the encode of a training batch holds at its peak, `chunk` items at a time (0: all): the batch's float32
+    audio, and `ENCODE_FACTOR` times what the encode of that many items holds on fake tensors (`item_bytes`, per
+    item: the activations are per item; computed here unless given)."""
+    if per_item is None:
+        per_item = item_bytes(compression_model, channels, samples)
+    items = batch if chunk <= 0 else min(chunk, batch)
     return batch * channels * samples * 4 + int(ENCODE_FACTOR * per_item * items)
 
 
@@ -116,8 +125,54 @@ def choose_chunk(compression_model: nn.Module, batch: int, channels: int, sample
                  fits: tp.Callable[[int], bool]) -> tp.Tuple[int, int, bool]:
     """`auto`: (chunk, its `encode_bytes`, whether it fit) for the first of `candidates` whose encode `fits` (given
     its bytes, on top of the step), or `FALLBACK_CHUNK` items where none does."""
+    per_item = item_bytes(compression_model, channels, samples)
     for chunk in candidates(batch):
-        size = encode_bytes(compression_model, batch, channels, samples, chunk)
+        size = encode_bytes(compression_model, batch, channels, samples, chunk, per_item)
         if fits(size):
             return (0 if chunk >= batch else chunk), size, True
     return chunk, size, False
+
+
+def plan(solver: tp.Any, shape: tp.Any, autocast_dtype: tp.Optional[torch.dtype], budget: int,
+         summary: dict) -> None:
+    """`lora.encode_chunk` on the chosen checkpointing plan. Where the layers' CUDA graphs may run (their pool keeps
+    the step's activations while the next batch is encoded) the encode is counted on top of the LM's step, estimated
+    without it; elsewhere the step's estimate already holds the encode at its own time. `auto` takes the most items
+    at once that fit; an explicit chunk is counted the same way. `summary` gets the chunk, `encode_bytes` (on top:
+    what plan_graphs leaves room for; 0 when not) and `needed_bytes` with it. Called by memory_plan.plan_training
+    once the checkpointing plan is chosen (`shape`: its StepShape)."""
+    from .memory_estimate import Estimate, estimate_step
+    from .memory_plan import needed  # (memory_plan imports this module)
+    settings = solver.speed_settings
+    cm = solver.compression_model
+    on_top = str(settings.graph_layers).lower() != 'false'
+    try:
+        lm_step = estimate_step(solver.model, cm, dataclasses.replace(shape, samples=None), autocast_dtype)
+
+        def fits(extra: int) -> bool:
+            return needed(Estimate(resident=lm_step.resident, step=lm_step.step + extra)) <= budget
+        if str(settings.encode_chunk).lower() == 'auto' and on_top:
+            chunk, size, fit = choose_chunk(cm, shape.batch, shape.channels, shape.samples, fits)
+            why = ('fits beside the step in the layers\' CUDA graphs' if fit else 'no more fits beside the step in '
+                   'the layers\' CUDA graphs, which the plan then leaves off')
+        else:  # (an explicit number; or no graphs: the encode comes before the step, the plan counted it within)
+            chunk = FALLBACK_CHUNK if str(settings.encode_chunk).lower() == 'auto' else int(
+                settings.encode_chunk)
+            size = encode_bytes(cm, shape.batch, shape.channels, shape.samples, chunk)
+            why = ('lora.encode_chunk' if on_top else 'lora.graph_layers=false: within the step') + (
+                '' if fits(size) or not on_top else ', more than fits beside the step in the layers\' CUDA graphs')
+    except Exception as error:  # (as the step's estimate: an op fake tensors can't run must not stop training)
+        solver.logger.warning("Could not estimate EnCodec's encode (%s: %s); it encodes %s items at a time, its memory "
+                              "not planned beside the layers' CUDA graphs.", type(error).__name__, error,
+                              initial_chunk(settings.encode_chunk, solver.device))
+        return
+    if str(settings.encode_chunk).lower() == 'auto':
+        solver.speed_settings = dataclasses.replace(settings, encode_chunk=chunk)
+        chunk_encoder(cm, chunk)
+    items = shape.batch if chunk <= 0 else min(chunk, shape.batch)
+    summary.update(encode_chunk=chunk, encode_bytes=size if on_top else 0)
+    if on_top:
+        summary['needed_bytes'] = max(int(summary['needed_bytes']),
+                                      needed(Estimate(resident=lm_step.resident, step=lm_step.step + size)))
+    solver.logger.info("EnCodec encodes each training batch %d of %d items at a time (%s; estimated %.2f GiB "
+                       "at its peak).", items, shape.batch, why, size / 2 ** 30)

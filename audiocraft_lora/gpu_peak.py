@@ -30,7 +30,9 @@ def describe(reserved: int, allocated: int, planned: tp.Optional[dict]) -> str:
     EnCodec's encode beside it) of its budget. A peak above what the plan counted is worth a note."""
     text = f"GPU memory at this epoch's peak: {reserved / GIB:.2f} GiB reserved ({allocated / GIB:.2f} GiB in tensors)"
     if planned and planned.get('needed_bytes') and planned.get('budget_bytes'):
-        needed, budget = int(planned['needed_bytes']), int(planned['budget_bytes'])
+        # (the graphed step's figure where plan_graphs estimated it again: what runs)
+        needed = int(planned.get('graphed_needed_bytes') or planned['needed_bytes'])
+        budget = int(planned['budget_bytes'])
         text += (f"; the memory plan ({planned.get('plan')}) counted {needed / GIB:.2f} GiB with its margin "
                  f"({reserved / needed:.2f}x of it), of a budget of {budget / GIB:.2f} GiB")
     return text + '.'

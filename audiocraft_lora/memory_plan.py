@@ -195,7 +195,7 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
                 estimate = kept
                 summary['needed_bytes'], summary['step_bytes'] = needed(kept), kept.step
         if shape.samples is not None:
-            _plan_encode(solver, shape, estimate, budget, summary)
+            encoding.plan(solver, shape, autocast_dtype, budget, summary)
         return summary
     world = flashy.distrib.world_size()
     advice = what_fits(estimate, shape, budget, world)
@@ -208,38 +208,6 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
     solver.logger.warning("%s It will likely run out of memory: lora.activation_checkpointing=auto picks the plan "
                           "that fits, or rerun with %s.", message, advice)
     return summary
-
-
-def _plan_encode(solver: tp.Any, shape: StepShape, estimate: Estimate, budget: int, summary: dict) -> None:
-    """`lora.encode_chunk` on the chosen plan (encoding.py): `auto` takes the most items at once whose encode fits in
-    `budget` on top of the whole step (the layers' CUDA graphs keep the step's activations in their pool while the
-    next batch is encoded); an explicit chunk is counted the same way. `summary` gets the chunk and `encode_bytes`
-    (what plan_graphs leaves room for), and `needed_bytes` counts the encode."""
-    settings: SpeedSettings = solver.speed_settings
-    cm = solver.compression_model
-
-    def fits(extra: int) -> bool:
-        return needed(Estimate(resident=estimate.resident, step=estimate.step + extra)) <= budget
-    try:
-        if str(settings.encode_chunk).lower() == 'auto':
-            chunk, size, fit = encoding.choose_chunk(cm, shape.batch, shape.channels, shape.samples, fits)
-            why = ('fits beside the step' if fit else 'no more fits beside the step; the plan counted it within')
-            solver.speed_settings = dataclasses.replace(settings, encode_chunk=chunk)
-            encoding.chunk_encoder(cm, chunk)
-        else:
-            chunk = int(settings.encode_chunk)
-            size = encoding.encode_bytes(cm, shape.batch, shape.channels, shape.samples, chunk)
-            why = 'lora.encode_chunk' + ('' if fits(size) else ': more than fits beside the step')
-    except Exception as error:  # (as the step's estimate: an op fake tensors can't run must not stop training)
-        solver.logger.warning("Could not estimate EnCodec's encode (%s: %s); it encodes %s items at a time.",
-                              type(error).__name__, error, encoding.initial_chunk(settings.encode_chunk,
-                                                                                   solver.device))
-        return
-    items = shape.batch if chunk <= 0 else min(chunk, shape.batch)
-    summary.update(encode_chunk=chunk, encode_bytes=size,
-                   needed_bytes=needed(Estimate(resident=estimate.resident, step=estimate.step + size)))
-    solver.logger.info("EnCodec encodes each training batch %d of %d items at a time (%s; estimated %.2f GiB "
-                       "at its peak).", items, shape.batch, why, size / 2 ** 30)
 
 
 def _keep_merged_if_it_fits(solver: tp.Any, compression_model: tp.Optional[nn.Module], shape: StepShape,
@@ -309,7 +277,8 @@ def plan_graphs(solver: tp.Any) -> int:
         # inside a capture LoRA dropout's masks can't be drawn again in backward: kept (~3 bytes an adapted input
         # element more than the checkpointed step the plan fitted), and the layers run torch's selective
         # checkpointing whatever the plan: the graphed step is estimated again as it will run
-        kept = graphed_step_estimate(solver)
+        encode = int(planned.get('encode_bytes') or 0)
+        kept = graphed_step_estimate(solver, encode=not encode)  # (an encode planned on top: the LM's step alone)
         if kept is None:
             clash = (f'lora.activation_checkpointing={settings.activation_checkpointing} (the graphed step, which '
                      'keeps the LoRA dropout masks the plan recomputes, could not be estimated)')
@@ -317,11 +286,12 @@ def plan_graphs(solver: tp.Any) -> int:
             solver.logger.info("The graphed step, its checkpointing as captured (what LoRA dropout drew kept: torch's "
                                "masks, or lora.dropout_kernel's seeds): estimated "
                                "%s.", describe(kept, planned.get('budget_bytes')))
-            encode = int(planned.get('encode_bytes') or 0)
             graphed = needed(Estimate(resident=kept.resident, step=kept.step + encode))
             if planned.get('needed_bytes') is not None:
                 masks = graphed - int(planned['needed_bytes'])
             planned = dict(planned, needed_bytes=graphed, step_bytes=kept.step)
+            if isinstance(getattr(solver, 'memory_estimate', None), dict):  # (what gpu_peak compares the peak with)
+                solver.memory_estimate['graphed_needed_bytes'] = graphed
     if clash:
         if choice == 'true':  # (the other clashes are refused when the settings are read: SpeedSettings.validate)
             raise LoRAConfigError(f"lora.graph_layers=true can't be used with {clash}, which the memory plan chose "
@@ -369,10 +339,13 @@ def graph_signatures_that_fit(budget: int, needed_bytes: int, shared: int, per_s
     return max(0, left // per_shape)
 
 
-def graphed_step_estimate(solver: tp.Any) -> tp.Optional[Estimate]:
+def graphed_step_estimate(solver: tp.Any, encode: bool = True) -> tp.Optional[Estimate]:
     """The solver's training step estimated as the layers' CUDA graphs run its checkpointing plan (LoRA dropout's
-    masks kept, not drawn again: recompute.captured_plan); None where it can't be estimated."""
+    masks kept, not drawn again: recompute.captured_plan), with EnCodec's encode at its time in the step or (`encode`
+    false) without it; None where it can't be estimated."""
     shape, autocast_dtype = step_shape(solver)
+    if not encode:
+        shape = dataclasses.replace(shape, samples=None)
     try:
         with captured_plan(solver.model):
             return estimate_step(solver.model, solver.compression_model, shape, autocast_dtype)

@@ -14,6 +14,7 @@ The T5 text encoder of the released models is not built (a lookup table stands i
 0.9 GiB of float32 weights (t5-base) would add to every line's resident memory.
 """
 import argparse
+import dataclasses
 import sys
 import typing as tp
 from pathlib import Path
@@ -81,11 +82,14 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
           f"{' (by torch)' if args.torch_dropout and args.dropout else ''}, batch {args.batch} x "
           f"{args.seconds:g} s, bf16 autocast, "
           + ('token cache' if args.cached else f'EnCodec encode in the step (encode_chunk={args.encode_chunk})'))
-    estimates = {}
+    estimates, lm_steps = {}, {}
     for plan in memory_plan.plans_for(lm):
         memory_plan.apply_plan(lm, plan)
         with step_time.kernels_as_on_gpu():  # (CPU fake tensors on the GPU's path; torch's with --torch-dropout)
             estimate = memory_estimate.estimate_step(lm, encodec, shape, bf16)
+            if not args.cached:  # (the LM's step alone: the encode is planned on top of it, encoding.py)
+                lm_steps[memory_plan.plan_name(plan)] = memory_estimate.estimate_step(
+                    lm, encodec, dataclasses.replace(shape, samples=None), bf16)
         estimates[memory_plan.plan_name(plan)] = estimate
         print(f"  {memory_plan.plan_name(plan):<48} {estimate.peak_gib:6.2f} GiB, needs "
               f"{memory_plan.needed(estimate) / 2 ** 30:6.2f} GiB with the margin", flush=True)
@@ -97,7 +101,7 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> dict:
         fallback = f"none fits: {memory_plan.what_fits(list(estimates.values())[-1], shape, budget)}"
         encode = ''
         if names and not args.cached:  # lora.encode_chunk=auto on that plan: the most items at once beside its step
-            chosen = estimates[names[0]]
+            chosen = lm_steps[names[0]]
             chunk, size_bytes, fit = choose_chunk(encodec, args.batch, 1, shape.samples, lambda extra: memory_plan.needed(
                 memory_estimate.Estimate(chosen.resident, chosen.step + extra)) <= budget)
             chunks[size] = chunk

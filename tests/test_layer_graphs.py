@@ -334,7 +334,7 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
     set_checkpointing(lm, 'selective')
     kept = Estimate(resident=2 ** 30, step=2 ** 30)
     shared, per_shape, fallback = memory_plan.graph_static_bytes(_solver(lm), step_bytes=kept.step)
-    monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver: kept)
+    monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver, encode=True: kept)
     budget = memory_plan.needed(kept) + shared + fallback + 2 * per_shape
     for needed_by_plan in (memory_plan.needed(kept) // 2, memory_plan.needed(kept)):  # (what the plan fitted: less)
         solver = _solver(lm, budget=budget, needed=needed_by_plan, activation_checkpointing='selective')
@@ -344,7 +344,23 @@ def test_the_plan_estimates_a_checkpointed_graphed_step_with_its_dropout_masks_k
         # (the log names what the masks cost where they are what keeps graphs out)
         named = 'or lora.dropout_kernel on CUDA, it keeps none' in caplog.text
         assert named == (needed_by_plan < memory_plan.needed(kept))
-    monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver: None)
+    # an encode planned on top (encoding.plan): the graphed step is estimated without it, and the encode counted on
+    # top of it; its room serves the eager fallback step too
+    asked = []
+    monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver, encode=True: asked.append(encode) or kept)
+    encode = fallback + 2 * per_shape
+    with_encode = memory_plan.needed(Estimate(resident=kept.resident, step=kept.step + encode))
+    # (room for 3 signatures: no fallback left to ask for, the encode's room is more)
+    solver = _solver(lm, budget=with_encode + shared + 3 * per_shape, needed=1, activation_checkpointing='selective')
+    solver.memory_estimate['encode_bytes'] = encode
+    assert memory_plan.plan_graphs(solver) == 3 and asked == [False]
+    solver = _solver(lm, budget=with_encode + shared + 3 * per_shape, needed=1, activation_checkpointing='selective')
+    solver.memory_estimate['encode_bytes'] = fallback // 2  # less than the fallback step: it asks for the rest
+    less = memory_plan.needed(Estimate(resident=kept.resident, step=kept.step + fallback // 2))
+    assert memory_plan.plan_graphs(solver) == min(8, (with_encode - less + 3 * per_shape - (fallback - fallback // 2))
+                                                  // per_shape)
+    assert solver.memory_estimate['graphed_needed_bytes'] == less  # (what gpu_peak compares the peak with)
+    monkeypatch.setattr(memory_plan, 'graphed_step_estimate', lambda solver, encode=True: None)
     with caplog.at_level(logging.INFO, logger='test_layer_graphs'):
         assert memory_plan.plan_graphs(_solver(lm, budget=budget, needed=1, activation_checkpointing='selective')) == 0
     assert 'could not be estimated' in caplog.text
