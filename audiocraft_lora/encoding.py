@@ -17,8 +17,9 @@ EnCodec treats every item on its own (convolutions, LSTM, nearest codeword), so 
   step's activations and the step's estimate holds it.
 
 `auto` (`plan`, from memory_plan.plan_training): the largest of the whole batch, half of it, a quarter... (down to 4)
-whose encode fits in the budget on top of the chosen plan's LM step (`encode_bytes`; where the graphs may run); where
-none does, 4 items, and the plan leaves the graphs off (the eager step's estimate holds the encode). Host memory (CPU
+whose encode fits in the budget on top of the chosen plan's LM step (`encode_bytes`; where the graphs may run, else
+beside it: the larger of the two); where none does, 4 items, and the plan leaves the graphs off (the eager step's
+estimate holds the encode). Host memory (CPU
 runs) isn't planned: 4 items, as before. At run time a chunk that runs out of CUDA memory is halved and tried again,
 with a warning (`ChunkedEncode`); it stays halved for the run, every stage.
 """
@@ -137,42 +138,42 @@ def plan(solver: tp.Any, shape: tp.Any, autocast_dtype: tp.Optional[torch.dtype]
          summary: dict) -> None:
     """`lora.encode_chunk` on the chosen checkpointing plan. Where the layers' CUDA graphs may run (their pool keeps
     the step's activations while the next batch is encoded) the encode is counted on top of the LM's step, estimated
-    without it; elsewhere the step's estimate already holds the encode at its own time. `auto` takes the most items
-    at once that fit; an explicit chunk is counted the same way. `summary` gets the chunk, `encode_bytes` (on top:
-    what plan_graphs leaves room for; 0 when not) and `needed_bytes` with it. Called by memory_plan.plan_training
-    once the checkpointing plan is chosen (`shape`: its StepShape)."""
+    without it; with `lora.graph_layers=false` it comes before the step's activations (the larger of the two).
+    `auto` takes the most items at once that fit; an explicit chunk is counted the same way. `summary` gets the
+    chunk, `encode_bytes` (on top: what plan_graphs leaves room for; 0 without graphs) and `needed_bytes` with it.
+    Called by memory_plan.plan_training once the checkpointing plan is chosen (`shape`: its StepShape)."""
     from .memory_estimate import Estimate, estimate_step
     from .memory_plan import needed  # (memory_plan imports this module)
     settings = solver.speed_settings
     cm = solver.compression_model
     on_top = str(settings.graph_layers).lower() != 'false'
+    auto = str(settings.encode_chunk).lower() == 'auto'
     try:
         lm_step = estimate_step(solver.model, cm, dataclasses.replace(shape, samples=None), autocast_dtype)
 
-        def fits(extra: int) -> bool:
-            return needed(Estimate(resident=lm_step.resident, step=lm_step.step + extra)) <= budget
-        if str(settings.encode_chunk).lower() == 'auto' and on_top:
-            chunk, size, fit = choose_chunk(cm, shape.batch, shape.channels, shape.samples, fits)
-            why = ('fits beside the step in the layers\' CUDA graphs' if fit else 'no more fits beside the step in '
-                   'the layers\' CUDA graphs, which the plan then leaves off')
-        else:  # (an explicit number; or no graphs: the encode comes before the step, the plan counted it within)
-            chunk = FALLBACK_CHUNK if str(settings.encode_chunk).lower() == 'auto' else int(
-                settings.encode_chunk)
+        def with_encode(size: int) -> int:  # on top of the graphed step, or before the eager step's activations
+            step = lm_step.step + size if on_top else max(lm_step.step, size)
+            return needed(Estimate(resident=lm_step.resident, step=step))
+        where = "beside the step in the layers' CUDA graphs" if on_top else 'before the eager step (graph_layers=false)'
+        if auto:
+            chunk, size, fit = choose_chunk(cm, shape.batch, shape.channels, shape.samples,
+                                            lambda size: with_encode(size) <= budget)
+            why = f'fits {where}' if fit else (f'no more fits {where}' + (', so the plan leaves the graphs off'
+                                                                          if on_top else ''))
+        else:
+            chunk = int(settings.encode_chunk)
             size = encode_bytes(cm, shape.batch, shape.channels, shape.samples, chunk)
-            why = ('lora.encode_chunk' if on_top else 'lora.graph_layers=false: within the step') + (
-                '' if fits(size) or not on_top else ', more than fits beside the step in the layers\' CUDA graphs')
+            why = 'lora.encode_chunk' + ('' if with_encode(size) <= budget else f', more than fits {where}')
     except Exception as error:  # (as the step's estimate: an op fake tensors can't run must not stop training)
         solver.logger.warning("Could not estimate EnCodec's encode (%s: %s); it encodes %s items at a time, its memory "
                               "not planned beside the layers' CUDA graphs.", type(error).__name__, error,
                               initial_chunk(settings.encode_chunk, solver.device))
         return
-    if str(settings.encode_chunk).lower() == 'auto':
+    if auto:
         solver.speed_settings = dataclasses.replace(settings, encode_chunk=chunk)
         chunk_encoder(cm, chunk)
     items = shape.batch if chunk <= 0 else min(chunk, shape.batch)
-    summary.update(encode_chunk=chunk, encode_bytes=size if on_top else 0)
-    if on_top:
-        summary['needed_bytes'] = max(int(summary['needed_bytes']),
-                                      needed(Estimate(resident=lm_step.resident, step=lm_step.step + size)))
+    summary.update(encode_chunk=chunk, encode_bytes=size if on_top else 0,
+                   needed_bytes=max(int(summary['needed_bytes']), with_encode(size)))
     solver.logger.info("EnCodec encodes each training batch %d of %d items at a time (%s; estimated %.2f GiB "
                        "at its peak).", items, shape.batch, why, size / 2 ** 30)

@@ -188,14 +188,15 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
         solver.logger.info("Activation checkpointing: %s (estimated in %.1f s; this plan would fit up to "
                            "dataset.batch_size=%d per GPU)", plan_name(chosen), time.time() - start,
                            largest_batch(estimate, shape.batch, budget))
+        if shape.samples is not None:  # (before the merged weights: the whole batch's encode saves more time)
+            encoding.plan(solver, shape, autocast_dtype, budget, summary)
         if keep_auto:
-            kept = _keep_merged_if_it_fits(solver, cm, shape, autocast_dtype, budget)
+            encode = int(summary.get('encode_bytes') or 0)
+            kept = _keep_merged_if_it_fits(solver, cm, shape, autocast_dtype, budget, encode)
             summary['keep_merged_weights'] = kept is not None
             if kept is not None:
-                estimate = kept
-                summary['needed_bytes'], summary['step_bytes'] = needed(kept), kept.step
-        if shape.samples is not None:
-            encoding.plan(solver, shape, autocast_dtype, budget, summary)
+                summary['needed_bytes'] = needed(Estimate(resident=kept.resident, step=kept.step + encode))
+                summary['step_bytes'] = kept.step
         return summary
     world = flashy.distrib.world_size()
     advice = what_fits(estimate, shape, budget, world)
@@ -211,17 +212,20 @@ def plan_training(solver: tp.Any) -> tp.Optional[dict]:
 
 
 def _keep_merged_if_it_fits(solver: tp.Any, compression_model: tp.Optional[nn.Module], shape: StepShape,
-                            autocast_dtype: tp.Optional[torch.dtype], budget: int) -> tp.Optional[Estimate]:
+                            autocast_dtype: tp.Optional[torch.dtype], budget: int,
+                            encode: int = 0) -> tp.Optional[Estimate]:
     """`lora.keep_merged_weights=auto` on the chosen plan: keep the merged weights from forward to backward (one GEMM
-    launch fewer per projection) when the step's estimate with them still fits `budget`; returns that estimate if
-    they are kept, else None."""
+    launch fewer per projection) when the step's estimate with them still fits `budget`, EnCodec's `encode` bytes on
+    top where encoding.plan counted them so (the step is then estimated without it); returns that estimate if they
+    are kept, else None."""
     if not set_keep_merged(solver.model, True):
         return None
     try:
-        estimate = estimate_step(solver.model, compression_model, shape, autocast_dtype)
+        estimate = estimate_step(solver.model, compression_model,
+                                 dataclasses.replace(shape, samples=None) if encode else shape, autocast_dtype)
     except Exception:  # as without the estimate: don't keep them
         estimate = None
-    keep = estimate is not None and fits(estimate, budget)
+    keep = estimate is not None and fits(Estimate(resident=estimate.resident, step=estimate.step + encode), budget)
     if not keep:
         set_keep_merged(solver.model, False)
     solver.logger.info("Merged LoRA weights kept for backward (lora.keep_merged_weights=auto): %s%s", keep,

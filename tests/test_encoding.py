@@ -125,11 +125,15 @@ def test_auto_encodes_as_many_items_at_once_as_fit_beside_the_step(solver, caplo
     summary = _plan(solver, 64, chunk=2)  # explicit: kept, and counted
     assert summary['encode_chunk'] == 2 and cm.encode.chunk == 2 and solver.speed_settings.encode_chunk == 2
     assert summary['encode_bytes'] == sizes[2] and summary['needed_bytes'] == needed(2)
-    encoding.chunk_encoder(cm, 4)
-    before = memory_plan.needed(memory_estimate.estimate_step(solver.model, cm, shape, None))
-    summary = _plan(solver, 64, graphs='false')  # no graphs: the encode comes before the step's activations
-    assert summary['encode_chunk'] == 4 and cm.encode.chunk == 4 and summary['encode_bytes'] == 0
-    assert summary['needed_bytes'] == before  # the step's own estimate, the encode (4 items) within it
+    # no graphs: the encode comes before the step's activations, the larger of the two counts
+    beside = {chunk: memory_plan.needed(memory_estimate.Estimate(lm_step.resident, max(lm_step.step, sizes[chunk])))
+              for chunk in (0, 4)}
+    summary = _plan(solver, 64, graphs='false')
+    assert summary['encode_chunk'] == 0 and cm.encode.chunk == 0 and summary['encode_bytes'] == 0
+    assert summary['needed_bytes'] == max(beside[0], memory_plan.needed(
+        memory_estimate.estimate_step(solver.model, cm, shape, None)))  # (the whole batch installed: the same)
+    summary = _plan(solver, beside[4] / 2 ** 30, graphs='false')
+    assert summary['encode_chunk'] == 4 and cm.encode.chunk == 4
     _plan(solver, 64)
 
 
@@ -156,3 +160,28 @@ def test_graph_signatures_leave_room_for_the_encode_or_the_eager_fallback_whiche
     # an encode larger than the fallback leaves it nothing more to ask for
     assert memory_plan.graph_signatures_that_fit(40 * GIB, 35 * GIB, GIB, GIB, 3 * GIB, encode=5 * GIB) == 4
     assert memory_plan.graph_signatures_that_fit(40 * GIB, 39 * GIB, GIB, GIB, 3 * GIB) == 0  # none, never negative
+
+
+def test_the_whole_batch_encode_is_planned_before_keeping_the_merged_weights(solver):
+    from audiocraft_lora.speed import set_keep_merged
+    cm = solver.compression_model
+    shape, _ = memory_plan.step_shape(solver)
+    memory_plan.apply_plan(solver.model, memory_plan.PLANS[0])
+    set_keep_merged(solver.model, False)
+    lm_step = memory_estimate.estimate_step(solver.model, cm, dataclasses.replace(shape, samples=None), None)
+    whole = encoding.encode_bytes(cm, 8, shape.channels, shape.samples, 0)
+    just_the_encode = memory_plan.needed(memory_estimate.Estimate(lm_step.resident, lm_step.step + whole))
+    solver.speed_settings = dataclasses.replace(solver.speed_settings, keep_merged_weights='auto')
+    try:
+        summary = _plan(solver, just_the_encode / 2 ** 30)  # room for the whole batch's encode, none for the weights
+        assert summary['encode_chunk'] == 0 and summary['keep_merged_weights'] is False
+        assert summary['needed_bytes'] == just_the_encode
+        summary = _plan(solver, 64)  # room for both
+        assert summary['encode_chunk'] == 0 and summary['keep_merged_weights'] is True
+        set_keep_merged(solver.model, True)
+        kept = memory_estimate.estimate_step(solver.model, cm, dataclasses.replace(shape, samples=None), None)
+        assert kept.step > lm_step.step  # (they cost memory)
+        assert summary['needed_bytes'] == memory_plan.needed(memory_estimate.Estimate(kept.resident, kept.step + whole))
+    finally:
+        set_keep_merged(solver.model, False)
+        solver.speed_settings = dataclasses.replace(solver.speed_settings, keep_merged_weights='false')
