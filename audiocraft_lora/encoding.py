@@ -14,14 +14,14 @@ EnCodec treats every item on its own (convolutions, LSTM, nearest codeword), so 
   seconds), 1.31-1.43x of what the estimate on fake tensors counts (`ENCODE_FACTOR`: cuDNN's workspaces are
   invisible to it). With the layers' CUDA graphs that memory comes on top of the step's: the graphs' pool keeps
   the step's activations between steps, and the encode can't use it. Without them the encode comes before the
-  step's activations and the step's estimate holds it.
+  step's activations: the larger of the two counts.
 
 `auto` (`plan`, from memory_plan.plan_training): the largest of the whole batch, half of it, a quarter... (down to 4)
 whose encode fits in the budget on top of the chosen plan's LM step (`encode_bytes`; where the graphs may run, else
 beside it: the larger of the two); where none does, 4 items, and the plan leaves the graphs off (the eager step's
-estimate holds the encode). Host memory (CPU
-runs) isn't planned: 4 items, as before. At run time a chunk that runs out of CUDA memory is halved and tried again,
-with a warning (`ChunkedEncode`); it stays halved for the run, every stage.
+estimate holds the encode). Host memory (CPU runs) isn't planned: 4 items, as before. At run time a chunk that runs
+out of CUDA memory is halved and tried again, with a warning (`ChunkedEncode`); it stays halved for the run, every
+stage.
 """
 import dataclasses
 import logging
@@ -37,7 +37,7 @@ __all__ = ['ChunkedEncode', 'chunk_encoder', 'encode_in_chunks', 'initial_chunk'
 logger = logging.getLogger(__name__)
 
 ENCODE_FACTOR = 1.5  # measured peak / fake-tensor estimate of EnCodec 32 kHz's encode: 1.31-1.43 (H200, session 20)
-FALLBACK_CHUNK = 4    # items at a time where the plan finds no room for more (or makes no plan on CUDA)
+FALLBACK_CHUNK = 4    # items at a time where the plan finds no room for more, or makes no plan
 
 
 def encode_in_chunks(encode: tp.Callable, chunk: int, x: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Any]:
@@ -81,7 +81,7 @@ def chunk_encoder(compression_model: nn.Module, chunk: int) -> None:
     compression_model.encode = ChunkedEncode(type(compression_model).encode.__get__(compression_model), chunk)
 
 
-def initial_chunk(setting: tp.Any, device: tp.Any = None) -> int:
+def initial_chunk(setting: tp.Any) -> int:
     """The chunk before the memory plan (and without one): an explicit number as it is; `auto` `FALLBACK_CHUNK` (the
     plan may take more on CUDA; host memory isn't planned: a CPU run at 16 x 30 s would hold ~18 GiB for the whole
     batch at once)."""
@@ -167,7 +167,7 @@ def plan(solver: tp.Any, shape: tp.Any, autocast_dtype: tp.Optional[torch.dtype]
     except Exception as error:  # (as the step's estimate: an op fake tensors can't run must not stop training)
         solver.logger.warning("Could not estimate EnCodec's encode (%s: %s); it encodes %s items at a time, its memory "
                               "not planned beside the layers' CUDA graphs.", type(error).__name__, error,
-                              initial_chunk(settings.encode_chunk, solver.device))
+                              initial_chunk(settings.encode_chunk))
         return
     if auto:
         solver.speed_settings = dataclasses.replace(settings, encode_chunk=chunk)

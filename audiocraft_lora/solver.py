@@ -153,8 +153,8 @@ class LoRAMusicGenSolver(MusicGenSolver):
     def build_model(self) -> None:
         """Base compression model + LM from the base checkpoint, LoRA injected, adapter-only optimization."""
         self.compression_model = get_wrapped_compression_model(self._base_compression_model, self.cfg)
-        encoding.chunk_encoder(self.compression_model,  # (lora.encode_chunk=auto: set again by the memory plan)
-                               encoding.initial_chunk(self.speed_settings.encode_chunk, self.device))
+        # (lora.encode_chunk=auto: 4 items at a time until the memory plan takes more, encoding.plan)
+        encoding.chunk_encoder(self.compression_model, encoding.initial_chunk(self.speed_settings.encode_chunk))
         lm = base_models.build_lm(self._lm_pkg, device='cpu', overrides=self.cfg.get('base_overrides'))
         self._lm_pkg = {}  # base weights live in the model now; keep no second copy
         self.lora_targets = inject_lora(lm, self.lora_settings, fast_path=self.speed_settings.fast_path)

@@ -15,9 +15,8 @@ def test_candidates_halve_from_the_whole_batch_down_to_four_items():
     assert encoding.candidates(9) == [9, 5, 4]  # (halves rounded up: no chunk of fewer items than needed)
     assert encoding.candidates(5) == [5, 4]
     assert encoding.candidates(3) == [3]
-    assert encoding.initial_chunk('auto', 'cpu') == 4  # host memory isn't planned: 4 items at a time
-    assert encoding.initial_chunk('auto', 'cuda') == encoding.FALLBACK_CHUNK == 4  # (until the plan takes more)
-    assert encoding.initial_chunk(8, 'cuda') == 8
+    assert encoding.initial_chunk('auto') == encoding.FALLBACK_CHUNK == 4  # (until the plan takes more, on CUDA)
+    assert encoding.initial_chunk('AUTO') == 4 and encoding.initial_chunk(8) == 8 and encoding.initial_chunk(0) == 0
 
 
 def _debug_compression_model():
