@@ -237,10 +237,14 @@ def sample_fade_figure(history: tp.Sequence[tp.Mapping[str, tp.Any]], metrics: t
     figure = _new_figure(7.0, 3.5)
     axes = figure.subplots()
     drawn = []
-    for metric in metrics:
+    markers = ('o', 's', '^', 'D')
+    for index, metric in enumerate(metrics):
         epochs, values = loss_series(history, stage, metric)
         if epochs:
-            axes.plot(epochs, values, marker='o', label=FADE_SERIES.get(metric, metric))
+            # (series side by side, 0.08 epoch apart, and their own markers: equal values stay visible as two)
+            dodge = 0.08 * (index - (len(metrics) - 1) / 2)
+            axes.plot([epoch + dodge for epoch in epochs], values, marker=markers[index % len(markers)],
+                      label=FADE_SERIES.get(metric, metric))
             drawn.extend(values)
     finite = [v for v in drawn if math.isfinite(v)]
     low = min([0.0, warning_db] + finite) - FADE_PLOT_MARGIN_DB

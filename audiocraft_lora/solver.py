@@ -369,12 +369,16 @@ class LoRAMusicGenSolver(MusicGenSolver):
             self.write_curves()
 
     def write_curves(self) -> tp.List[Path]:
-        """`loss_curves.png` (train/valid CE per epoch) and `sample_fade.png` (fade ratio of the generated samples
-        per epoch, "no samples yet" before the first generate stage). Never fails the run."""
+        """`loss_curves.png` (train/valid CE per epoch, the epoch the adapter is exported from marked) and
+        `sample_fade.png` (fade ratio of the generated samples per epoch, "no samples yet" before the first generate
+        stage). Never fails the run."""
         from . import plots
         from .errors import UserError
+        chosen = checkpointing.exported_epoch(self.history, self.best_metric_name,
+                                              checkpointing.export_state(self.cfg) == 'best')
         figures = {'loss_curves.png': lambda path: plots.plot_loss_curves(
-                       self.history, path, metric='ce', stages=('train', 'valid'), title='cross-entropy per epoch'),
+                       self.history, path, metric='ce', stages=('train', 'valid'), title='cross-entropy per epoch',
+                       mark_epoch=chosen['epoch'], mark_label=f"exported adapter: {chosen['selected_by']}"),
                    'sample_fade.png': lambda path: plots.plot_sample_fade(
                        self.history, path, warning_db=float(self._diagnostics_cfg('fade_warning_db')))}
         written = []

@@ -39,6 +39,13 @@ def test_sample_fade_range_grows_with_the_data_and_the_warning():
     assert _horizontal_lines(axes)['-20 dB: fade warning'] == -20.0
     assert {'unprompted samples', 'continuations'} <= set(_labels(axes))
     assert axes.get_xlim() == (0.5, 3.5)
+    # equal values of the two series at the same epoch stay two points: side by side, each its own marker
+    equal = [{'generate': {'gen_fade_ratio_db': -3.0, 'gen_cont_fade_ratio_db': -3.0}}] * 2
+    series = {line.get_label(): line for line in plots.sample_fade_figure(equal).axes[0].get_lines()
+              if line.get_label() in ('unprompted samples', 'continuations')}
+    unprompted, continuations = series['unprompted samples'], series['continuations']
+    assert list(unprompted.get_xdata()) == [0.96, 1.96] and list(continuations.get_xdata()) == [1.04, 2.04]
+    assert unprompted.get_marker() != continuations.get_marker()
 
 
 def test_sample_fade_is_written_before_any_sample(tmp_path):
